@@ -1,0 +1,39 @@
+# CLMS referral services. `make run` and `make test` install what they need into .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-unit test-integration bench schema clean-data clean venv
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	@$(VENV)/bin/clms dev
+
+test: $(STAMP)
+	@$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	@$(PY) -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	@$(PY) -m pytest -q tests/integration
+
+schema: $(STAMP)
+	@$(VENV)/bin/clms schema
+
+bench: $(STAMP)
+	@$(PY) -m bench
+
+clean-data:
+	rm -rf .clms/
+
+clean:
+	rm -rf $(VENV) .clms/ .pytest_cache

@@ -1,0 +1,3 @@
+from clms.cli import main
+
+main()

@@ -1,0 +1,223 @@
+"""`clms dev` (what `make run` calls): a supervisor over the embedded infrastructure and the
+services, each started exactly as in production: `python -m services.<name>`.
+
+1. Start the Tansu broker and PostgreSQL unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are set.
+2. Declare every topic; apply every service's migrations.
+3. If the broker is empty but Postgres has history, replay the outbox rows (the durable event
+   log) in order, so yesterday's cases, referrals and counts come back.
+4. Start every service that exists, wait for each /readyz, print where everything listens.
+5. On Ctrl-C or SIGTERM stop the services, then the infrastructure: no process left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from shared.embedded import EmbeddedBroker, EmbeddedPostgres, _die_with_parent, wait_for
+from shared.settings import Settings
+
+console = Console(stderr=True)
+
+SERVICES = ("intake", "referral", "notifications", "analytics")
+SERVICE_SCHEMAS = {"intake": "intake", "referral": "referral", "notifications": "notifications"}
+
+
+def service_exists(name: str) -> bool:
+    return importlib.util.find_spec(f"services.{name}.__main__") is not None
+
+
+def service_port(settings: Settings, name: str) -> int:
+    return getattr(settings, f"{name}_port")
+
+
+def migrations_folder(name: str) -> Path:
+    spec = importlib.util.find_spec(f"services.{name}")
+    assert spec and spec.submodule_search_locations
+    return Path(list(spec.submodule_search_locations)[0]) / "migrations"
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    url: str | None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, *, services: tuple[str, ...] = SERVICES):
+        self.settings = settings
+        self.wanted = [s for s in services if service_exists(s)]
+        self.broker: EmbeddedBroker | None = None
+        self.postgres: EmbeddedPostgres | None = None
+        self.children: list[Child] = []
+        self.env = dict(os.environ)
+        self.log_dir = settings.data_dir / "logs"
+
+    # --- infrastructure ------------------------------------------------------------------
+    def start_infrastructure(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        s = self.settings
+        if s.kafka_bootstrap_servers:
+            console.print(f"[cyan]broker[/]    using KAFKA_BOOTSTRAP_SERVERS={s.kafka_bootstrap_servers}")
+        else:
+            with console.status("starting the embedded Kafka-protocol broker (Tansu)..."):
+                self.broker = EmbeddedBroker(s.embedded_kafka_port, self.log_dir / "tansu.log").start()
+            self.env["KAFKA_BOOTSTRAP_SERVERS"] = self.broker.bootstrap
+            # Tansu does not wake a waiting fetch: keep the wait short (README, broker limits).
+            self.env.setdefault("KAFKA_FETCH_MAX_WAIT_MS", "20")
+        if s.database_url:
+            console.print("[cyan]database[/]  using DATABASE_URL")
+        else:
+            with console.status("starting the embedded PostgreSQL (pgserver)..."):
+                self.postgres = EmbeddedPostgres(s.data_dir / "pgdata", s.embedded_postgres_port).start()
+            self.env["DATABASE_URL"] = self.postgres.url
+        self.settings = Settings(_env_file=None, **{  # type: ignore[call-arg]
+            "KAFKA_BOOTSTRAP_SERVERS": self.env["KAFKA_BOOTSTRAP_SERVERS"],
+            "DATABASE_URL": self.env["DATABASE_URL"],
+            "KAFKA_FETCH_MAX_WAIT_MS": self.env.get("KAFKA_FETCH_MAX_WAIT_MS", "500"),
+            "CLMS_TOPIC_PREFIX": s.topic_prefix,
+        })
+
+    async def prepare(self) -> dict[str, int]:
+        """Declare topics, migrate schemas, replay the outbox into an empty broker."""
+        from shared.db import migrate_url
+        from shared.kafka import ensure_topics, make_producer
+        from shared.outbox import replay
+        from shared.topics import Topics
+
+        created = await ensure_topics(self.settings)
+        for name, schema in SERVICE_SCHEMAS.items():
+            if name in self.wanted and migrations_folder(name).exists():
+                await migrate_url(self.settings.require_database(), schema=schema, folder=migrations_folder(name))
+        replayed: dict[str, int] = {}
+        broker_was_empty = len(created) == len(Topics(self.settings.topic_prefix).all())
+        if broker_was_empty:
+            import asyncpg
+
+            from shared.db import create_pool
+
+            pool = await create_pool(self.settings, min_size=1, max_size=2)
+            producer = make_producer(self.settings, linger_ms=10)
+            await producer.start()
+            try:
+                for name, schema in SERVICE_SCHEMAS.items():
+                    if name not in self.wanted:
+                        continue
+                    try:
+                        replayed[name] = await replay(pool=pool, schema=schema, producer=producer,
+                                                      topics=Topics(self.settings.topic_prefix))
+                    except asyncpg.UndefinedTableError:
+                        replayed[name] = 0
+            finally:
+                await producer.stop()
+                await pool.close()
+        return replayed
+
+    # --- services ------------------------------------------------------------------------
+    def start_services(self) -> None:
+        for name in self.wanted:
+            port = service_port(self.settings, name)
+            log = open(self.log_dir / f"{name}.log", "ab")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+            self.children.append(Child(name, proc, f"http://{self.settings.host}:{port}"))
+
+    def wait_ready(self, timeout_s: float = 90) -> None:
+        for child in self.children:
+            def ready(c: Child = child) -> bool:
+                if c.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"service {c.name} exited with code {c.proc.returncode}; "
+                        f"see {self.log_dir / (c.name + '.log')}"
+                    )
+                try:
+                    return httpx.get(f"{c.url}/readyz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+            with console.status(f"waiting for {child.name} to be ready..."):
+                wait_for(ready, timeout_s=timeout_s, what=f"{child.name} /readyz", interval_s=0.3)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for child in self.children:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait(5)
+        self.children.clear()
+        if self.broker:
+            self.broker.stop()
+        if self.postgres:
+            self.postgres.stop()
+
+    def summary(self, replayed: dict[str, int]) -> Table:
+        t = Table(title="CLMS referral services (development)", show_lines=False)
+        t.add_column("what")
+        t.add_column("where")
+        t.add_row("Kafka broker", self.env["KAFKA_BOOTSTRAP_SERVERS"] + (" (embedded Tansu)" if self.broker else ""))
+        t.add_row("PostgreSQL", self.env["DATABASE_URL"] + (f" (data in {self.settings.data_dir}/pgdata)"
+                                                            if self.postgres else ""))
+        for c in self.children:
+            t.add_row(c.name, f"{c.url}  (docs: {c.url}/docs)")
+        t.add_row("logs", str(self.log_dir))
+        if replayed:
+            t.add_row("replayed", ", ".join(f"{k}: {v} events" for k, v in replayed.items()))
+        return t
+
+
+def run_dev(settings: Settings, *, services: tuple[str, ...] = SERVICES) -> int:
+    sup = Supervisor(settings, services=services)
+    stopping = False
+
+    def _on_signal(signum, frame):  # noqa: ANN001
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        sup.start_infrastructure()
+        replayed = asyncio.run(sup.prepare())
+        sup.start_services()
+        sup.wait_ready()
+        console.print(sup.summary(replayed))
+        console.print("[green]ready[/]: Ctrl-C stops everything. Try: "
+                      "clms token --agency police --municipality prizren --role reporter")
+        while True:
+            for c in sup.children:
+                if c.proc.poll() is not None:
+                    console.print(f"[red]{c.name} exited with code {c.proc.returncode}[/]; "
+                                  f"see {sup.log_dir / (c.name + '.log')}. Stopping everything.")
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping...")
+        return 0
+    except Exception as exc:  # noqa: BLE001 - print a sentence, not a traceback
+        console.print(f"[red]could not start[/]: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sup.stop()
+        console.print("stopped: no process left behind")

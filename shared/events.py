@@ -1,0 +1,488 @@
+"""The event contract: a CloudEvents 1.0 envelope and one frozen payload model per event type.
+
+These models are the single source of truth. JSON Schema and the AsyncAPI document in `docs/`
+are generated from them (`clms schema`). Within a schema version only additive, optional
+changes are allowed; anything else is a new version.
+
+No payload carries a name, birth date, address, phone number or free text: a child is
+`child_ref` (a keyed HMAC pseudonym) and an age band. `tests/unit/test_events.py` walks every
+model and fails if a field looks like personal data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime, timezone
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from shared.reference import municipality_slugs
+
+SCHEMA_VERSION = 1
+SPECVERSION = "1.0"
+
+
+# --- vocabulary ------------------------------------------------------------------------------
+
+
+class AgencyType(StrEnum):
+    police = "police"
+    csw = "csw"  # Centre for Social Work
+    education = "education"  # Municipal Education Directorate
+    labour_inspectorate = "labour_inspectorate"
+    prosecution = "prosecution"  # Basic Prosecution Office
+    ngo = "ngo"
+    coordinator = "coordinator"  # municipal CLMS coordinator
+
+
+class ReportSource(StrEnum):
+    """Who first noticed the child: an agency officer on duty, or a citizen / NGO report."""
+
+    officer = "officer"
+    citizen = "citizen"
+    ngo = "ngo"
+
+
+class Sector(StrEnum):
+    street_work = "street_work"
+    begging = "begging"
+    agriculture = "agriculture"
+    construction = "construction"
+    scrap_metal_waste = "scrap_metal_waste"
+    extractive = "extractive"
+    domestic_work = "domestic_work"
+    commercial_sexual_exploitation = "commercial_sexual_exploitation"
+    trafficking = "trafficking"
+    illicit_activities = "illicit_activities"
+    other = "other"
+
+
+# ILO C182 Art. 3(a)-(c): unconditional worst forms. Forced begging is treated as 3(a).
+WORST_FORM_SECTORS: frozenset[Sector] = frozenset(
+    {Sector.commercial_sexual_exploitation, Sector.trafficking, Sector.illicit_activities}
+)
+
+
+class Sex(StrEnum):
+    female = "female"
+    male = "male"
+    other = "other"
+    unknown = "unknown"
+
+
+class Community(StrEnum):
+    albanian = "albanian"
+    serbian = "serbian"
+    roma = "roma"
+    ashkali = "ashkali"
+    egyptian = "egyptian"
+    bosniak = "bosniak"
+    turkish = "turkish"
+    gorani = "gorani"
+    other = "other"
+    undisclosed = "undisclosed"
+
+
+class SchoolStatus(StrEnum):
+    enrolled_attending = "enrolled_attending"
+    enrolled_irregular = "enrolled_irregular"
+    dropped_out = "dropped_out"
+    never_enrolled = "never_enrolled"
+    unknown = "unknown"
+
+
+class AgeBand(StrEnum):
+    under_10 = "under_10"
+    from_10_to_14 = "10_14"
+    from_15_to_17 = "15_17"
+
+    @classmethod
+    def of(cls, age: int) -> "AgeBand":
+        if age < 10:
+            return cls.under_10
+        if age < 15:
+            return cls.from_10_to_14
+        return cls.from_15_to_17
+
+
+class ReferralStatus(StrEnum):
+    pending = "pending"
+    acknowledged = "acknowledged"
+    accepted = "accepted"
+    declined = "declined"
+    completed = "completed"
+    closed = "closed"  # closed because the case closed
+
+
+class Channel(StrEnum):
+    email = "email"
+    sms = "sms"
+    inapp = "inapp"
+
+
+def _check_municipality(v: str) -> str:
+    if v not in municipality_slugs():
+        raise ValueError(
+            f"unknown municipality {v!r}; use one of the 38 slugs, e.g. 'prizren', 'prishtine'"
+        )
+    return v
+
+
+# A slug from shared/reference/municipalities.csv.
+Municipality = Annotated[str, AfterValidator(_check_municipality)]
+
+
+# --- payloads --------------------------------------------------------------------------------
+
+
+class EventData(BaseModel):
+    """Base of every payload: frozen, strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+    event_type: ClassVar[str]
+
+
+class _CaseData(EventData):
+    case_id: uuid.UUID
+    municipality: Municipality
+
+
+class CaseIdentified(_CaseData):
+    event_type: ClassVar[str] = "case.identified"
+    child_ref: str = Field(min_length=16, max_length=128, description="Keyed HMAC pseudonym of the child")
+    linked_case_id: uuid.UUID | None = Field(
+        None, description="An earlier case of the same child_ref, when this one links to it"
+    )
+    identified_on: date
+    reporter_agency: AgencyType
+    report_source: ReportSource = ReportSource.officer
+    reported_by: str = Field(description="Subject (officer id) that recorded the identification")
+    age_band: AgeBand
+    compulsory_school_age: bool = Field(description="Child is 6-15, the compulsory-school ages")
+    sex: Sex
+    community: Community
+    school_status: SchoolStatus
+    sector: Sector
+    activity: str = Field(max_length=64, pattern=r"^[a-z0-9_]+$", description="Activity code, never free text")
+    hazardous: bool
+    worst_form: bool
+    employer_involved: bool
+
+
+class CaseUpdated(_CaseData):
+    event_type: ClassVar[str] = "case.updated"
+    school_status: SchoolStatus | None = None
+    sector: Sector | None = None
+    hazardous: bool | None = None
+    employer_involved: bool | None = None
+    updated_by_agency: AgencyType
+
+
+class _CaseOutcome(_CaseData):
+    on: date
+    confirmed_by_agency: AgencyType
+
+
+class CaseChildWithdrawn(_CaseOutcome):
+    event_type: ClassVar[str] = "case.child_withdrawn"
+
+
+class CaseSchoolEnrolled(_CaseOutcome):
+    event_type: ClassVar[str] = "case.school_enrolled"
+
+
+class CaseClosedReason(StrEnum):
+    resolved = "resolved"
+    duplicate = "duplicate"
+    moved_away = "moved_away"
+    turned_18 = "turned_18"
+    unfounded = "unfounded"
+
+
+class CaseClosed(_CaseOutcome):
+    event_type: ClassVar[str] = "case.closed"
+    reason: CaseClosedReason
+
+
+class _ReferralData(EventData):
+    referral_id: uuid.UUID
+    case_id: uuid.UUID
+    municipality: Municipality
+    agency: AgencyType
+    office_id: str = Field(description="Agency office that serves the municipality, e.g. csw.prizren")
+
+
+class ReferralCreated(_ReferralData):
+    event_type: ClassVar[str] = "referral.created"
+    rule_id: str
+    rule_version: int
+    priority: Literal["urgent", "high", "normal"]
+    deadline: datetime
+    legal_basis: str
+    age_band: AgeBand
+    sector: Sector
+    reported_by: str
+
+
+class ReferralActed(_ReferralData):
+    actor: str = Field(description="Subject (officer id) that acted")
+    from_status: ReferralStatus
+    to_status: ReferralStatus
+
+
+class ReferralAcknowledged(ReferralActed):
+    event_type: ClassVar[str] = "referral.acknowledged"
+    within_deadline: bool
+
+
+class ReferralAccepted(ReferralActed):
+    event_type: ClassVar[str] = "referral.accepted"
+
+
+class DeclineReason(StrEnum):
+    not_in_mandate = "not_in_mandate"
+    already_handled = "already_handled"
+    insufficient_information = "insufficient_information"
+    wrong_municipality = "wrong_municipality"
+    other = "other"
+
+
+class ReferralDeclined(ReferralActed):
+    event_type: ClassVar[str] = "referral.declined"
+    reason: DeclineReason
+
+
+class ReferralOutcome(StrEnum):
+    family_visited = "family_visited"
+    social_assistance_granted = "social_assistance_granted"
+    child_enrolled_in_school = "child_enrolled_in_school"
+    inspection_carried_out = "inspection_carried_out"
+    criminal_report_filed = "criminal_report_filed"
+    verified_no_action = "verified_no_action"
+    other = "other"
+
+
+class ReferralCompleted(ReferralActed):
+    event_type: ClassVar[str] = "referral.completed"
+    outcome: ReferralOutcome
+
+
+class ReferralOverdue(_ReferralData):
+    event_type: ClassVar[str] = "referral.overdue"
+    deadline: datetime
+    status: ReferralStatus
+
+
+class ReferralEscalated(_ReferralData):
+    event_type: ClassVar[str] = "referral.escalated"
+    reason: Literal["overdue", "declined", "unacknowledged_alert"]
+    escalated_to: str = Field(description="Subject of the coordinator the referral was escalated to")
+
+
+class _NotificationData(EventData):
+    notification_id: uuid.UUID
+    referral_id: uuid.UUID | None = None
+    case_id: uuid.UUID | None = None
+    recipient: str = Field(description="Officer subject, never a contact address")
+    channel: Channel
+    cause_event_type: str
+
+
+class NotificationSent(_NotificationData):
+    event_type: ClassVar[str] = "notification.sent"
+    attempt: int = Field(ge=1)
+
+
+class NotificationFailed(_NotificationData):
+    event_type: ClassVar[str] = "notification.failed"
+    attempts: int = Field(ge=1)
+    error: str = Field(max_length=500, description="Error class and message, never message content")
+
+
+class NotificationAcknowledged(_NotificationData):
+    event_type: ClassVar[str] = "notification.acknowledged"
+    seconds_to_ack: float = Field(ge=0)
+
+
+EVENT_TYPES: dict[str, type[EventData]] = {
+    m.event_type: m
+    for m in (
+        CaseIdentified,
+        CaseUpdated,
+        CaseChildWithdrawn,
+        CaseSchoolEnrolled,
+        CaseClosed,
+        ReferralCreated,
+        ReferralAcknowledged,
+        ReferralAccepted,
+        ReferralDeclined,
+        ReferralCompleted,
+        ReferralOverdue,
+        ReferralEscalated,
+        NotificationSent,
+        NotificationFailed,
+        NotificationAcknowledged,
+    )
+}
+
+
+def dataschema_for(event_type: str, version: int = SCHEMA_VERSION) -> str:
+    return f"urn:clms:events:{event_type}:v{version}"
+
+
+# --- envelope --------------------------------------------------------------------------------
+
+
+class Envelope(BaseModel):
+    """CloudEvents 1.0, JSON structured mode, with correlation/causation extensions."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    specversion: Literal["1.0"] = SPECVERSION
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    source: str = Field(min_length=1, max_length=200, pattern=r"^[a-z0-9_.\-/]+$")
+    type: str
+    subject: str = Field(min_length=1, max_length=100, description="The case id")
+    time: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    datacontenttype: Literal["application/json"] = "application/json"
+    dataschema: str
+    schemaversion: int = SCHEMA_VERSION
+    correlationid: str = Field(min_length=1, max_length=100)
+    causationid: str | None = Field(None, max_length=100)
+    data: SerializeAsAny[EventData]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_data(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        etype = values.get("type")
+        model = EVENT_TYPES.get(etype) if isinstance(etype, str) else None
+        if model is None:
+            known = ", ".join(sorted(EVENT_TYPES))
+            raise ValueError(f"type: unknown event type {etype!r}; known types: {known}")
+        values = dict(values)
+        values.setdefault("dataschema", dataschema_for(etype))
+        data = values.get("data")
+        if isinstance(data, EventData) and not isinstance(data, model):
+            raise ValueError(f"data: a {type(data).__name__} cannot be the data of a {etype} event")
+        if isinstance(data, dict):
+            try:
+                values["data"] = model.model_validate(data)
+            except ValidationError as exc:
+                raise ValueError(describe_validation_error(exc, prefix="data.")) from None
+        elif data is None:
+            raise ValueError("data: field required")
+        return values
+
+    @field_validator("time")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            raise ValueError("time must carry a timezone (RFC 3339), e.g. 2026-01-31T10:00:00Z")
+        return v
+
+    # --- construction helpers ----------------------------------------------------------------
+    @classmethod
+    def wrap(
+        cls,
+        data: EventData,
+        *,
+        source: str,
+        subject: str | uuid.UUID,
+        correlationid: str | uuid.UUID | None = None,
+        causationid: str | uuid.UUID | None = None,
+        id: uuid.UUID | None = None,
+        time: datetime | None = None,
+    ) -> "Envelope":
+        event_id = id or uuid.uuid4()
+        return cls(
+            id=event_id,
+            source=source,
+            type=data.event_type,
+            subject=str(subject),
+            time=time or datetime.now(timezone.utc),
+            dataschema=dataschema_for(data.event_type),
+            correlationid=str(correlationid or event_id),
+            causationid=str(causationid) if causationid else None,
+            data=data,
+        )
+
+    def follow(self, data: EventData, *, source: str, subject: str | uuid.UUID | None = None,
+               id: uuid.UUID | None = None) -> "Envelope":
+        """A new event caused by this one: same correlation id, causation = this id."""
+        return Envelope.wrap(
+            data,
+            source=source,
+            subject=subject or self.subject,
+            correlationid=self.correlationid,
+            causationid=self.id,
+            id=id,
+        )
+
+    @property
+    def key(self) -> bytes:
+        """Kafka key: the case id, so one case's events stay in order on one partition."""
+        return self.subject.encode()
+
+    def to_json_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """Kafka headers mirroring CloudEvents binary-mode attributes, for tracing tools."""
+        return [
+            ("ce_id", str(self.id).encode()),
+            ("ce_type", self.type.encode()),
+            ("ce_source", self.source.encode()),
+            ("correlation_id", self.correlationid.encode()),
+        ]
+
+
+class EnvelopeError(ValueError):
+    """A message that is not a valid envelope. `reason` names the field and what was wrong."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def describe_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
+    """One sentence per error, each starting with the dotted path of the field."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{prefix}{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_envelope(raw: bytes | str | dict) -> Envelope:
+    """Decode and validate one envelope; raise `EnvelopeError` naming the offending field."""
+    if isinstance(raw, (bytes, bytearray, memoryview, str)):
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise EnvelopeError(f"invalid JSON: {exc}") from None
+    else:
+        obj = raw
+    if not isinstance(obj, dict):
+        raise EnvelopeError("envelope: expected a JSON object")
+    try:
+        return Envelope.model_validate(obj)
+    except ValidationError as exc:
+        raise EnvelopeError(describe_validation_error(exc)) from None

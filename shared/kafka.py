@@ -1,0 +1,156 @@
+"""Kafka plumbing on aiokafka: client factories that work on Tansu and on Apache Kafka, and
+dead-lettering.
+
+The same settings drive aiokafka here and faust in `shared.streams`, so security settings
+(SASL, TLS) reach every client.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from shared.events import Envelope
+from shared.settings import Settings
+from shared.topics import Topics, declare_topics
+
+
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    """Bootstrap and security arguments shared by every aiokafka client."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.require_kafka(),
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_sasl_mechanism:
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = (
+            settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+        )
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    return kwargs
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """A producer that waits for all in-sync replicas. Idempotence is a setting because
+    Tansu 0.6.0 rejects InitProducerId v0 (see README, embedded broker limits)."""
+    kwargs: dict[str, Any] = {
+        **connection_kwargs(settings),
+        "acks": "all",
+        "enable_idempotence": settings.kafka_enable_idempotence,
+        "linger_ms": 2,
+        "max_batch_size": 65536,
+        "request_timeout_ms": 15000,
+    }
+    kwargs.update(overrides)
+    return AIOKafkaProducer(**kwargs)
+
+
+def make_consumer(settings: Settings, *topics: str, group: str | None, **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer that commits only what was processed (auto-commit off)."""
+    kwargs: dict[str, Any] = {
+        **connection_kwargs(settings),
+        "group_id": settings.group_id(group) if group else None,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+        "rebalance_timeout_ms": int(settings.kafka_rebalance_timeout_s * 1000),
+        "session_timeout_ms": int(settings.kafka_session_timeout_s * 1000),
+        "heartbeat_interval_ms": max(100, int(settings.kafka_session_timeout_s * 1000 / 10)),
+    }
+    kwargs.update(overrides)
+    return AIOKafkaConsumer(*topics, **kwargs)
+
+
+def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**connection_kwargs(settings), request_timeout_ms=15000)
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Declare every registry topic (idempotent); return those created."""
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        return await declare_topics(admin, Topics(settings.topic_prefix))
+    finally:
+        await admin.close()
+
+
+async def send_envelope(producer: AIOKafkaProducer, topic: str, envelope: Envelope) -> None:
+    """Send one envelope keyed by its subject (the case id) and wait for the broker's ack."""
+    await producer.send_and_wait(
+        topic, envelope.to_json_bytes(), key=envelope.key, headers=envelope.headers()
+    )
+
+
+# --- dead letters ------------------------------------------------------------------------------
+
+DLQ_HEADER_TOPIC = "dlq_original_topic"
+DLQ_HEADER_PARTITION = "dlq_original_partition"
+DLQ_HEADER_OFFSET = "dlq_original_offset"
+DLQ_HEADER_GROUP = "dlq_consumer_group"
+DLQ_HEADER_REASON = "dlq_reason"
+DLQ_HEADER_ERROR = "dlq_error"
+DLQ_HEADER_TIME = "dlq_time_ms"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Where a message came from and why it could not be processed."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str  # short machine-readable class: invalid_json, invalid_envelope, unknown_type, handler_error, ...
+    error: str  # a sentence naming the field or the exception; never message content
+    group: str = ""
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            (DLQ_HEADER_TOPIC, self.topic.encode()),
+            (DLQ_HEADER_PARTITION, str(self.partition).encode()),
+            (DLQ_HEADER_OFFSET, str(self.offset).encode()),
+            (DLQ_HEADER_GROUP, self.group.encode()),
+            (DLQ_HEADER_REASON, self.reason.encode()),
+            (DLQ_HEADER_ERROR, self.error[:1000].encode()),
+            (DLQ_HEADER_TIME, str(int(time.time() * 1000)).encode()),
+        ]
+
+    @classmethod
+    def from_headers(cls, headers: list[tuple[str, bytes]] | tuple, *, key: bytes | None,
+                     value: bytes | None) -> "DeadLetter":
+        h = {k: (v or b"").decode() for k, v in headers}
+        return cls(
+            topic=h.get(DLQ_HEADER_TOPIC, ""),
+            partition=int(h.get(DLQ_HEADER_PARTITION, "-1") or -1),
+            offset=int(h.get(DLQ_HEADER_OFFSET, "-1") or -1),
+            key=key,
+            value=value,
+            reason=h.get(DLQ_HEADER_REASON, ""),
+            error=h.get(DLQ_HEADER_ERROR, ""),
+            group=h.get(DLQ_HEADER_GROUP, ""),
+        )
+
+
+def classify_error(error: str) -> str:
+    """Short reason class for an envelope error, for metrics and `clms dlq list`."""
+    if error.startswith("invalid JSON"):
+        return "invalid_json"
+    if error.startswith("type: unknown event type"):
+        return "unknown_type"
+    return "invalid_envelope"
+
+
+async def dead_letter(producer: AIOKafkaProducer, topics: Topics, letter: DeadLetter) -> None:
+    """Publish the original bytes to clms.dead-letters with headers naming origin and error."""
+    await producer.send_and_wait(
+        topics.dead_letters, letter.value, key=letter.key, headers=letter.headers()
+    )

@@ -1,0 +1,120 @@
+"""Settings for every service, read from the environment (and an optional `.env`).
+
+One model, one table in the README. Every service builds its own `Settings()` in its
+composition root; nothing here performs I/O at import.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_PLACEHOLDER = "dev-only-change-me"
+
+
+class Environment(StrEnum):
+    development = "development"
+    test = "test"
+    production = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    environment: Environment = Field(Environment.development, alias="CLMS_ENV")
+
+    # --- infrastructure -------------------------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(None, alias="KAFKA_BOOTSTRAP_SERVERS")
+    database_url: str | None = Field(None, alias="DATABASE_URL")
+    # Tansu does not wake a waiting fetch when data arrives: a consumer waits its full
+    # fetch_max_wait_ms. Small on the embedded broker; Kafka's default (500) on real Kafka.
+    kafka_fetch_max_wait_ms: int = Field(500, alias="KAFKA_FETCH_MAX_WAIT_MS", ge=1, le=10_000)
+    # Tansu 0.6.0 rejects InitProducerId v0, so the idempotent producer must be off there.
+    kafka_enable_idempotence: bool = Field(False, alias="KAFKA_ENABLE_IDEMPOTENCE")
+    kafka_security_protocol: str = Field("PLAINTEXT", alias="KAFKA_SECURITY_PROTOCOL")
+    kafka_sasl_mechanism: str | None = Field(None, alias="KAFKA_SASL_MECHANISM")
+    kafka_sasl_username: str | None = Field(None, alias="KAFKA_SASL_USERNAME")
+    kafka_sasl_password: SecretStr | None = Field(None, alias="KAFKA_SASL_PASSWORD")
+    kafka_ssl_cafile: str | None = Field(None, alias="KAFKA_SSL_CAFILE")
+    kafka_rebalance_timeout_s: float = Field(3.0, alias="KAFKA_REBALANCE_TIMEOUT_S", gt=0)
+    kafka_session_timeout_s: float = Field(10.0, alias="KAFKA_SESSION_TIMEOUT_S", gt=0)
+    # Prefix prepended to every topic and consumer-group name (tests isolate themselves with it).
+    topic_prefix: str = Field("", alias="CLMS_TOPIC_PREFIX")
+    db_pool_min: int = Field(2, alias="DB_POOL_MIN", ge=1)
+    db_pool_max: int = Field(10, alias="DB_POOL_MAX", ge=1)
+
+    # --- embedded development infrastructure ----------------------------------------------
+    data_dir: Path = Field(Path(".clms"), alias="CLMS_DATA_DIR")
+    embedded_kafka_port: int = Field(9092, alias="CLMS_KAFKA_PORT")
+    embedded_postgres_port: int = Field(5433, alias="CLMS_POSTGRES_PORT")
+    smtp_sink_port: int = Field(1025, alias="CLMS_SMTP_SINK_PORT")
+    smtp_sink_http_port: int = Field(8025, alias="CLMS_SMTP_SINK_HTTP_PORT")
+
+    # --- service ports ----------------------------------------------------------------------
+    host: str = Field("127.0.0.1", alias="CLMS_HOST")
+    intake_port: int = Field(8001, alias="INTAKE_PORT")
+    referral_port: int = Field(8002, alias="REFERRAL_PORT")
+    notifications_port: int = Field(8003, alias="NOTIFICATIONS_PORT")
+    analytics_port: int = Field(8004, alias="ANALYTICS_PORT")
+    public_base_url: str = Field("http://127.0.0.1", alias="CLMS_PUBLIC_BASE_URL")
+
+    # --- secrets ----------------------------------------------------------------------------
+    jwt_secret: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-jwt-secret-32-bytes!"), alias="JWT_SECRET")
+    jwt_issuer: str = Field("clms-dev", alias="JWT_ISSUER")
+    jwt_audience: str = Field("clms", alias="JWT_AUDIENCE")
+    oidc_jwks_url: str | None = Field(None, alias="OIDC_JWKS_URL")
+    # Keyed HMAC for child_ref pseudonyms; the same key must be used by every intake replica.
+    child_ref_key: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-child-ref-key"), alias="CHILD_REF_KEY")
+    # Master key (urlsafe base64, 32 bytes) wrapping the per-case data keys.
+    encryption_master_key: SecretStr = Field(
+        SecretStr("ZGV2LW9ubHktY2hhbmdlLW1lLW1hc3Rlci1rZXktMzI="), alias="ENCRYPTION_MASTER_KEY"
+    )
+    webhook_secret: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-webhook"), alias="WEBHOOK_SECRET")
+
+    # --- behaviour --------------------------------------------------------------------------
+    outbox_poll_interval_s: float = Field(0.05, alias="OUTBOX_POLL_INTERVAL_S", gt=0)
+    outbox_batch_size: int = Field(500, alias="OUTBOX_BATCH_SIZE", ge=1)
+    log_level: str = Field("INFO", alias="LOG_LEVEL")
+    log_json: bool = Field(True, alias="LOG_JSON")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_is_safe(cls, v: str) -> str:
+        if v and not all(c.isalnum() or c in "._-" for c in v):
+            raise ValueError("CLMS_TOPIC_PREFIX may contain only letters, digits, '.', '_' and '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets_in_production(self) -> "Settings":
+        if self.environment is Environment.production:
+            for name in ("jwt_secret", "child_ref_key", "encryption_master_key", "webhook_secret"):
+                value = getattr(self, name).get_secret_value()
+                if DEV_PLACEHOLDER in value or value == "ZGV2LW9ubHktY2hhbmdlLW1lLW1hc3Rlci1rZXktMzI=":
+                    raise ValueError(
+                        f"{name.upper()} still holds the development placeholder; set a real secret "
+                        "before running with CLMS_ENV=production"
+                    )
+        return self
+
+    # --- derived ----------------------------------------------------------------------------
+    def require_kafka(self) -> str:
+        if not self.kafka_bootstrap_servers:
+            raise RuntimeError(
+                "KAFKA_BOOTSTRAP_SERVERS is not set. Start the embedded stack with `make run` "
+                "(or `clms dev`), or point KAFKA_BOOTSTRAP_SERVERS at a Kafka broker."
+            )
+        return self.kafka_bootstrap_servers
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise RuntimeError(
+                "DATABASE_URL is not set. Start the embedded stack with `make run` "
+                "(or `clms dev`), or point DATABASE_URL at a PostgreSQL database."
+            )
+        return self.database_url
+
+    def group_id(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"

@@ -1,0 +1,219 @@
+"""faust-streaming plumbing: the app factory, an envelope codec, and the one agent loop every
+stream processor uses (decode -> handle -> dead-letter on a permanent error -> move on).
+
+Rules learned the hard way (README, "faust-streaming rules"): agents run with concurrency=1,
+`processing_guarantee="at_least_once"`, no pickle, `web_tables_enabled=False`, and an exception
+inside an agent acknowledges the event, so the loop here catches everything itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from faust.serializers.schemas import Schema
+
+from shared.events import Envelope, EnvelopeError, parse_envelope
+from shared.kafka import DeadLetter, classify_error
+from shared.settings import Settings
+from shared.topics import Topic, Topics
+
+log = logging.getLogger("clms.streams")
+
+_fetch_wait_patched: int | None = None
+
+
+def tune_fetch_wait(ms: int) -> None:
+    """Make faust's worker consumer honour KAFKA_FETCH_MAX_WAIT_MS.
+
+    faust hard-codes fetch_max_wait_ms=1500 in its aiokafka driver. On a broker that does not
+    wake a waiting fetch (Tansu 0.6.0) every hop then costs up to 1.5 s; on Apache Kafka the
+    setting keeps Kafka's usual meaning. Process-wide, idempotent.
+    """
+    global _fetch_wait_patched
+    import faust.transport.drivers.aiokafka as driver
+
+    if _fetch_wait_patched is None:
+        original = driver.AIOKafkaConsumerThread._create_worker_consumer
+
+        def _create_worker_consumer(self: Any, transport: Any) -> Any:
+            consumer = original(self, transport)
+            consumer._fetch_max_wait_ms = _fetch_wait_patched
+            return consumer
+
+        driver.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
+    _fetch_wait_patched = ms
+
+
+def broker_credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """The same SASL/TLS settings aiokafka clients get, in faust's terms."""
+    ctx = None
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    if settings.kafka_sasl_mechanism:
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=ctx,
+        )
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
+
+
+def make_faust_app(settings: Settings, name: str, *, store: str = "memory://", **overrides: Any) -> faust.App:
+    """A faust App for one service. `name` becomes the consumer group (with the topic prefix)."""
+    tune_fetch_wait(settings.kafka_fetch_max_wait_ms)
+    servers = settings.require_kafka().split(",")
+    conf: dict[str, Any] = dict(
+        broker=";".join(f"kafka://{s.strip()}" for s in servers),
+        broker_credentials=broker_credentials(settings),
+        store=store,
+        topic_partitions=6,
+        topic_allow_declare=True,
+        processing_guarantee="at_least_once",
+        web_enabled=False,
+        web_tables_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        broker_rebalance_timeout=settings.kafka_rebalance_timeout_s,
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=max(0.1, settings.kafka_session_timeout_s / 10),
+        producer_acks=-1,
+        key_serializer="raw",
+        value_serializer="raw",
+        table_cleanup_interval=30.0,
+        stream_wait_empty=False,
+    )
+    conf.update(overrides)
+    return faust.App(settings.group_id(name), **conf)
+
+
+# --- codec -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A message that is not a valid envelope; the agent dead-letters it with `error`."""
+
+    raw: bytes | None
+    reason: str
+    error: str
+
+
+class EnvelopeSchema(Schema):
+    """Decodes message values into `Envelope` with pydantic; never raises on bad input."""
+
+    def __init__(self) -> None:
+        super().__init__(key_serializer="raw", value_serializer="raw")
+
+    def loads_value(self, app: Any, message: Any, *, loads: Any = None, serializer: Any = None) -> Any:
+        raw = message.value
+        try:
+            return parse_envelope(raw if raw is not None else b"null")
+        except EnvelopeError as exc:
+            return Undecodable(raw=raw, reason=classify_error(exc.reason), error=exc.reason)
+
+    def loads_key(self, app: Any, message: Any, *, loads: Any = None, serializer: Any = None) -> Any:
+        return message.key
+
+
+def envelope_topic(app: faust.App, topics: Topics, topic: Topic) -> faust.TopicT:
+    return app.topic(topics.name(topic), schema=EnvelopeSchema(), partitions=6)
+
+
+def raw_topic(app: faust.App, topics: Topics, topic: Topic) -> faust.TopicT:
+    return app.topic(topics.name(topic), key_serializer="raw", value_serializer="raw", partitions=6)
+
+
+# --- the agent loop ----------------------------------------------------------------------------
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that a retry fixes (database or broker briefly away) as opposed to a bad event."""
+    import asyncpg
+
+    transient = (
+        OSError,
+        ConnectionError,
+        asyncio.TimeoutError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+        asyncpg.InterfaceError,
+        asyncpg.exceptions.AdminShutdownError,
+        asyncpg.exceptions.SerializationError,
+        asyncpg.exceptions.DeadlockDetectedError,
+    )
+    return isinstance(exc, transient)
+
+
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+class StreamProcessor:
+    """Runs `handler` for each event of a faust stream with the system's failure policy:
+
+    - undecodable message -> dead letter with the field-naming reason, move on;
+    - transient error (database down) -> retry with backoff until it works (the partition
+      waits rather than losing the event);
+    - any other exception -> dead letter with reason `handler_error`, move on.
+    """
+
+    def __init__(self, *, app: faust.App, topics: Topics, group: str,
+                 on_dead_letter: Callable[[DeadLetter], None] | None = None,
+                 max_backoff_s: float = 5.0):
+        self.topics = topics
+        self.group = group
+        self.dlq = raw_topic(app, topics, Topic.dead_letters)
+        self.on_dead_letter = on_dead_letter
+        self.max_backoff_s = max_backoff_s
+
+    async def dead_letter(self, letter: DeadLetter) -> None:
+        fut = await self.dlq.send(key=letter.key, value=letter.value or b"", headers=letter.headers())
+        await fut
+        log.warning(
+            "dead-lettered message from %s[%d]@%d: %s",
+            letter.topic, letter.partition, letter.offset, letter.reason,
+        )
+        if self.on_dead_letter:
+            self.on_dead_letter(letter)
+
+    async def run(self, stream: Any, handler: Handler) -> None:
+        async for event in stream.events():
+            await self.process(event, handler)
+
+    async def process(self, event: Any, handler: Handler) -> None:
+        msg = event.message
+        value = event.value
+
+        def letter(reason: str, error: str) -> DeadLetter:
+            raw = value.raw if isinstance(value, Undecodable) else msg.value
+            return DeadLetter(topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                              key=msg.key, value=raw, reason=reason, error=error, group=self.group)
+
+        if isinstance(value, Undecodable):
+            await self.dead_letter(letter(value.reason, value.error))
+            return
+        backoff = 0.1
+        while True:
+            try:
+                await handler(value)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the policy is the point of this loop
+                if is_transient(exc):
+                    log.warning("transient error handling %s %s, retrying in %.1fs: %s",
+                                value.type, value.id, backoff, type(exc).__name__)
+                    await asyncio.sleep(backoff)
+                    backoff = min(self.max_backoff_s, backoff * 2)
+                    continue
+                log.exception("handler failed for %s %s; dead-lettering", value.type, value.id)
+                await self.dead_letter(letter("handler_error", f"{type(exc).__name__}: {exc}"[:1000]))
+                return
