@@ -53,6 +53,23 @@ def dev(
 
 
 @app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help="intake, referral, notifications or analytics")],
+) -> None:
+    """Run one service (its API and, where it has one, its worker) in this process: the container entrypoint."""
+    import importlib.util
+    import runpy
+
+    from clms.dev import SERVICES
+
+    if service not in SERVICES:
+        fail(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+    if importlib.util.find_spec(f"services.{service}.__main__") is None:
+        fail(f"service {service!r} has no entry point yet (services/{service}/__main__.py)")
+    runpy.run_module(f"services.{service}", run_name="__main__")
+
+
+@app.command()
 def token(
     agency: Annotated[str, typer.Option(help="police, csw, education, labour_inspectorate, prosecution, ngo, coordinator")],
     municipality: Annotated[str, typer.Option(help="Municipality slug, e.g. prizren")],
@@ -76,15 +93,23 @@ def token(
 
 
 @app.command()
-def topics() -> None:
-    """List every topic with its partitions and end offsets."""
-    from shared.kafka import make_admin, make_consumer
+def topics(
+    create: Annotated[bool, typer.Option("--create", help="Declare missing topics first")] = False,
+) -> None:
+    """List every topic with its partitions and end offsets (`--create` declares missing ones)."""
+    from shared.kafka import ensure_topics, make_admin, make_consumer
     from shared.topics import REGISTRY, Topics
 
     settings = cli_settings()
 
     async def run() -> Table:
         names = Topics(settings.topic_prefix)
+        if create:
+            try:
+                created = await ensure_topics(settings)
+            except Exception as exc:  # noqa: BLE001
+                fail(f"cannot declare topics on {settings.kafka_bootstrap_servers} ({type(exc).__name__}: {exc})")
+            err.print(f"declared {len(created)} topic(s): {', '.join(created) or 'all existed'}")
         admin = make_admin(settings)
         try:
             await admin.start()
