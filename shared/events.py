@@ -33,6 +33,12 @@ from shared.reference import municipality_slugs
 SCHEMA_VERSION = 1
 SPECVERSION = "1.0"
 
+# Ingress type (not a case fact, not in EVENT_TYPES): an agency system publishes an
+# identification onto clms.agency-inbound as a CloudEvent of this type; its `data` is exactly the
+# body of intake's POST /v1/identifications (it carries identity; intake validates, encrypts and
+# republishes only a CaseIdentified). See services/intake/README.md.
+IDENTIFICATION_SUBMITTED = "identification.submitted"
+
 
 # --- vocabulary ------------------------------------------------------------------------------
 
