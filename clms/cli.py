@@ -159,6 +159,111 @@ def schema(
         console.print(f"wrote {path}")
 
 
+# --- operations -------------------------------------------------------------------------------
+
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: what failed, why, and replaying them after a fix.")
+app.add_typer(dlq_app, name="dlq")
+
+
+def _broker_or_fail(settings: Settings, what):  # noqa: ANN001, ANN202
+    try:
+        return asyncio.run(what)
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a sentence with the fix, not a traceback
+        fail(f"cannot reach the broker or database ({type(exc).__name__}: {exc}). "
+             "Is `make run` running, or are KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL set?")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    show: Annotated[int, typer.Option(help="Also list the newest N dead letters")] = 0,
+) -> None:
+    """Dead letters by reason: count, oldest, original topics."""
+    from clms.ops import dead_letters, fmt_ms, summarise
+
+    settings = cli_settings()
+    letters = _broker_or_fail(settings, dead_letters(settings))
+    table = Table(title=f"dead letters ({len(letters)})")
+    for col in ("reason", "count", "oldest", "from topics"):
+        table.add_column(col)
+    for s in summarise(letters):
+        table.add_row(s.reason, str(s.count), fmt_ms(s.oldest_ms), ", ".join(sorted(s.topics)))
+    console.print(table)
+    if show:
+        detail = Table(title=f"newest {show}")
+        for col in ("id", "time", "origin", "group", "reason", "error"):
+            detail.add_column(col)
+        for d in letters[-show:]:
+            detail.add_row(d.id, fmt_ms(d.timestamp_ms), f"{d.letter.topic}[{d.letter.partition}]@{d.letter.offset}",
+                           d.letter.group, d.letter.reason, d.letter.error[:120])
+        console.print(detail)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    reason: Annotated[str | None, typer.Option(help="Replay every dead letter with this reason")] = None,
+    id: Annotated[list[str], typer.Option("--id", help="partition:offset on the dead-letter topic, or the event id")] = [],  # noqa: B006
+    fixed: Annotated[Path | None, typer.Option(help="A corrected envelope (JSON file) to publish instead of the original, with one --id")] = None,
+    operator: Annotated[str, typer.Option(help="Who replays (recorded)")] = "cli",
+    force: Annotated[bool, typer.Option(help="Replay again even if replayed before")] = False,
+) -> None:
+    """Re-publish dead letters to their original topic after a fix, recording each replay."""
+    from clms.ops import replay_dead_letters
+
+    if reason is None and not id:
+        fail("say what to replay: --reason REASON or --id ID (see `clms dlq list --show 20`)")
+    settings = cli_settings()
+    value = fixed.read_bytes() if fixed else None
+    result = _broker_or_fail(settings, replay_dead_letters(
+        settings, reason=reason, ids=id, fixed_value=value, operator=operator, force=force))
+    console.print(f"replayed {len(result.replayed)}: {' '.join(result.replayed)}")
+    if result.skipped_already_replayed:
+        console.print(f"skipped (replayed before; --force to repeat): {' '.join(result.skipped_already_replayed)}")
+    if result.not_found:
+        console.print(f"[yellow]not found[/]: {' '.join(result.not_found)}")
+
+
+@app.command()
+def lag() -> None:
+    """Consumer lag per consumer group and partition."""
+    from clms.ops import consumer_lag
+
+    settings = cli_settings()
+    rows = _broker_or_fail(settings, consumer_lag(settings))
+    table = Table(title="consumer lag")
+    for col in ("group", "topic", "partition", "committed", "end", "lag"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.group, r.topic, str(r.partition), "-" if r.committed is None else str(r.committed),
+                      str(r.end), str(r.lag))
+    console.print(table)
+
+
+@app.command()
+def trace(case_id: Annotated[str, typer.Argument(help="The case id")]) -> None:
+    """The story of one case across every topic: events in order and the service behind each."""
+    import uuid as _uuid
+
+    from clms.ops import trace_case
+
+    try:
+        _uuid.UUID(case_id)
+    except ValueError:
+        fail(f"{case_id!r} is not a case id (a UUID like the one POST /v1/identifications returned)")
+    settings = cli_settings()
+    lines = _broker_or_fail(settings, trace_case(settings, case_id))
+    if not lines:
+        fail(f"no events found for case {case_id}")
+    table = Table(title=f"case {case_id}")
+    for col in ("time", "event", "by (source)", "topic", "event id", "caused by"):
+        table.add_column(col)
+    for ln in lines:
+        table.add_row(ln.time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], ln.type, ln.source, ln.topic,
+                      ln.event_id[:8], (ln.causation_id or "")[:8])
+    console.print(table)
+
+
 def main() -> None:
     app()
 

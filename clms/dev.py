@@ -25,7 +25,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from shared.embedded import EmbeddedBroker, EmbeddedPostgres, _die_with_parent, wait_for
+from shared.embedded import EmbeddedBroker, EmbeddedPostgres, _die_with_parent, port_open, wait_for
 from shared.settings import Settings
 
 console = Console(stderr=True)
@@ -126,7 +126,27 @@ class Supervisor:
         return replayed
 
     # --- services ------------------------------------------------------------------------
+    def start_mail_sink(self) -> None:
+        """The development SMTP sink (notifications e-mail lands there; shown at a URL)."""
+        if "notifications" not in self.wanted or self.settings_env_has("SMTP_HOST"):
+            return
+        if importlib.util.find_spec("services.notifications.sink") is None:
+            return
+        s = Settings()
+        log = open(self.log_dir / "mail-sink.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.notifications.sink"], env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        )
+        self.children.append(Child("mail-sink", proc, f"http://{s.host}:{s.smtp_sink_http_port}"))
+        self.env.setdefault("SMTP_HOST", "127.0.0.1")
+        self.env.setdefault("SMTP_PORT", str(s.smtp_sink_port))
+
+    def settings_env_has(self, name: str) -> bool:
+        return bool(os.environ.get(name))
+
     def start_services(self) -> None:
+        self.start_mail_sink()
         for name in self.wanted:
             port = service_port(self.settings, name)
             log = open(self.log_dir / f"{name}.log", "ab")
@@ -149,6 +169,11 @@ class Supervisor:
                     return httpx.get(f"{c.url}/readyz", timeout=1).status_code == 200
                 except httpx.HTTPError:
                     return False
+            if child.name == "mail-sink":
+                port = Settings().smtp_sink_port
+                wait_for(lambda: port_open(port) or child.proc.poll() is not None,
+                         timeout_s=30, what=f"the SMTP sink on port {port}")
+                continue
             with console.status(f"waiting for {child.name} to be ready..."):
                 wait_for(ready, timeout_s=timeout_s, what=f"{child.name} /readyz", interval_s=0.3)
 
@@ -177,7 +202,10 @@ class Supervisor:
         t.add_row("PostgreSQL", self.env["DATABASE_URL"] + (f" (data in {self.settings.data_dir}/pgdata)"
                                                             if self.postgres else ""))
         for c in self.children:
-            t.add_row(c.name, f"{c.url}  (docs: {c.url}/docs)")
+            if c.name == "mail-sink":
+                t.add_row("mail sink", f"{c.url}  (e-mails and SMS webhooks the services sent)")
+            else:
+                t.add_row(c.name, f"{c.url}  (docs: {c.url}/docs)")
         t.add_row("logs", str(self.log_dir))
         if replayed:
             t.add_row("replayed", ", ".join(f"{k}: {v} events" for k, v in replayed.items()))
