@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", alias="LOG_LEVEL")
     log_json: bool = Field(True, alias="LOG_JSON")
 
+    # --- referral service -------------------------------------------------------------------
+    # Routing rule file (YAML); unset = the packaged services/referral/rules.yaml.
+    referral_rules_file: Path | None = Field(None, alias="REFERRAL_RULES_FILE")
+    # How often the deadline scanner looks for overdue referrals (seconds).
+    referral_deadline_poll_s: float = Field(1.0, alias="REFERRAL_DEADLINE_POLL_S", gt=0)
+
     @field_validator("topic_prefix")
     @classmethod
     def _prefix_is_safe(cls, v: str) -> str:

@@ -1,0 +1,411 @@
+"""Use cases of the referral service. Each state change and its outbox rows commit together.
+
+- `apply_case_event`: a case event from clms.case-events (inbox claim + referrals + outbox).
+- `list_referrals` / `get_referral`: what a caseworker or coordinator may see.
+- `act`: acknowledge / accept / decline / complete (row lock, legal transition, history, outbox).
+- `escalate_due`: referrals past their deadline still waiting for an answer -> overdue + escalated.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import asyncpg
+import orjson
+
+from services.referral import states
+from services.referral.rules import RuleSet
+from shared.auth import Claims, Role
+from shared.events import (
+    AgeBand,
+    AgencyType,
+    CaseIdentified,
+    DeclineReason,
+    Envelope,
+    EventData,
+    ReferralAccepted,
+    ReferralAcknowledged,
+    ReferralCompleted,
+    ReferralCreated,
+    ReferralDeclined,
+    ReferralEscalated,
+    ReferralOutcome,
+    ReferralOverdue,
+    ReferralStatus,
+    Sector,
+)
+from shared.outbox import append, claim
+from shared.topics import Topic
+
+SCHEMA = "referral"
+SERVICE = "referral"  # envelope source and actor of what the service itself does
+CONSUMER = "referral.case-events"  # inbox consumer name
+ACTING_ROLES = (Role.caseworker, Role.duty_officer, Role.supervisor)
+_ID_NAMESPACE = uuid.UUID("6f2b0f8e-8d1e-4c55-9a51-2f7f0c0e4a11")
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# --- errors the API turns into answers ---------------------------------------------------------
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Forbidden(PermissionError):
+    pass
+
+
+class Conflict(ValueError):
+    def __init__(self, message: str, current: str):
+        super().__init__(message)
+        self.current = current
+
+
+class UnexpectedEvent(ValueError):
+    """An event that does not belong on the topic (dead-lettered by the worker)."""
+
+
+# --- what the use cases need -----------------------------------------------------------------
+
+
+@dataclass
+class Deps:
+    pool: asyncpg.Pool
+    rules: RuleSet
+    clock: Clock = utcnow
+    wake_relay: Callable[[], None] = lambda: None
+    on_opened: Callable[[str, str], None] = lambda agency, priority: None
+    on_overdue: Callable[[str], None] = lambda agency: None
+    on_action: Callable[[str], None] = lambda action: None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def referral_id_for(event_id: uuid.UUID, agency: str) -> uuid.UUID:
+    """Deterministic: the same case event and agency always name the same referral."""
+    return uuid.uuid5(_ID_NAMESPACE, f"{event_id}:{agency}")
+
+
+def coordinator_of(municipality: str) -> str:
+    return f"coordinator.{municipality}"
+
+
+def _source_of(claims: Claims) -> str:
+    muni = "all" if claims.municipality == "*" else claims.municipality
+    return f"{claims.agency.value}/{muni}"
+
+
+# --- consuming case events ---------------------------------------------------------------------
+
+
+async def apply_case_event(deps: Deps, *, envelope: Envelope) -> list[uuid.UUID]:
+    """Apply one event from clms.case-events; returns the referrals opened (none if seen before).
+
+    `case.identified` opens one referral per target agency. The other case.* events are
+    recorded as applied and change nothing. Anything else raises `UnexpectedEvent`.
+    """
+    if not envelope.type.startswith("case."):
+        raise UnexpectedEvent(f"type: {envelope.type} does not belong on case-events")
+    opened: list[uuid.UUID] = []
+    async with deps.pool.acquire() as conn, conn.transaction():
+        if not await claim(conn, schema=SCHEMA, consumer=CONSUMER, envelope=envelope):
+            return []
+        if isinstance(envelope.data, CaseIdentified):
+            opened = await _open_referrals(deps, conn, envelope, envelope.data)
+    if opened:
+        deps.wake_relay()
+    return opened
+
+
+async def _open_referrals(deps: Deps, conn: asyncpg.Connection, env: Envelope,
+                          case: CaseIdentified) -> list[uuid.UUID]:
+    decisions = deps.rules.route(case, at=env.time)
+    opened = []
+    for d in decisions:
+        rid = referral_id_for(env.id, d.agency.value)
+        inserted = await conn.fetchval(
+            f"""insert into {SCHEMA}.referral(
+                    referral_id, case_id, municipality, agency, office_id, priority, rule_id,
+                    rule_version, matched_rules, legal_basis, age_band, sector, reported_by,
+                    source_event_id, correlation_id, identified_at, deadline, created_at, updated_at)
+                values($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$18)
+                on conflict (case_id, agency) do nothing returning 1""",
+            rid, case.case_id, case.municipality, d.agency.value, d.office_id, d.priority, d.rule_id,
+            d.rule_version, list(d.matched_rules), d.legal_basis, case.age_band.value,
+            case.sector.value, case.reported_by, env.id, env.correlationid, env.time, d.deadline,
+            deps.clock(),
+        )
+        if not inserted:
+            continue  # this case already has a referral to that agency
+        data = ReferralCreated(
+            referral_id=rid, case_id=case.case_id, municipality=case.municipality, agency=d.agency,
+            office_id=d.office_id, rule_id=d.rule_id, rule_version=d.rule_version,
+            priority=d.priority, deadline=d.deadline, legal_basis=d.legal_basis,
+            age_band=case.age_band, sector=case.sector, reported_by=case.reported_by,
+        )
+        out = env.follow(data, source=SERVICE)
+        await append(conn, schema=SCHEMA, topic=Topic.referral_events, envelope=out)
+        await _history(conn, rid, actor=SERVICE, action="created", from_status=None,
+                       to_status=ReferralStatus.pending, event_id=out.id,
+                       detail={"rule_id": d.rule_id, "rule_version": d.rule_version,
+                               "matched_rules": list(d.matched_rules), "deadline": d.deadline.isoformat()})
+        deps.on_opened(d.agency.value, d.priority)
+        opened.append(rid)
+    return opened
+
+
+async def _history(conn: asyncpg.Connection, referral_id: uuid.UUID, *, actor: str, action: str,
+                   from_status: ReferralStatus | str | None, to_status: ReferralStatus | str,
+                   event_id: uuid.UUID | None, detail: dict[str, Any] | None = None,
+                   at: datetime | None = None) -> None:
+    await conn.execute(
+        f"insert into {SCHEMA}.referral_history(referral_id, at, actor, action, from_status, to_status,"
+        " detail, event_id) values($1, coalesce($2, now()), $3, $4, $5, $6, $7::jsonb, $8)",
+        referral_id, at, actor, action, str(from_status) if from_status else None, str(to_status),
+        orjson.dumps(detail or {}).decode(), event_id,
+    )
+
+
+# --- who may see and act ------------------------------------------------------------------------
+
+
+def _in_municipality(claims: Claims, municipality: str) -> bool:
+    return claims.municipality in (municipality, "*")
+
+
+def may_handle(claims: Claims, *, agency: str, municipality: str) -> bool:
+    """The receiving agency's caseworkers in that municipality, or its coordinator."""
+    if claims.coordinates(municipality):
+        return True
+    return (claims.agency.value == agency and _in_municipality(claims, municipality)
+            and claims.has_role(*ACTING_ROLES))
+
+
+@dataclass(frozen=True)
+class Filters:
+    case_id: uuid.UUID | None = None
+    agency: AgencyType | None = None
+    municipality: str | None = None
+    status: ReferralStatus | None = None
+    overdue: bool | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+def scoped_filters(claims: Claims, f: Filters) -> Filters:
+    """Narrow a query to what the caller may see; `Forbidden` when it asks for more.
+
+    - coordinator: every agency in their municipality (all municipalities with `*`);
+    - caseworker / duty officer / supervisor: their own agency in their municipality;
+    - anyone else (reporters, analysts, the public): 403.
+    Asking explicitly for another municipality or agency is a 403, never a silently empty list.
+    """
+    muni = f.municipality
+    if claims.is_coordinator:
+        if muni and not _in_municipality(claims, muni):
+            raise Forbidden(f"a coordinator of {claims.municipality} cannot see referrals in {muni}")
+        if claims.municipality != "*":
+            muni = claims.municipality
+        return Filters(**{**f.__dict__, "municipality": muni})
+    if not claims.has_role(*ACTING_ROLES):
+        raise Forbidden("only caseworkers, duty officers and supervisors of the receiving agency, "
+                        "or the municipal coordinator, may see referrals")
+    if f.agency and f.agency is not claims.agency:
+        raise Forbidden(f"{claims.agency.value} staff cannot see referrals addressed to {f.agency.value}")
+    if muni and not _in_municipality(claims, muni):
+        raise Forbidden(f"staff of {claims.municipality} cannot see referrals in {muni}")
+    if claims.municipality != "*":
+        muni = claims.municipality
+    return Filters(**{**f.__dict__, "agency": claims.agency, "municipality": muni})
+
+
+_COLUMNS = "r.*"
+
+
+async def list_referrals(deps: Deps, *, claims: Claims, filters: Filters) -> tuple[list[dict], Filters]:
+    f = scoped_filters(claims, filters)
+    where, args = [], []
+    for column, value in (("case_id", f.case_id), ("agency", f.agency and f.agency.value),
+                          ("municipality", f.municipality), ("status", f.status and f.status.value),
+                          ("overdue", f.overdue)):
+        if value is not None:
+            args.append(value)
+            where.append(f"r.{column} = ${len(args)}")
+    sql = f"select {_COLUMNS} from {SCHEMA}.referral r"
+    if where:
+        sql += " where " + " and ".join(where)
+    args += [f.limit, f.offset]
+    sql += f" order by r.deadline, r.referral_id limit ${len(args) - 1} offset ${len(args)}"
+    async with deps.pool.acquire() as conn:
+        rows = await conn.fetch(sql, *args)
+    return [dict(r) for r in rows], f
+
+
+async def get_referral(deps: Deps, *, claims: Claims, referral_id: uuid.UUID) -> dict:
+    async with deps.pool.acquire() as conn:
+        row = await conn.fetchrow(f"select * from {SCHEMA}.referral where referral_id = $1", referral_id)
+        if row is None:
+            raise NotFound(f"no referral {referral_id}")
+        if not may_handle(claims, agency=row["agency"], municipality=row["municipality"]):
+            raise Forbidden(f"referral {referral_id} is addressed to {row['office_id']}; "
+                            f"{claims.agency.value} staff of {claims.municipality} may not see it")
+        history = await conn.fetch(
+            f"select at, actor, action, from_status, to_status, detail from {SCHEMA}.referral_history "
+            "where referral_id = $1 order by id", referral_id)
+    out = dict(row)
+    out["history"] = [{**dict(h), "detail": orjson.loads(h["detail"])} for h in history]
+    return out
+
+
+# --- acting on a referral -------------------------------------------------------------------------
+
+
+async def act(deps: Deps, *, claims: Claims, referral_id: uuid.UUID, action: states.Action,
+              reason: DeclineReason | None = None, outcome: ReferralOutcome | None = None) -> dict:
+    """Move a referral through the state machine on behalf of `claims`; returns the new row."""
+    now = deps.clock()
+    async with deps.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"select * from {SCHEMA}.referral where referral_id = $1 for update", referral_id)
+        if row is None:
+            raise NotFound(f"no referral {referral_id}")
+        if not may_handle(claims, agency=row["agency"], municipality=row["municipality"]):
+            raise Forbidden(f"only {row['agency']} caseworkers of {row['municipality']} or the "
+                            f"coordinator of {row['municipality']} may {action.value} this referral")
+        current = ReferralStatus(row["status"])
+        try:
+            to = states.next_status(current, action)
+        except states.IllegalTransition as exc:
+            raise Conflict(str(exc), current.value) from None
+
+        base = dict(referral_id=referral_id, case_id=row["case_id"], municipality=row["municipality"],
+                    agency=AgencyType(row["agency"]), office_id=row["office_id"],
+                    actor=claims.sub, from_status=current, to_status=to)
+        sets = {"status": to.value, "updated_at": now}
+        detail: dict[str, Any] = {}
+        data: EventData
+        if action is states.Action.acknowledge:
+            within = states.within_deadline(row["deadline"], now)
+            data = ReferralAcknowledged(**base, within_deadline=within)
+            sets["acknowledged_at"] = now
+            detail["within_deadline"] = within
+        elif action is states.Action.accept:
+            data = ReferralAccepted(**base)
+            sets["accepted_at"] = now
+        elif action is states.Action.decline:
+            if reason is None:
+                raise ValueError("reason is required to decline")
+            data = ReferralDeclined(**base, reason=reason)
+            sets.update(declined_at=now, decline_reason=reason.value, escalated=True, escalated_at=now,
+                        escalated_to=coordinator_of(row["municipality"]), escalation_reason="declined")
+            detail["reason"] = reason.value
+        elif action is states.Action.complete:
+            if outcome is None:
+                raise ValueError("outcome is required to complete")
+            data = ReferralCompleted(**base, outcome=outcome)
+            sets.update(completed_at=now, outcome=outcome.value)
+            detail["outcome"] = outcome.value
+        else:
+            raise Conflict(f"{action.value} is not an action agencies take", current.value)
+
+        cols = list(sets)
+        assign = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(cols))
+        new = await conn.fetchrow(
+            f"update {SCHEMA}.referral set {assign} where referral_id = $1 returning *",
+            referral_id, *[sets[c] for c in cols])
+        causer = _Cause(row)
+        env = causer.wrap(data, source=_source_of(claims))
+        await append(conn, schema=SCHEMA, topic=Topic.referral_events, envelope=env)
+        await _history(conn, referral_id, actor=claims.sub, action=action.value, from_status=current,
+                       to_status=to, event_id=env.id, detail=detail, at=now)
+        if action is states.Action.decline:
+            esc = causer.wrap(ReferralEscalated(
+                referral_id=referral_id, case_id=row["case_id"], municipality=row["municipality"],
+                agency=AgencyType(row["agency"]), office_id=row["office_id"], reason="declined",
+                escalated_to=coordinator_of(row["municipality"])), source=SERVICE)
+            await append(conn, schema=SCHEMA, topic=Topic.referral_events, envelope=esc)
+            await _history(conn, referral_id, actor=SERVICE, action="escalate", from_status=to,
+                           to_status=to, event_id=esc.id, at=now,
+                           detail={"reason": "declined", "escalated_to": coordinator_of(row["municipality"])})
+    deps.on_action(action.value)
+    deps.wake_relay()
+    return dict(new)
+
+
+@dataclass(frozen=True)
+class _Cause:
+    """Events about a referral keep the correlation id of the case event that opened it."""
+
+    row: Any
+
+    def wrap(self, data: EventData, *, source: str) -> Envelope:
+        return Envelope.wrap(data, source=source, subject=self.row["case_id"],
+                             correlationid=self.row["correlation_id"],
+                             causationid=self.row["source_event_id"])
+
+
+# --- deadlines ---------------------------------------------------------------------------------
+
+
+async def escalate_due(deps: Deps, *, limit: int = 200) -> int:
+    """Mark referrals still waiting for an answer at their deadline overdue and escalate them
+    to the municipal coordinator, once. Safe with several replicas (`FOR UPDATE SKIP LOCKED`)
+    and across restarts (the deadline and the `overdue` flag live in the database)."""
+    now = deps.clock()
+    async with deps.pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            f"""select * from {SCHEMA}.referral
+                where status in ('pending', 'acknowledged') and not overdue and deadline <= $1
+                order by deadline limit $2 for update skip locked""",
+            now, limit)
+        for row in rows:
+            to = coordinator_of(row["municipality"])
+            await conn.execute(
+                f"""update {SCHEMA}.referral set overdue = true, overdue_at = $2, escalated = true,
+                       escalated_at = $2, escalated_to = $3, escalation_reason = 'overdue', updated_at = $2
+                    where referral_id = $1""",
+                row["referral_id"], now, to)
+            ids = dict(referral_id=row["referral_id"], case_id=row["case_id"],
+                       municipality=row["municipality"], agency=AgencyType(row["agency"]),
+                       office_id=row["office_id"])
+            cause = _Cause(row)
+            status = ReferralStatus(row["status"])
+            overdue = cause.wrap(ReferralOverdue(**ids, deadline=row["deadline"], status=status),
+                                 source=SERVICE)
+            escalated = cause.wrap(ReferralEscalated(**ids, reason="overdue", escalated_to=to),
+                                   source=SERVICE)
+            for env in (overdue, escalated):
+                await append(conn, schema=SCHEMA, topic=Topic.referral_events, envelope=env)
+            await _history(conn, row["referral_id"], actor=SERVICE, action="overdue", from_status=status,
+                           to_status=status, event_id=overdue.id, at=now,
+                           detail={"deadline": row["deadline"].isoformat()})
+            await _history(conn, row["referral_id"], actor=SERVICE, action="escalate", from_status=status,
+                           to_status=status, event_id=escalated.id, at=now,
+                           detail={"reason": "overdue", "escalated_to": to})
+    for row in rows:
+        deps.on_overdue(row["agency"])
+    if rows:
+        deps.wake_relay()
+    return len(rows)
+
+
+def to_public(row: dict) -> dict:
+    """A referral row as the API shows it (plus the actions that are legal next)."""
+    out = dict(row)
+    for k in ("source_event_id", "correlation_id", "identified_at"):
+        out.pop(k, None)
+    out["matched_rules"] = list(out.get("matched_rules") or [])
+    out["actions"] = [a.value for a in states.legal_actions(row["status"]) if a is not states.Action.close]
+    return out
+
+
+__all__ = ["AgeBand", "Sector"]  # re-exported vocab used by views
