@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     notifications_port: int = Field(8003, alias="NOTIFICATIONS_PORT")
     analytics_port: int = Field(8004, alias="ANALYTICS_PORT")
     public_base_url: str = Field("http://127.0.0.1", alias="CLMS_PUBLIC_BASE_URL")
+    # faust table store of the analytics service: "memory://" (rebuilt from the changelog at
+    # start) or "rocksdb://" (needs the rocksdict package, not installed by default).
+    analytics_store: str = Field("memory://", alias="ANALYTICS_STORE")
 
     # --- secrets ----------------------------------------------------------------------------
     jwt_secret: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-jwt-secret-32-bytes!"), alias="JWT_SECRET")

@@ -1,0 +1,72 @@
+"""Composition root of the analytics service: `create_app(settings) -> FastAPI`.
+
+The lifespan builds and starts the faust worker (tables recovered from their changelogs, then
+the three event topics consumed) in this process; the API reads the in-memory aggregate the
+worker maintains. Nothing here does I/O at import or at `create_app` time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
+
+from services.analytics.counting import Aggregate
+from services.analytics.service import Live
+from services.analytics.views import STATIC_DIR, router
+from services.analytics.worker import Worker, build_worker
+from shared.auth import Verifier
+from shared.settings import Settings
+from shared.web import install_error_handlers, ops_router
+
+log = logging.getLogger("clms.analytics")
+
+
+def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI:
+    registry = CollectorRegistry()
+    aggregate = Aggregate()
+    state: dict[str, Worker] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        live = Live()
+        app.state.live = live
+        worker = build_worker(settings, aggregate=aggregate, registry=registry)
+        worker.on_change.append(live.changed)
+        state["worker"] = worker
+        await worker.app.start()
+        log.info("analytics worker started")
+        try:
+            yield
+        finally:
+            await worker.app.stop()
+            state.pop("worker", None)
+
+    async def worker_ready() -> str | None:
+        w = state.get("worker")
+        if w is None:
+            return "worker not started"
+        if not w.recovered:
+            return "tables still recovering from their changelog"
+        return None
+
+    app = FastAPI(
+        title="CLMS analytics",
+        version="1",
+        summary="Live municipal counts, the CLMS funnel, an SSE stream and a dashboard",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.verifier = Verifier(settings)
+    app.state.aggregate = aggregate
+    app.state.stream_coalesce_s = stream_coalesce_s
+    app.state.registry = registry
+    install_error_handlers(app)
+    app.include_router(ops_router(registry=registry, checks={"worker": worker_ready}))
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

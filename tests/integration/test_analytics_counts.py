@@ -1,0 +1,204 @@
+"""Analytics on the real broker: events on the three topics (some delivered twice) give exactly
+the expected counts and funnel per municipality; small counts are suppressed for the public and
+exact for the municipality's coordinator; errors name what was wrong."""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+
+from services.analytics.app import create_app
+from shared import events as ev
+from shared.topics import Topics
+from tests import builders
+from tests.apps import bearer, running
+from tests.infra import wait_until
+from tests.kafka_helpers import produce
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 2, 3, 9, 0, tzinfo=timezone.utc)
+
+
+def _wrap(data, *, time=None, source="test/prizren"):
+    return ev.Envelope.wrap(data, source=source, subject=data.case_id, time=time)
+
+
+def _ref(case_id, rid, muni, agency=ev.AgencyType.csw):
+    return dict(referral_id=rid, case_id=case_id, municipality=muni, agency=agency,
+                office_id=f"{agency.value}.{muni}")
+
+
+def _case_story(muni: str, *, month: int, ack_after_s: float | None, complete: bool,
+                withdraw: bool, agency=ev.AgencyType.police, sector=ev.Sector.street_work):
+    """(case-events, referral-events, notification-events) for one child."""
+    ident = builders.case_identified(municipality=muni, identified_on=date(2026, month, 3),
+                                     reporter_agency=agency, sector=sector)
+    cid, rid = ident.case_id, uuid.uuid4()
+    case = [_wrap(ident, time=T0)]
+    refs = [_wrap(ev.ReferralCreated(**_ref(cid, rid, muni), rule_id="csw-every-child", rule_version=1,
+                                     priority="high", deadline=T0 + timedelta(hours=24), legal_basis="x",
+                                     age_band=ident.age_band, sector=ident.sector,
+                                     reported_by="police.x.duty"), time=T0)]
+    notes = [_wrap(ev.NotificationSent(notification_id=uuid.uuid4(), referral_id=rid, case_id=cid,
+                                       recipient=f"csw.{muni}.duty", channel=ev.Channel.email,
+                                       cause_event_type="referral.created", attempt=1), time=T0)]
+    P, A, AC = ev.ReferralStatus.pending, ev.ReferralStatus.acknowledged, ev.ReferralStatus.accepted
+    acted = dict(actor=f"csw.{muni}.duty")
+    if ack_after_s is not None:
+        refs.append(_wrap(ev.ReferralAcknowledged(**_ref(cid, rid, muni), **acted, from_status=P, to_status=A,
+                                                  within_deadline=True), time=T0 + timedelta(seconds=ack_after_s)))
+        refs.append(_wrap(ev.ReferralAccepted(**_ref(cid, rid, muni), **acted, from_status=A, to_status=AC)))
+        if complete:
+            refs.append(_wrap(ev.ReferralCompleted(**_ref(cid, rid, muni), **acted, from_status=AC,
+                                                   to_status=ev.ReferralStatus.completed,
+                                                   outcome=ev.ReferralOutcome.family_visited)))
+    else:
+        refs.append(_wrap(ev.ReferralOverdue(**_ref(cid, rid, muni), deadline=T0 + timedelta(hours=24), status=P)))
+    if withdraw:
+        case.append(_wrap(ev.CaseChildWithdrawn(case_id=cid, municipality=muni, on=date(2026, month, 20),
+                                                confirmed_by_agency=ev.AgencyType.csw)))
+    return case, refs, notes
+
+
+async def _produce(env, topic, envelopes, *, twice=()):
+    items = []
+    for i, e in enumerate(envelopes):
+        items.append((e.key, e.to_json_bytes()))
+        if i in twice:
+            items.append((e.key, e.to_json_bytes()))  # at-least-once: the same event again
+    await produce(env, topic, items)
+
+
+async def test_counts_funnel_suppression_and_redelivery(env):
+    topics = Topics(env.topic_prefix)
+    # prizren: 6 children in February (4 acknowledged, 3 of them completed; 2 overdue; 2 withdrawn)
+    # gjilan: 2 children in March (1 acknowledged); decan: nothing.
+    stories = (
+        [_case_story("prizren", month=2, ack_after_s=600 * (i + 1), complete=i < 3, withdraw=i < 2,
+                     agency=ev.AgencyType.police if i % 2 else ev.AgencyType.csw) for i in range(4)]
+        + [_case_story("prizren", month=2, ack_after_s=None, complete=False, withdraw=False) for _ in range(2)]
+        + [_case_story("gjilan", month=3, ack_after_s=60, complete=False, withdraw=False,
+                       sector=ev.Sector.agriculture),
+           _case_story("gjilan", month=3, ack_after_s=None, complete=False, withdraw=False,
+                       sector=ev.Sector.agriculture)]
+    )
+    case_events = [e for s in stories for e in s[0]]
+    referral_events = [e for s in stories for e in s[1]]
+    notification_events = [e for s in stories for e in s[2]]
+    # every third event is delivered twice
+    await _produce(env, topics.case_events, case_events, twice=range(0, len(case_events), 3))
+    await _produce(env, topics.referral_events, referral_events, twice=range(0, len(referral_events), 3))
+    await _produce(env, topics.notification_events, notification_events, twice=(0,))
+
+    coordinator = bearer(env, sub="coordinator.prizren", agency="coordinator", municipality="prizren",
+                         roles=["coordinator"])
+    national = bearer(env, sub="coordinator.national", agency="coordinator", municipality="*",
+                      roles=["coordinator"])
+    public_role = bearer(env, sub="someone", agency="ngo", municipality="prizren", roles=["public"])
+    app = create_app(env)
+    async with running(app) as client:
+        async def settled():
+            r = await client.get("/v1/funnel", headers=national)
+            stages = {s["stage"]: s["count"] for s in r.json()["stages"]}
+            return stages if stages["identified"] == 8 and stages["completed"] == 3 and \
+                stages["withdrawn"] == 2 and stages["accepted"] == 5 else None
+
+        await wait_until(settled, timeout_s=45, what="all events folded into the funnel")
+        await wait_until(lambda: app.state.aggregate.counts.get(("nt", "email", "sent")) == 8,
+                         timeout_s=10, what="notification events folded")
+
+        # --- exact figures for the coordinator of prizren
+        r = await client.get("/v1/counts/municipalities/prizren", headers=coordinator)
+        assert r.status_code == 200
+        d = r.json()
+        assert d["identified"] == 6 and d["exact"] is True
+        assert d["by_month"] == {"2026-02": 6}
+        assert d["breakdowns"]["reporter_agency"]["police"] == 4  # 2 of the first 4, both overdue ones
+        assert d["breakdowns"]["reporter_agency"]["csw"] == 2
+        assert d["breakdowns"]["reporter_agency"]["education"] == 0
+        assert d["breakdowns"]["sector"]["street_work"] == 6
+        assert d["breakdowns"]["age_band"] == {"under_10": 0, "10_14": 6, "15_17": 0}
+        assert d["breakdowns"]["hazardous"] == {"true": 6, "false": 0}
+        assert d["funnel"] == {"identified": 6, "referred": 6, "acknowledged_in_time": 4, "accepted": 4,
+                               "completed": 3, "withdrawn": 2, "school_enrolled": 0}
+        assert d["referrals"]["csw"] == {"open": 3, "overdue": 2}
+
+        # --- the public sees 1..4 as "<5" and exact >= 5 and 0
+        for headers in ({}, public_role):
+            r = await client.get("/v1/counts/municipalities/prizren", headers=headers)
+            d = r.json()
+            assert d["identified"] == 6 and d["exact"] is False
+            assert d["funnel"]["acknowledged_in_time"] == "<5"
+            assert d["funnel"]["school_enrolled"] == 0
+            assert d["referrals"]["csw"] == {"open": "<5", "overdue": "<5"}
+        # the prizren coordinator is public for gjilan
+        r = await client.get("/v1/counts/municipalities/gjilan", headers=coordinator)
+        assert r.json()["identified"] == "<5"
+
+        # --- all 38 municipalities, zeros included; per 10,000 hidden when the count is hidden
+        r = await client.get("/v1/counts/municipalities")
+        rows = {m["slug"]: m for m in r.json()["municipalities"]}
+        assert len(rows) == 38
+        assert rows["decan"]["identified"] == 0 and rows["decan"]["per_10000"] == 0
+        assert rows["prizren"]["identified"] == 6 and rows["prizren"]["per_10000"] > 0
+        assert rows["gjilan"]["identified"] == "<5" and rows["gjilan"]["per_10000"] is None
+        r = await client.get("/v1/counts/municipalities", headers=national)
+        rows = {m["slug"]: m for m in r.json()["municipalities"]}
+        assert rows["gjilan"]["identified"] == 2 and rows["gjilan"]["overdue_referrals"] == 1
+
+        # --- month filter
+        r = await client.get("/v1/counts/municipalities?from=2026-03&to=2026-03", headers=national)
+        rows = {m["slug"]: m for m in r.json()["municipalities"]}
+        assert rows["prizren"]["identified"] == 0 and rows["gjilan"]["identified"] == 2
+
+        # --- funnel of one municipality, and CSV of the same table
+        r = await client.get("/v1/funnel?municipality=gjilan", headers=national)
+        assert [s["count"] for s in r.json()["stages"]] == [2, 2, 1, 1, 0, 0, 0]
+        r = await client.get("/v1/funnel?municipality=gjilan&format=csv", headers=national)
+        assert r.headers["content-type"].startswith("text/csv")
+        got = list(csv.DictReader(io.StringIO(r.text)))
+        assert {"municipality": "gjilan", "stage": "referred", "count": "2"} in got
+        r = await client.get("/v1/export/municipalities.csv")
+        got = {row["slug"]: row for row in csv.DictReader(io.StringIO(r.text))}
+        assert len(got) == 38 and got["prizren"]["identified"] == "6" and got["gjilan"]["identified"] == "<5"
+        r = await client.get("/v1/counts/municipalities/prizren?format=csv", headers=coordinator)
+        assert "breakdown,sector,street_work,6" in r.text
+
+        # --- time to acknowledge: 4 csw acks in prizren at 600..2400 s, 1 in gjilan at 60 s
+        r = await client.get("/v1/time-to-acknowledge?municipality=prizren", headers=coordinator)
+        csw = next(a for a in r.json()["agencies"] if a["agency"] == "csw")
+        assert csw["acknowledged"] == 4
+        assert 1200 * 0.98 <= csw["median_seconds"] <= 1800 * 1.02
+        assert 1800 * 0.98 <= csw["p90_seconds"] <= 2400 * 1.02
+        r = await client.get("/v1/time-to-acknowledge?municipality=prizren")
+        csw = next(a for a in r.json()["agencies"] if a["agency"] == "csw")
+        assert csw["acknowledged"] == "<5" and csw["median_seconds"] is None
+
+        # --- errors name what was wrong
+        r = await client.get("/v1/counts/municipalities/atlantis")
+        assert r.status_code == 404 and "atlantis" in r.json()["detail"]
+        r = await client.get("/v1/counts/municipalities/prizren?from=2026-13")
+        assert r.status_code == 422 and "from" in r.json()["detail"]
+        r = await client.get("/v1/counts/municipalities?from=2026-05&to=2026-01")
+        assert r.status_code == 422 and "to" in r.json()["detail"]
+        r = await client.get("/v1/funnel?municipality=atlantis")
+        assert r.status_code == 422 and "municipality" in r.json()["detail"]
+        r = await client.get("/v1/counts/municipalities", headers={"Authorization": "Bearer nonsense"})
+        assert r.status_code == 401
+
+        # --- a later redelivery of an old event does not count again; a new event does
+        late_new = _case_story("decan", month=2, ack_after_s=None, complete=False, withdraw=False)[0][0]
+        await _produce(env, topics.case_events, [case_events[0], case_events[1], late_new])
+        await wait_until(lambda: app.state.aggregate.counts.get(("id", "decan", "2026-02", "total", "")) == 1,
+                         timeout_s=20, what="the new decan identification")
+        r = await client.get("/v1/counts/municipalities/prizren", headers=coordinator)
+        assert r.json()["identified"] == 6
+        r = await client.get("/readyz")
+        assert r.status_code == 200
+        r = await client.get("/metrics")
+        assert "analytics_events_duplicate_total" in r.text
