@@ -83,11 +83,10 @@ class Supervisor:
             with console.status("starting the embedded PostgreSQL (pgserver)..."):
                 self.postgres = EmbeddedPostgres(s.data_dir / "pgdata", s.embedded_postgres_port).start()
             self.env["DATABASE_URL"] = self.postgres.url
-        self.settings = Settings(_env_file=None, **{  # type: ignore[call-arg]
-            "KAFKA_BOOTSTRAP_SERVERS": self.env["KAFKA_BOOTSTRAP_SERVERS"],
-            "DATABASE_URL": self.env["DATABASE_URL"],
-            "KAFKA_FETCH_MAX_WAIT_MS": self.env.get("KAFKA_FETCH_MAX_WAIT_MS", "500"),
-            "CLMS_TOPIC_PREFIX": s.topic_prefix,
+        self.settings = self.settings.model_copy(update={
+            "kafka_bootstrap_servers": self.env["KAFKA_BOOTSTRAP_SERVERS"],
+            "database_url": self.env["DATABASE_URL"],
+            "kafka_fetch_max_wait_ms": int(self.env.get("KAFKA_FETCH_MAX_WAIT_MS", s.kafka_fetch_max_wait_ms)),
         })
 
     async def prepare(self) -> dict[str, int]:
@@ -132,7 +131,7 @@ class Supervisor:
             return
         if importlib.util.find_spec("services.notifications.sink") is None:
             return
-        s = Settings()
+        s = self.settings
         log = open(self.log_dir / "mail-sink.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.notifications.sink"], env=self.env,
@@ -148,17 +147,29 @@ class Supervisor:
     def start_services(self) -> None:
         self.start_mail_sink()
         for name in self.wanted:
-            port = service_port(self.settings, name)
-            log = open(self.log_dir / f"{name}.log", "ab")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"], env=self.env,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-            )
-            self.children.append(Child(name, proc, f"http://{self.settings.host}:{port}"))
+            self.start_service(name)
 
-    def wait_ready(self, timeout_s: float = 90) -> None:
+    def start_service(self, name: str) -> Child:
+        """Start (or restart) one service as `python -m services.<name>`."""
+        self.children = [c for c in self.children if c.name != name or c.proc.poll() is None]
+        port = service_port(self.settings, name)
+        log = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"], env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        child = Child(name, proc, f"http://{self.settings.host}:{port}")
+        self.children.append(child)
+        return child
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name and c.proc.poll() is None)
+
+    def wait_ready(self, timeout_s: float = 90, only: str | None = None) -> None:
         for child in self.children:
+            if only and child.name != only:
+                continue
             def ready(c: Child = child) -> bool:
                 if c.proc.poll() is not None:
                     raise RuntimeError(
@@ -170,7 +181,7 @@ class Supervisor:
                 except httpx.HTTPError:
                     return False
             if child.name == "mail-sink":
-                port = Settings().smtp_sink_port
+                port = self.settings.smtp_sink_port
                 wait_for(lambda: port_open(port) or child.proc.poll() is not None,
                          timeout_s=30, what=f"the SMTP sink on port {port}")
                 continue

@@ -20,6 +20,7 @@ from faust.serializers.schemas import Schema
 
 from shared.events import Envelope, EnvelopeError, parse_envelope
 from shared.kafka import DeadLetter, classify_error
+from shared.logs import bound_to_envelope
 from shared.settings import Settings
 from shared.topics import Topic, Topics
 
@@ -200,6 +201,10 @@ class StreamProcessor:
         if isinstance(value, Undecodable):
             await self.dead_letter(letter(value.reason, value.error))
             return
+        with bound_to_envelope(value):
+            await self._handle(value, handler, letter)
+
+    async def _handle(self, value: Envelope, handler: Handler, letter: Callable[[str, str], DeadLetter]) -> None:
         backoff = 0.1
         while True:
             try:

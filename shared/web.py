@@ -4,12 +4,16 @@ name the field (422) instead of a 500.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.logs import bound, new_correlation_id
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]  # returns None when ready, else why not
 
@@ -47,7 +51,40 @@ def _loc(err: dict) -> str:
     return ".".join(parts) or "body"
 
 
+_CORRELATION = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+
+
+class CorrelationMiddleware:
+    """Pure ASGI (no buffering, so SSE streams pass through untouched)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v.decode("latin-1") for k, v in scope.get("headers", ())
+                      if k == b"x-correlation-id"), "")
+        cid = given if _CORRELATION.match(given) else new_correlation_id()
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-correlation-id", cid.encode())]
+            await send(message)
+
+        with bound(correlation_id=cid):
+            await self.app(scope, receive, send_with_header)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """422 answers that name the field, and a correlation id on every request: taken from the
+    `X-Correlation-Id` header when it is well-formed, else new; bound to every log line of the
+    request (`shared.logs.current_correlation_id()`) and echoed in the response."""
+
+    app.add_middleware(CorrelationMiddleware)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = []

@@ -1,0 +1,86 @@
+"""The whole system for end-to-end and reliability tests, started by the same supervisor
+`make run` uses (`clms.dev.Supervisor`): embedded broker and PostgreSQL, the SMTP sink, and
+every service as a separate `python -m services.<name>` process on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from clms.dev import SERVICES, Supervisor
+from shared.auth import mint_token
+from shared.embedded import free_port
+from shared.settings import Settings
+
+
+@dataclass
+class System:
+    sup: Supervisor
+    settings: Settings  # the broker and database the services use
+
+    def url(self, service: str) -> str:
+        return f"http://127.0.0.1:{getattr(self.settings, f'{service}_port')}"
+
+    @property
+    def mail_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.smtp_sink_http_port}"
+
+    def headers(self, *, sub: str, agency: str, municipality: str, roles: list[str]) -> dict[str, str]:
+        token = mint_token(self.settings, sub=sub, agency=agency, municipality=municipality, roles=roles)
+        return {"Authorization": f"Bearer {token}"}
+
+    def kill(self, service: str, sig: int = signal.SIGKILL) -> int:
+        child = self.sup.child(service)
+        os.kill(child.proc.pid, sig)
+        child.proc.wait(30)
+        return child.proc.pid
+
+    def restart(self, service: str, *, wait: bool = True) -> None:
+        self.sup.start_service(service)
+        if wait:
+            self.sup.wait_ready(only=service)
+
+    def log(self, service: str) -> str:
+        path = self.sup.log_dir / f"{service}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@contextlib.asynccontextmanager
+async def running_system(data_dir: Path, *, services: tuple[str, ...] = SERVICES,
+                         extra_env: dict[str, str] | None = None) -> AsyncIterator[System]:
+    ports = {
+        "CLMS_KAFKA_PORT": free_port(), "CLMS_POSTGRES_PORT": free_port(),
+        "CLMS_SMTP_SINK_PORT": free_port(), "CLMS_SMTP_SINK_HTTP_PORT": free_port(),
+        "INTAKE_PORT": free_port(), "REFERRAL_PORT": free_port(),
+        "NOTIFICATIONS_PORT": free_port(), "ANALYTICS_PORT": free_port(),
+    }
+    env = {k: str(v) for k, v in ports.items()}
+    env.update({"CLMS_DATA_DIR": str(data_dir), "CLMS_TOPIC_PREFIX": "", "CLMS_ENV": "test",
+                "LOG_JSON": "true", "LOG_LEVEL": "INFO", "KAFKA_REBALANCE_TIMEOUT_S": "2",
+                "KAFKA_SESSION_TIMEOUT_S": "6"})
+    env.update(extra_env or {})
+    settings = Settings(_env_file=None, **env)  # type: ignore[call-arg]
+    sup = Supervisor(settings, services=services)
+    for k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "SMTP_HOST", "SMTP_PORT"):
+        sup.env.pop(k, None)
+    sup.env.update(env)
+    try:
+        sup.start_infrastructure()
+        await sup.prepare()
+        sup.start_services()
+        sup.wait_ready(timeout_s=120)
+        yield System(sup, sup.settings)
+    finally:
+        sup.stop()
+
+
+async def get_json(client: httpx.AsyncClient, url: str, **kw) -> object:
+    r = await client.get(url, **kw)
+    r.raise_for_status()
+    return r.json()
