@@ -131,3 +131,26 @@ def check_activity(sector: Sector, activity: str) -> None:
 
 def may_report(agency: AgencyType, roles: tuple[str, ...]) -> bool:
     return agency in IDENTIFYING_AGENCIES and "reporter" in roles
+
+
+# Roles of an agency officer that may see a case their agency reported or holds a referral for.
+CASE_READER_ROLES: frozenset[str] = frozenset({"reporter", "caseworker", "duty_officer", "supervisor"})
+
+
+def may_access_case(*, agency: AgencyType, municipality: str, roles: tuple[str, ...],
+                    case_municipality: str, reporter_agency: str, reporter_municipality: str,
+                    holders: frozenset[tuple[str, str]] | set[tuple[str, str]]) -> bool:
+    """Who may read a case (and record follow-up events on it):
+
+    - the coordinator of the case's municipality (or a national coordinator, municipality "*");
+    - an officer (reporter, caseworker, duty officer, supervisor) of the reporting agency office
+      (same agency and municipality as the reporter);
+    - an officer of an agency office holding a referral for the case (from referral.created).
+    Anyone else: no (403).
+    """
+    if agency is AgencyType.coordinator or "coordinator" in roles:
+        return municipality in (case_municipality, "*")
+    if not CASE_READER_ROLES.intersection(roles):
+        return False
+    office = (agency.value, municipality)
+    return office == (reporter_agency, reporter_municipality) or office in holders

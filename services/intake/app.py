@@ -1,0 +1,178 @@
+"""Composition root of intake: `create_app(settings)` wires the pool, migrations, the outbox relay
+and the consumer into the lifespan. No I/O at import."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from shared.auth import Verifier
+from shared.db import create_pool, migrate
+from shared.kafka import make_producer
+from shared.outbox import OutboxRelay, backlog
+from shared.settings import Settings
+from shared.topics import Topics
+from shared.web import install_error_handlers, ops_router
+from services.intake import service
+from services.intake.crypto import DecryptionError
+from services.intake.views import router
+from services.intake.worker import IntakeConsumer
+
+log = logging.getLogger("clms.intake")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+DB_UNAVAILABLE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.identifications = Counter("intake_identifications_total", "Identifications by channel and outcome",
+                                       ["channel", "outcome"], registry=registry)
+        self.published = Counter("intake_outbox_published_total", "Case events the relay published",
+                                 registry=registry)
+        self.dead_letters = Counter("intake_dead_letters_total", "Inbound messages dead-lettered, by reason",
+                                    ["reason"], registry=registry)
+        self.backlog = Gauge("intake_outbox_backlog_rows", "Unpublished outbox rows", registry=registry)
+
+
+async def _run_relay(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, relay_box: dict) -> None:
+    """Start a producer (retrying while the broker is away), then run the relay forever."""
+    backoff = 0.2
+    while True:
+        producer = make_producer(settings)
+        try:
+            await producer.start()
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        except Exception as exc:  # noqa: BLE001 - broker away: rows wait in the outbox
+            log.warning("outbox producer cannot reach the broker (%s); retrying in %.1fs", type(exc).__name__, backoff)
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            await asyncio.sleep(backoff)
+            backoff = min(5.0, backoff * 2)
+            continue
+        relay = OutboxRelay(pool=pool, schema=service.SCHEMA, producer=producer, topics=Topics(settings.topic_prefix),
+                            poll_interval_s=settings.outbox_poll_interval_s, batch_size=settings.outbox_batch_size,
+                            on_published=metrics.published.inc)
+        relay_box["relay"] = relay
+        try:
+            await relay.run()
+        finally:
+            relay_box.pop("relay", None)
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+
+def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_consumer: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    state: dict = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await create_pool(settings)
+        async with pool.acquire() as conn:
+            await migrate(conn, schema=service.SCHEMA, folder=MIGRATIONS)
+        relay_box: dict = {}
+
+        def wake() -> None:
+            relay = relay_box.get("relay")
+            if relay is not None:
+                relay.wake()
+
+        intake = service.Intake.build(pool=pool, settings=settings, on_commit=wake)
+        consumer = IntakeConsumer(intake=intake, settings=settings, metrics=metrics)
+        app.state.intake = intake
+        app.state.metrics = metrics
+        app.state.verifier = Verifier(settings)
+        tasks = []
+        if run_relay:
+            tasks.append(asyncio.create_task(_run_relay(settings, pool, metrics, relay_box), name="intake-relay"))
+        if run_consumer:
+            tasks.append(asyncio.create_task(consumer.run(), name="intake-consumer"))
+        state.update(pool=pool, relay_box=relay_box, consumer=consumer, tasks=tasks)
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await pool.close()
+
+    app = FastAPI(
+        title="CLMS intake",
+        version="1.0.0",
+        description="Identifications of children in labour, cases and their follow-up events. "
+                    "Personal data is encrypted per case; only pseudonymous case events are published.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.exception_handler(service.IntakeError)
+    async def _intake_error(request: Request, exc: service.IntakeError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    async def _db_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return JSONResponse(
+            {"detail": "The case database is unavailable at the moment; nothing was recorded. "
+                       "Retry in a few seconds (with the same Idempotency-Key)."},
+            status_code=503, headers={"Retry-After": "5"})
+
+    for exc_type in DB_UNAVAILABLE:
+        app.add_exception_handler(exc_type, _db_down)
+
+    @app.exception_handler(DecryptionError)
+    async def _decrypt(request: Request, exc: DecryptionError) -> JSONResponse:
+        log.error("case data does not decrypt: is ENCRYPTION_MASTER_KEY the one the case was written with?")
+        return JSONResponse({"detail": "This case's personal data cannot be decrypted with the configured "
+                                       "master key; an operator must check ENCRYPTION_MASTER_KEY."},
+                            status_code=503)
+
+    async def check_db() -> str | None:
+        pool = state.get("pool")
+        if pool is None:
+            return "not started"
+        async with pool.acquire(timeout=2) as conn:
+            n = await backlog(conn, schema=service.SCHEMA)
+        metrics.backlog.set(n["rows"])
+        return None
+
+    async def check_relay() -> str | None:
+        if not run_relay:
+            return None
+        return None if state.get("relay_box", {}).get("relay") else "outbox producer not connected to the broker"
+
+    async def check_consumer() -> str | None:
+        if not run_consumer:
+            return None
+        c = state.get("consumer")
+        return None if c is not None and c.running else "consumer not connected to the broker"
+
+    app.include_router(ops_router(registry=registry, checks={"database": check_db, "relay": check_relay,
+                                                             "consumer": check_consumer}))
+    app.include_router(router)
+    return app

@@ -1,0 +1,490 @@
+"""Intake use cases (keyword-only functions). One transaction per use case: the state change, its
+audit row and its outbox row commit together or not at all.
+
+Used by the HTTP views, the clms.agency-inbound consumer (same `identify` path as HTTP) and the
+`clms erase` command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+import asyncpg
+import orjson
+from pydantic import ValidationError
+
+from shared import outbox
+from shared.events import (
+    IDENTIFICATION_SUBMITTED,
+    AgencyType,
+    CaseChildWithdrawn,
+    CaseClosed,
+    CaseIdentified,
+    CaseSchoolEnrolled,
+    CaseUpdated,
+    Envelope,
+    EventData,
+    ReferralCreated,
+    SchoolStatus,
+    describe_validation_error,
+)
+from shared.settings import Settings
+from shared.topics import Topic
+from services.intake import rules
+from services.intake.crypto import CaseCipher, parse_master_key
+from services.intake.models import (
+    CaseEventAccepted,
+    CaseHistoryItem,
+    CaseView,
+    ChildWithdrawnIn,
+    ClosedIn,
+    IdentificationAccepted,
+    IdentificationRequest,
+    InboundEnvelope,
+    PersonalView,
+    SchoolEnrolledIn,
+    UpdatedIn,
+)
+
+SCHEMA = "intake"
+REFERRAL_ACCESS_CONSUMER = "intake.referral-access"
+INBOUND_CONSUMER = "intake.agency-inbound"
+
+
+# --- context and errors ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    sub: str
+    agency: AgencyType
+    municipality: str
+    roles: tuple[str, ...]
+    channel: str = "http"  # http | inbound | cli
+    client_addr: str | None = None
+
+    @property
+    def source(self) -> str:
+        """CloudEvents source of events this actor causes: `<agency>/<municipality>`."""
+        return f"{self.agency.value}/{self.municipality}" if self.municipality != "*" else "intake"
+
+
+@dataclass
+class Intake:
+    """What the use cases need, built once by the composition root."""
+
+    pool: asyncpg.Pool
+    settings: Settings
+    cipher: CaseCipher
+    child_ref_key: bytes
+    schema: str = SCHEMA
+    on_commit: Callable[[], None] = field(default=lambda: None)  # wakes the outbox relay
+
+    @classmethod
+    def build(cls, *, pool: asyncpg.Pool, settings: Settings, **kw: Any) -> "Intake":
+        return cls(
+            pool=pool,
+            settings=settings,
+            cipher=CaseCipher(parse_master_key(settings.encryption_master_key.get_secret_value())),
+            child_ref_key=settings.child_ref_key.get_secret_value().encode(),
+            **kw,
+        )
+
+
+class IntakeError(Exception):
+    status = 400
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class Forbidden(IntakeError):
+    status = 403
+
+
+class CaseNotFound(IntakeError):
+    status = 404
+
+
+class Conflict(IntakeError):
+    status = 409
+
+
+class Invalid(IntakeError):
+    status = 422
+
+
+class IdempotencyKeyReused(IntakeError):
+    status = 422
+
+
+class InboundRejected(Exception):
+    """An inbound message that can never become a case: dead-letter it with reason and error."""
+
+    def __init__(self, reason: str, error: str):
+        super().__init__(f"{reason}: {error}")
+        self.reason = reason
+        self.error = error
+
+
+async def _audit(conn: asyncpg.Connection, *, actor: Actor, action: str, outcome: str,
+                 case_id: uuid.UUID | None) -> None:
+    await conn.execute(
+        f"insert into {SCHEMA}.audit(actor, actor_agency, actor_municipality, action, outcome, case_id, "
+        "client_addr, channel) values($1, $2, $3, $4, $5, $6, $7, $8)",
+        actor.sub, actor.agency.value, actor.municipality, action, outcome, case_id,
+        actor.client_addr, actor.channel,
+    )
+
+
+def _lock_key(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+
+
+def request_hash(request: IdentificationRequest) -> str:
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+
+
+# --- identification -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Identified:
+    answer: IdentificationAccepted
+    replayed: bool = False  # the first answer of an Idempotency-Key or an inbound event seen before
+
+
+async def identify(
+    intake: Intake,
+    *,
+    actor: Actor,
+    request: IdentificationRequest,
+    idempotency_key: str | None = None,
+    correlationid: str | None = None,
+    causationid: str | None = None,
+    case_id: uuid.UUID | None = None,
+    inbox_id: uuid.UUID | None = None,
+) -> Identified:
+    """Record one identification: case row + encrypted personal data + audit + outbox, one transaction.
+
+    `idempotency_key` (HTTP) or `inbox_id` (inbound event) make a retry return the first answer.
+    """
+    if not rules.may_report(actor.agency, actor.roles):
+        raise Forbidden(
+            f"only officers with the reporter role of an identifying agency "
+            f"({', '.join(sorted(a.value for a in rules.IDENTIFYING_AGENCIES))}) may record identifications; "
+            f"this token is {actor.agency.value} with roles {list(actor.roles) or 'none'}"
+        )
+    case_id = case_id or uuid.uuid4()
+    ref = rules.child_ref(intake.child_ref_key, given_name=request.child.given_name,
+                          family_name=request.child.family_name, year_of_birth=request.birth_year)
+    age = request.age
+    worst = rules.is_worst_form(request.work.sector, request.work.activity)
+    digest = request_hash(request)
+
+    async with intake.pool.acquire() as conn, conn.transaction():
+        if inbox_id is not None:
+            claimed = await conn.fetchval(
+                f"insert into {SCHEMA}.inbox(event_id, consumer, event_type) values($1, $2, $3) "
+                "on conflict do nothing returning 1",
+                inbox_id, INBOUND_CONSUMER, IDENTIFICATION_SUBMITTED,
+            )
+            if claimed is None:
+                row = await conn.fetchrow(f"select case_id, child_ref, linked_case_id from {SCHEMA}.cases "
+                                          "where case_id = $1", case_id)
+                return Identified(IdentificationAccepted(
+                    case_id=case_id, child_ref=(row and row["child_ref"]) or ref,
+                    linked_case_id=row and row["linked_case_id"]), replayed=True)
+        # serialise identifications of one child so the second one always sees the first
+        await conn.execute("select pg_advisory_xact_lock($1)", _lock_key("clms-child-ref:" + ref))
+        linked = await conn.fetchval(
+            f"select case_id from {SCHEMA}.cases where child_ref = $1 order by created_at, case_id limit 1", ref)
+        answer = IdentificationAccepted(case_id=case_id, child_ref=ref, linked_case_id=linked)
+        if idempotency_key is not None:
+            inserted = await conn.fetchval(
+                f"insert into {SCHEMA}.idempotency_keys(subject, key, request_hash, case_id, response) "
+                "values($1, $2, $3, $4, $5::jsonb) on conflict do nothing returning 1",
+                actor.sub, idempotency_key, digest, case_id, answer.model_dump_json(),
+            )
+            if inserted is None:
+                first = await conn.fetchrow(
+                    f"select request_hash, response from {SCHEMA}.idempotency_keys where subject = $1 and key = $2",
+                    actor.sub, idempotency_key)
+                if first["request_hash"] != digest:
+                    await _audit(conn, actor=actor, action="case.create", outcome="conflict", case_id=None)
+                    raise IdempotencyKeyReused(
+                        f"Idempotency-Key {idempotency_key!r} was already used for a different identification; "
+                        "send a new key for a new identification, or resend the first body unchanged")
+                previous = IdentificationAccepted.model_validate_json(first["response"])
+                await _audit(conn, actor=actor, action="case.create", outcome="replayed", case_id=previous.case_id)
+                return Identified(previous, replayed=True)
+
+        sealed = intake.cipher.seal(case_id, orjson.dumps(request.personal()))
+        child = request.child
+        await conn.execute(
+            f"""insert into {SCHEMA}.cases(case_id, child_ref, linked_case_id, municipality, identified_on,
+                    report_source, reporter_agency, reporter_municipality, reported_by, channel,
+                    age_at_identification, age_band, compulsory_school_age, sex, community, school_status,
+                    sector, activity, hazardous, worst_form, employer_involved, pii_ciphertext)
+                values($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22)""",
+            case_id, ref, linked, request.municipality, request.identified_on, request.report_source.value,
+            actor.agency.value, actor.municipality, actor.sub, actor.channel, age,
+            rules.age_band(age).value, rules.is_compulsory_school_age(age), child.sex.value,
+            child.community.value, child.school_status.value, request.work.sector.value,
+            request.work.activity, request.work.hazardous, worst, request.work.employer_involved,
+            sealed.ciphertext,
+        )
+        await conn.execute(
+            f"insert into {SCHEMA}.case_keys(case_id, wrapped_key, master_key_id) values($1, $2, $3)",
+            case_id, sealed.wrapped_key, sealed.master_key_id)
+        data = CaseIdentified(
+            case_id=case_id, municipality=request.municipality, child_ref=ref, linked_case_id=linked,
+            identified_on=request.identified_on, reporter_agency=actor.agency,
+            report_source=request.report_source, reported_by=actor.sub, age_band=rules.age_band(age),
+            compulsory_school_age=rules.is_compulsory_school_age(age), sex=child.sex,
+            community=child.community, school_status=child.school_status, sector=request.work.sector,
+            activity=request.work.activity, hazardous=request.work.hazardous, worst_form=worst,
+            employer_involved=request.work.employer_involved,
+        )
+        envelope = Envelope.wrap(data, source=actor.source, subject=case_id,
+                                 correlationid=correlationid, causationid=causationid)
+        await conn.execute(
+            f"insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency) values($1,$2,$3,$4,$5)",
+            envelope.id, case_id, envelope.type, actor.sub, actor.agency.value)
+        await _audit(conn, actor=actor, action="case.create", outcome="ok", case_id=case_id)
+        await outbox.append(conn, schema=SCHEMA, topic=Topic.case_events, envelope=envelope)
+    intake.on_commit()
+    return Identified(answer)
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+
+async def _authorise(conn: asyncpg.Connection, *, actor: Actor, case: asyncpg.Record) -> bool:
+    holders = {
+        (r["agency"], r["municipality"])
+        for r in await conn.fetch(f"select agency, municipality from {SCHEMA}.case_access where case_id = $1",
+                                  case["case_id"])
+    }
+    return rules.may_access_case(
+        agency=actor.agency, municipality=actor.municipality, roles=actor.roles,
+        case_municipality=case["municipality"], reporter_agency=case["reporter_agency"],
+        reporter_municipality=case["reporter_municipality"], holders=holders,
+    )
+
+
+def _denied(actor: Actor, case_id: uuid.UUID) -> Forbidden:
+    return Forbidden(
+        f"{actor.agency.value}/{actor.municipality} may not see case {case_id}: a case is open to the "
+        "reporting agency office, agency offices holding a referral for it and the municipality's coordinator"
+    )
+
+
+async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseView:
+    """The decrypted case for an authorised reader. Every attempt leaves an audit row."""
+    denied = False
+    async with intake.pool.acquire() as conn, conn.transaction():
+        case = await conn.fetchrow(f"select * from {SCHEMA}.cases where case_id = $1", case_id)
+        if case is None:
+            await _audit(conn, actor=actor, action="case.read", outcome="not_found", case_id=case_id)
+        elif not await _authorise(conn, actor=actor, case=case):
+            denied = True
+            await _audit(conn, actor=actor, action="case.read", outcome="denied", case_id=case_id)
+        else:
+            key = await conn.fetchval(f"select wrapped_key from {SCHEMA}.case_keys where case_id = $1", case_id)
+            history = await conn.fetch(
+                f"select event_id, event_type, at, actor, agency from {SCHEMA}.case_events "
+                "where case_id = $1 order by at, event_id", case_id)
+            await _audit(conn, actor=actor, action="case.read", outcome="ok", case_id=case_id)
+    if case is None:
+        raise CaseNotFound(f"no case {case_id}")
+    if denied:
+        raise _denied(actor, case_id)
+    personal = None
+    if key is not None and case["pii_ciphertext"] is not None:
+        raw = intake.cipher.open(case_id, ciphertext=case["pii_ciphertext"], wrapped_key=key)
+        personal = PersonalView.model_validate(orjson.loads(raw))
+    return CaseView(
+        case_id=case_id, child_ref=case["child_ref"], linked_case_id=case["linked_case_id"],
+        municipality=case["municipality"], status=case["status"], identified_on=case["identified_on"],
+        report_source=case["report_source"], reporter_agency=case["reporter_agency"],
+        reporter_municipality=case["reporter_municipality"], reported_by=case["reported_by"],
+        age_at_identification=case["age_at_identification"], age_band=case["age_band"],
+        compulsory_school_age=case["compulsory_school_age"], sex=case["sex"], community=case["community"],
+        school_status=case["school_status"], sector=case["sector"], activity=case["activity"],
+        hazardous=case["hazardous"], worst_form=case["worst_form"], employer_involved=case["employer_involved"],
+        created_at=case["created_at"], updated_at=case["updated_at"], erased_at=case["erased_at"],
+        personal=personal,
+        history=[CaseHistoryItem(event_id=h["event_id"], type=h["event_type"], at=h["at"], by=h["actor"],
+                                 agency=h["agency"]) for h in history],
+    )
+
+
+# --- follow-up events -----------------------------------------------------------------------------------
+
+
+def _outcome_data(case: asyncpg.Record, actor: Actor, event: Any) -> tuple[EventData, dict[str, Any]]:
+    """The published fact and the column changes for one follow-up event."""
+    base = dict(case_id=case["case_id"], municipality=case["municipality"])
+    if isinstance(event, ChildWithdrawnIn):
+        return CaseChildWithdrawn(**base, on=event.on, confirmed_by_agency=actor.agency), {}
+    if isinstance(event, SchoolEnrolledIn):
+        return (CaseSchoolEnrolled(**base, on=event.on, confirmed_by_agency=actor.agency),
+                {"school_status": SchoolStatus.enrolled_attending.value})
+    if isinstance(event, ClosedIn):
+        return (CaseClosed(**base, on=event.on, confirmed_by_agency=actor.agency, reason=event.reason),
+                {"status": "closed"})
+    assert isinstance(event, UpdatedIn)
+    changes: dict[str, Any] = {}
+    for name in ("school_status", "sector", "activity", "hazardous", "employer_involved"):
+        value = getattr(event, name)
+        if value is not None:
+            changes[name] = value.value if hasattr(value, "value") else value
+    if event.sector is not None and event.activity is not None:
+        changes["worst_form"] = rules.is_worst_form(event.sector, event.activity)
+    data = CaseUpdated(**base, school_status=event.school_status, sector=event.sector,
+                       hazardous=event.hazardous, employer_involved=event.employer_involved,
+                       updated_by_agency=actor.agency)
+    return data, changes
+
+
+async def record_case_event(intake: Intake, *, actor: Actor, case_id: uuid.UUID, event: Any,
+                            correlationid: str | None = None) -> CaseEventAccepted:
+    """Child withdrawn / school enrolled / closed / updated: case row + audit + outbox, one transaction."""
+    problem: IntakeError | None = None
+    async with intake.pool.acquire() as conn, conn.transaction():
+        case = await conn.fetchrow(f"select * from {SCHEMA}.cases where case_id = $1 for update", case_id)
+        if case is None:
+            await _audit(conn, actor=actor, action="case.event", outcome="not_found", case_id=case_id)
+            problem = CaseNotFound(f"no case {case_id}")
+        elif not await _authorise(conn, actor=actor, case=case):
+            await _audit(conn, actor=actor, action="case.event", outcome="denied", case_id=case_id)
+            problem = _denied(actor, case_id)
+        elif case["status"] == "closed":
+            await _audit(conn, actor=actor, action="case.event", outcome="conflict", case_id=case_id)
+            problem = Conflict(f"case {case_id} is closed; no further events can be recorded on it")
+        elif hasattr(event, "on") and event.on < case["identified_on"]:
+            raise Invalid(f"on: must not be before the case's identified_on ({case['identified_on']})")
+        else:
+            data, changes = _outcome_data(case, actor, event)
+            envelope = Envelope.wrap(data, source=actor.source, subject=case_id, correlationid=correlationid)
+            sets = ", ".join(f"{col} = ${i}" for i, col in enumerate(changes, start=2))
+            await conn.execute(
+                f"update {SCHEMA}.cases set {sets + ', ' if sets else ''}updated_at = now() where case_id = $1",
+                case_id, *changes.values())
+            await conn.execute(
+                f"insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency) "
+                "values($1,$2,$3,$4,$5)", envelope.id, case_id, envelope.type, actor.sub, actor.agency.value)
+            await _audit(conn, actor=actor, action=f"case.event:{envelope.type}", outcome="ok", case_id=case_id)
+            await outbox.append(conn, schema=SCHEMA, topic=Topic.case_events, envelope=envelope)
+            status = changes.get("status", case["status"])
+    if problem is not None:
+        raise problem
+    intake.on_commit()
+    return CaseEventAccepted(case_id=case_id, event_id=envelope.id, type=envelope.type, status=status)
+
+
+# --- referral holders (from clms.referral-events) ---------------------------------------------------------
+
+
+async def apply_referral_event(intake: Intake, *, envelope: Envelope) -> bool:
+    """Learn which agency offices hold a referral for a case. Idempotent on the event id."""
+    async with intake.pool.acquire() as conn, conn.transaction():
+        if not await outbox.claim(conn, schema=SCHEMA, consumer=REFERRAL_ACCESS_CONSUMER, envelope=envelope):
+            return False
+        data = envelope.data
+        if isinstance(data, ReferralCreated):
+            await conn.execute(
+                f"insert into {SCHEMA}.case_access(case_id, agency, municipality, referral_id, office_id) "
+                "values($1, $2, $3, $4, $5) on conflict do nothing",
+                data.case_id, data.agency.value, data.municipality, data.referral_id, data.office_id)
+    return True
+
+
+# --- inbound CloudEvents (clms.agency-inbound) --------------------------------------------------------------
+
+
+def parse_inbound(raw: bytes | None) -> tuple[InboundEnvelope, IdentificationRequest]:
+    """Validate an inbound CloudEvent exactly as the HTTP path validates a body; raise
+    `InboundRejected` naming the field."""
+    if raw is None:
+        raise InboundRejected("invalid_json", "invalid JSON: the message has no value")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InboundRejected("invalid_json", f"invalid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InboundRejected("invalid_envelope", "envelope: expected a JSON object")
+    if obj.get("type") != IDENTIFICATION_SUBMITTED:
+        raise InboundRejected(
+            "unknown_type", f"type: {obj.get('type')!r} is not accepted on the inbound topic; "
+                            f"expected {IDENTIFICATION_SUBMITTED!r}")
+    try:
+        env = InboundEnvelope.model_validate(obj)
+    except ValidationError as exc:
+        raise InboundRejected("invalid_envelope", describe_validation_error(exc)) from None
+    try:
+        request = IdentificationRequest.model_validate(env.data)
+    except ValidationError as exc:
+        raise InboundRejected("invalid_identification", describe_validation_error(exc, prefix="data.")) from None
+    return env, request
+
+
+async def submit_inbound(intake: Intake, *, raw: bytes | None) -> Identified:
+    env, request = parse_inbound(raw)
+    actor = Actor(sub=env.reportedby or f"{env.agency.value}.{env.municipality}.system", agency=env.agency,
+                  municipality=env.municipality, roles=("reporter",), channel="inbound")
+    correlation = env.correlationid or (env.id if len(env.id) <= 100 else str(env.dedupe_id))
+    return await identify(
+        intake, actor=actor, request=request, correlationid=correlation,
+        causationid=env.id if len(env.id) <= 100 else str(env.dedupe_id),
+        case_id=uuid.uuid5(env.dedupe_id, "case"), inbox_id=env.dedupe_id,
+    )
+
+
+# --- crypto-erasure ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    case_id: uuid.UUID
+    erased_at: datetime
+    already: bool
+
+
+async def erase_case(intake: Intake | asyncpg.Pool, *, case_id: uuid.UUID, actor: Actor) -> Erasure:
+    """Crypto-erase one case: delete its data key (the ciphertext becomes unreadable for good, also in
+    backups), drop the ciphertext and the child_ref, forget idempotency answers naming it. The
+    case's non-personal facts (municipality, sector, age band, history) stay for the statistics."""
+    pool = intake.pool if isinstance(intake, Intake) else intake
+    async with pool.acquire() as conn, conn.transaction():
+        case = await conn.fetchrow(f"select case_id, erased_at from {SCHEMA}.cases where case_id = $1 for update",
+                                   case_id)
+        if case is None:
+            await _audit(conn, actor=actor, action="case.erase", outcome="not_found", case_id=case_id)
+            problem: Exception | None = CaseNotFound(f"no case {case_id}")
+        else:
+            problem = None
+            already = case["erased_at"] is not None
+            await conn.execute(f"delete from {SCHEMA}.case_keys where case_id = $1", case_id)
+            erased_at = await conn.fetchval(
+                f"update {SCHEMA}.cases set pii_ciphertext = null, child_ref = null, "
+                "erased_at = coalesce(erased_at, now()), updated_at = now() where case_id = $1 returning erased_at",
+                case_id)
+            await conn.execute(f"delete from {SCHEMA}.idempotency_keys where case_id = $1", case_id)
+            await _audit(conn, actor=actor, action="case.erase", outcome="ok", case_id=case_id)
+    if problem is not None:
+        raise problem
+    return Erasure(case_id=case_id, erased_at=erased_at, already=already)
+
+
+__all__ = [
+    "Actor", "Intake", "identify", "get_case", "record_case_event", "apply_referral_event",
+    "parse_inbound", "submit_inbound", "erase_case", "IntakeError", "Forbidden", "CaseNotFound",
+    "Conflict", "Invalid", "IdempotencyKeyReused", "InboundRejected",
+]
