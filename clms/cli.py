@@ -264,6 +264,111 @@ def trace(case_id: Annotated[str, typer.Argument(help="The case id")]) -> None:
     console.print(table)
 
 
+@app.command()
+def demo(
+    rate: Annotated[float, typer.Option(help="Identifications per second")] = 5.0,
+    duration: Annotated[float, typer.Option(help="Seconds to run")] = 20.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed (repeatable runs)")] = None,
+    url: Annotated[str | None, typer.Option(help="Intake base URL; default http://CLMS_HOST:INTAKE_PORT")] = None,
+) -> None:
+    """Post realistic synthetic identifications across the 38 municipalities (weighted by population)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from clms.demo import run_demo
+
+    if rate <= 0 or duration <= 0:
+        fail("--rate and --duration must be positive")
+    settings = cli_settings()
+    base = url or f"http://{settings.host}:{settings.intake_port}"
+    total = max(1, int(rate * duration))
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task(f"posting to {base}", total=total)
+        result = asyncio.run(run_demo(settings, base_url=base, rate=rate, duration_s=duration, seed=seed,
+                                      on_progress=lambda: progress.advance(task)))
+    table = Table(title="demo summary")
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("sent", str(result.sent))
+    table.add_row("answers", ", ".join(f"{k}: {v}" for k, v in sorted(result.statuses.items())) or "-")
+    if result.errors:
+        table.add_row("[red]errors[/]", ", ".join(f"{k}: {v}" for k, v in result.errors.items()))
+    table.add_row("latency p50 / p99", f"{result.percentile(0.5):.0f} ms / {result.percentile(0.99):.0f} ms")
+    table.add_row("top municipalities", ", ".join(f"{m} {n}" for m, n in result.municipalities.most_common(5)))
+    console.print(table)
+    if result.errors and not result.statuses:
+        fail(f"the intake API at {base} did not answer; is `make run` running?")
+
+
+@app.command()
+def status() -> None:
+    """One screen: every service's health, consumer lag, dead letters and outbox backlog."""
+    import httpx
+
+    from clms.dev import SERVICE_SCHEMAS, SERVICES
+    from clms.ops import consumer_lag, dead_letters
+
+    settings = cli_settings()
+
+    async def gather() -> tuple[list, list, list, dict]:
+        health = []
+        async with httpx.AsyncClient(timeout=2) as client:
+            for name in SERVICES:
+                url = f"http://{settings.host}:{getattr(settings, f'{name}_port')}"
+                try:
+                    r = await client.get(f"{url}/readyz")
+                    detail = r.json().get("checks", {})
+                    health.append((name, url, "ready" if r.status_code == 200 else "not ready",
+                                   ", ".join(f"{k}: {v}" for k, v in detail.items() if v != "ok")))
+                except httpx.HTTPError as exc:
+                    health.append((name, url, "down", type(exc).__name__))
+        try:
+            lag = await consumer_lag(settings)
+            dlq = await dead_letters(settings)
+        except Exception as exc:  # noqa: BLE001
+            fail(f"cannot reach the broker at {settings.kafka_bootstrap_servers} ({type(exc).__name__})")
+        backlog: dict[str, str] = {}
+        try:
+            import asyncpg
+
+            from shared.outbox import backlog as outbox_backlog
+
+            conn = await asyncpg.connect(settings.require_database(), timeout=3)
+            try:
+                for schema in SERVICE_SCHEMAS.values():
+                    try:
+                        b = await outbox_backlog(conn, schema=schema)
+                        backlog[schema] = f"{b['rows']} rows, oldest {b['oldest_age_s']:.1f} s"
+                    except asyncpg.UndefinedTableError:
+                        backlog[schema] = "no schema yet"
+            finally:
+                await conn.close()
+        except Exception as exc:  # noqa: BLE001
+            backlog["database"] = f"unreachable ({type(exc).__name__})"
+        return health, lag, dlq, backlog
+
+    health, lag, dlq, backlog = asyncio.run(gather())
+    t = Table(title="services")
+    for col in ("service", "url", "state", "detail"):
+        t.add_column(col)
+    for name, url, state, detail in health:
+        colour = {"ready": "green", "not ready": "yellow", "down": "red"}[state]
+        t.add_row(name, url, f"[{colour}]{state}[/]", detail)
+    console.print(t)
+    lt = Table(title="consumer lag")
+    lt.add_column("group")
+    lt.add_column("lag")
+    by_group: dict[str, int] = {}
+    for r in lag:
+        by_group[r.group] = by_group.get(r.group, 0) + r.lag
+    for g, n in sorted(by_group.items()):
+        lt.add_row(g, str(n))
+    console.print(lt)
+    console.print(f"dead letters: {len(dlq)}" + (" (see `clms dlq list`)" if dlq else ""))
+    for schema, text in backlog.items():
+        console.print(f"outbox {schema}: {text}")
+
+
 def main() -> None:
     app()
 
