@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Header, Path, Request, Response, status
 
 from shared.auth import Claims, CurrentClaims
+from shared.logs import current_correlation_id
 from services.intake import service
 from services.intake.models import (
     CaseEventAccepted,
@@ -52,6 +53,11 @@ def actor_of(claims: Claims, request: Request) -> service.Actor:
 
 
 def _correlation(value: str | None) -> str | None:
+    """The request's correlation id (set by shared.web's middleware from X-Correlation-ID or new);
+    it becomes the correlationid of the case events this request causes."""
+    bound = current_correlation_id()
+    if bound:
+        return bound
     return value if value and _CORRELATION.match(value) else None
 
 
