@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # faust table store of the analytics service: "memory://" (rebuilt from the changelog at
     # start) or "rocksdb://" (needs the rocksdict package, not installed by default).
     analytics_store: str = Field("memory://", alias="ANALYTICS_STORE")
+    # faust app id (consumer group and changelog topic names) of the analytics service; a new
+    # value is a new deployment that rebuilds every table from the beginning of the topics.
+    analytics_app_id: str = Field("analytics", alias="ANALYTICS_APP_ID")
 
     # --- secrets ----------------------------------------------------------------------------
     jwt_secret: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-jwt-secret-32-bytes!"), alias="JWT_SECRET")
@@ -88,6 +91,24 @@ class Settings(BaseSettings):
     referral_rules_file: Path | None = Field(None, alias="REFERRAL_RULES_FILE")
     # How often the deadline scanner looks for overdue referrals (seconds).
     referral_deadline_poll_s: float = Field(1.0, alias="REFERRAL_DEADLINE_POLL_S", gt=0)
+
+    # --- notifications service ----------------------------------------------------------------
+    # SMTP relay for e-mail alerts; SMTP_PORT unset means the local sink (CLMS_SMTP_SINK_PORT).
+    smtp_host: str = Field("127.0.0.1", alias="SMTP_HOST")
+    smtp_port_override: int | None = Field(None, alias="SMTP_PORT")
+    smtp_username: str | None = Field(None, alias="SMTP_USERNAME")
+    smtp_password: SecretStr | None = Field(None, alias="SMTP_PASSWORD")
+    smtp_starttls: bool = Field(False, alias="SMTP_STARTTLS")
+    smtp_timeout_s: float = Field(5.0, alias="SMTP_TIMEOUT_S", gt=0)
+    smtp_from: str = Field("CLMS alerts <alerts@clms.example.invalid>", alias="SMTP_FROM")
+    # SMS gateway webhook; unset means the local sink's `POST /sms`.
+    sms_webhook_url_override: str | None = Field(None, alias="SMS_WEBHOOK_URL")
+    notify_max_attempts: int = Field(5, alias="NOTIFY_MAX_ATTEMPTS", ge=1, le=50)
+    notify_backoff_base_s: float = Field(1.0, alias="NOTIFY_BACKOFF_BASE_S", gt=0)
+    notify_backoff_max_s: float = Field(300.0, alias="NOTIFY_BACKOFF_MAX_S", gt=0)
+    notify_poll_interval_s: float = Field(0.5, alias="NOTIFY_POLL_INTERVAL_S", gt=0)
+    # An unacknowledged referral.created alert is re-sent once, to the office supervisor, after this.
+    realert_after_s: float = Field(900.0, alias="REALERT_AFTER_S", gt=0)
 
     @field_validator("topic_prefix")
     @classmethod
@@ -127,3 +148,11 @@ class Settings(BaseSettings):
 
     def group_id(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
+
+    @property
+    def smtp_port(self) -> int:
+        return self.smtp_port_override or self.smtp_sink_port
+
+    @property
+    def sms_webhook_url(self) -> str:
+        return self.sms_webhook_url_override or f"http://127.0.0.1:{self.smtp_sink_http_port}/sms"

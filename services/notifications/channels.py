@@ -1,0 +1,120 @@
+"""Delivery channels behind one small interface: `await channel.send(message)` returns when the
+channel accepted the message and raises `DeliveryError` (retryable) or `PermanentDeliveryError`
+(no point retrying) otherwise.
+
+- e-mail: SMTP via aiosmtplib (SMTP_HOST/SMTP_PORT; the local sink by default);
+- sms: a signed JSON webhook to an SMS gateway (SMS_WEBHOOK_URL; see `signing.py`);
+- in-app: the inbox row is written in the same transaction that records the notification
+  (`service.record_event`), so it needs no sender here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import make_msgid
+from typing import Protocol
+
+import aiosmtplib
+import httpx
+import orjson
+
+from services.notifications import signing
+from shared.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    notification_id: str
+    recipient: str  # officer subject
+    channel: str
+    address: str | None  # e-mail address or phone number, from the directory
+    language: str
+    subject: str
+    body: str
+    link: str | None
+
+
+class DeliveryError(Exception):
+    """The channel did not take the message; a later attempt may succeed."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The message can never be delivered on this channel (e.g. the officer has no address)."""
+
+
+class ChannelSender(Protocol):
+    name: str
+
+    async def send(self, message: OutgoingMessage) -> None: ...
+
+
+def _describe(exc: BaseException) -> str:
+    """Error class and message, never message content or addresses."""
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+class EmailSender:
+    name = "email"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    async def send(self, message: OutgoingMessage) -> None:
+        if not message.address:
+            raise PermanentDeliveryError("officer has no e-mail address")
+        s = self.settings
+        mail = EmailMessage()
+        mail["From"] = s.smtp_from
+        mail["To"] = message.address
+        mail["Subject"] = message.subject
+        mail["Message-ID"] = make_msgid(idstring=message.notification_id, domain="clms.example.invalid")
+        mail["Content-Language"] = message.language
+        mail["X-CLMS-Notification-Id"] = message.notification_id
+        mail["X-CLMS-Recipient"] = message.recipient
+        mail.set_content(message.body)
+        try:
+            await aiosmtplib.send(
+                mail,
+                hostname=s.smtp_host,
+                port=s.smtp_port,
+                timeout=s.smtp_timeout_s,
+                start_tls=s.smtp_starttls or None,
+                username=s.smtp_username,
+                password=s.smtp_password.get_secret_value() if s.smtp_password else None,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            raise PermanentDeliveryError(_describe(exc)) from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise DeliveryError(_describe(exc)) from None
+
+
+class SmsWebhookSender:
+    name = "sms"
+
+    def __init__(self, settings: Settings, client: httpx.AsyncClient | None = None):
+        self.settings = settings
+        self.client = client or httpx.AsyncClient(timeout=settings.smtp_timeout_s)
+
+    async def send(self, message: OutgoingMessage) -> None:
+        if not message.address:
+            raise PermanentDeliveryError("officer has no phone number")
+        body = orjson.dumps({
+            "notification_id": message.notification_id,
+            "to": message.address,
+            "language": message.language,
+            "text": f"{message.subject} {message.link or ''}".strip(),
+        })
+        headers = {"Content-Type": "application/json",
+                   **signing.sign(body, self.settings.webhook_secret.get_secret_value())}
+        try:
+            resp = await self.client.post(self.settings.sms_webhook_url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise DeliveryError(_describe(exc)) from None
+        if resp.status_code >= 500 or resp.status_code in (408, 429):
+            raise DeliveryError(f"SMS gateway answered HTTP {resp.status_code}")
+        if resp.status_code >= 400:
+            raise PermanentDeliveryError(f"SMS gateway refused the message: HTTP {resp.status_code}")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

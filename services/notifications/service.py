@@ -1,0 +1,551 @@
+"""Use cases of the notifications service (keyword-only functions over an asyncpg connection
+or pool). Policy lives in `policy.py`, wording in `templates/`, channels in `channels.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from services.notifications import policy
+from services.notifications.channels import (
+    ChannelSender,
+    DeliveryError,
+    OutgoingMessage,
+    PermanentDeliveryError,
+)
+from services.notifications.directory import SEED_FILE, Officer, default_language, parse_roster
+from services.notifications.render import render
+from shared import outbox
+from shared.db import migrate
+from shared.events import (
+    Channel,
+    Envelope,
+    NotificationAcknowledged,
+    NotificationFailed,
+    NotificationSent,
+)
+from shared.kafka import DeadLetter, dead_letter
+from shared.settings import Settings
+from shared.topics import Topic, Topics
+
+log = logging.getLogger("clms.notifications")
+
+SCHEMA = "notifications"
+CONSUMER = "notifications"
+SOURCE = "notifications"
+MIGRATIONS = Path(__file__).parent / "migrations"
+NOTIFY_CHANNEL = "clms_notifications_alert"  # Postgres LISTEN/NOTIFY channel for new inbox alerts
+S = SCHEMA
+
+
+# --- officer directory ---------------------------------------------------------------------------
+
+
+async def upsert_officers(conn: asyncpg.Connection, officers: list[Officer]) -> dict[str, int]:
+    """Add or update officers by officer_id (one transaction)."""
+    async with conn.transaction():
+        existing = {r["officer_id"] for r in await conn.fetch(
+            f"select officer_id from {S}.officers where officer_id = any($1::text[])",
+            [o.officer_id for o in officers])}
+        await conn.executemany(
+            f"""insert into {S}.officers(officer_id, agency, municipality, office_id, role, language,
+                                         email, phone, inapp, on_duty)
+                values($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                on conflict (officer_id) do update set
+                    agency = excluded.agency, municipality = excluded.municipality,
+                    office_id = excluded.office_id, role = excluded.role, language = excluded.language,
+                    email = excluded.email, phone = excluded.phone, inapp = excluded.inapp,
+                    on_duty = excluded.on_duty, updated_at = now()""",
+            [(o.officer_id, o.agency, o.municipality, o.office_id, o.role, o.language, o.email,
+              o.phone, o.inapp, o.on_duty) for o in officers],
+        )
+    return {"inserted": len(officers) - len(existing), "updated": len(existing)}
+
+
+async def seed_if_empty(conn: asyncpg.Connection, *, seed_file: Path = SEED_FILE) -> int:
+    """Load the development seed when the directory is empty; returns the officers loaded."""
+    if await conn.fetchval(f"select exists(select 1 from {S}.officers)"):
+        return 0
+    officers = parse_roster(seed_file.read_text(encoding="utf-8"))
+    await upsert_officers(conn, officers)
+    log.info("seeded the officer directory with %d officers from %s", len(officers), seed_file.name)
+    return len(officers)
+
+
+async def import_roster(settings: Settings, officers: list[Officer]) -> dict[str, int]:
+    """`clms officers import`: migrate the schema if needed, then upsert the roster."""
+    conn = await asyncpg.connect(settings.require_database())
+    try:
+        await migrate(conn, schema=SCHEMA, folder=MIGRATIONS)
+        return await upsert_officers(conn, officers)
+    finally:
+        await conn.close()
+
+
+async def list_officers(settings: Settings, *, municipality: str | None = None,
+                        office_id: str | None = None) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(settings.require_database())
+    try:
+        await migrate(conn, schema=SCHEMA, folder=MIGRATIONS)
+        return await conn.fetch(
+            f"""select * from {S}.officers where ($1::text is null or municipality = $1)
+                and ($2::text is null or office_id = $2) order by office_id, role, officer_id""",
+            municipality, office_id)
+    finally:
+        await conn.close()
+
+
+def _contact(r: asyncpg.Record) -> policy.Contact:
+    return policy.Contact(officer_id=r["officer_id"], role=r["role"], language=r["language"],
+                          email=bool(r["email"]), phone=bool(r["phone"]), inapp=r["inapp"],
+                          on_duty=r["on_duty"], office_id=r["office_id"])
+
+
+async def resolve(conn: asyncpg.Connection, audiences: list[policy.Audience], *,
+                  municipality: str) -> list[policy.Contact]:
+    """Look up the officers of each audience (policy.select decides who belongs)."""
+    offices = [a.key for a in audiences if a.kind in ("office_on_duty", "office_supervisor")]
+    subjects = [a.key for a in audiences if a.kind == "officer"]
+    rows = await conn.fetch(
+        f"select * from {S}.officers where office_id = any($1::text[]) or officer_id = any($2::text[])",
+        offices, subjects)
+    directory = [_contact(r) for r in rows]
+    out: list[policy.Contact] = []
+    for a in audiences:
+        found = policy.select(a, directory)
+        if not found and a.kind == "officer":
+            found = [policy.unknown_officer(a.key, default_language(municipality))]
+        out.extend(found)
+    return out
+
+
+# --- recording events ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """Where the cause event came from, for a dead letter if delivery finally fails."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def _notification_envelope(model: type, row: dict[str, Any] | asyncpg.Record, **extra: Any) -> Envelope:
+    data = model(notification_id=row["notification_id"], referral_id=row["referral_id"],
+                 case_id=row["case_id"], recipient=row["recipient"], channel=Channel(row["channel"]),
+                 cause_event_type=row["cause_event_type"], **extra)
+    return Envelope.wrap(data, source=SOURCE, subject=str(row["case_id"]),
+                         correlationid=row["correlation_id"], causationid=row["event_id"])
+
+
+async def _create_notifications(
+    conn: asyncpg.Connection, *, settings: Settings, planned: list[policy.Planned], event_id: uuid.UUID,
+    template: str, cause_event_type: str, facts: dict[str, Any], correlation_id: str,
+    cause: Cause | None,
+) -> list[dict[str, Any]]:
+    """Insert notifications (idempotent on id); in-app ones become inbox alerts at once.
+    Returns the new alerts (for the SSE fan-out after commit)."""
+    alerts: list[dict[str, Any]] = []
+    for p in planned:
+        msg = render(template, p.language, facts, base_url=settings.public_base_url)
+        inapp = p.channel == "inapp"
+        row = await conn.fetchrow(
+            f"""insert into {S}.notifications(
+                    notification_id, event_id, event_type, cause_event_type, referral_id, case_id,
+                    recipient, channel, language, subject, body, link, status, attempts, max_attempts,
+                    sent_at, correlation_id, cause_topic, cause_partition, cause_offset, cause_key, cause_value)
+                values($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                       case when $13 = 'sent' then now() end, $16, $17, $18, $19, $20, $21)
+                on conflict (notification_id) do nothing
+                returning *""",
+            p.notification_id, event_id, template, cause_event_type, facts.get("referral_id"),
+            facts.get("case_id"), p.recipient, p.channel, p.language, msg.subject, msg.body, msg.link,
+            "sent" if inapp else "pending", 1 if inapp else 0, settings.notify_max_attempts,
+            correlation_id, cause.topic if cause else None, cause.partition if cause else None,
+            cause.offset if cause else None,
+            cause.key.decode(errors="replace") if cause and cause.key else None,
+            cause.value if cause else None,
+        )
+        if row is None:
+            continue  # this (event, recipient, channel) was recorded before
+        if inapp:
+            alert = await conn.fetchrow(
+                f"""insert into {S}.alerts(alert_id, recipient, event_type, referral_id, case_id, priority,
+                                           subject, body, link)
+                    values($1, $2, $3, $4, $5, $6, $7, $8, $9) returning *""",
+                p.notification_id, p.recipient, template, facts.get("referral_id"), facts.get("case_id"),
+                facts.get("priority"), msg.subject, msg.body, msg.link)
+            await conn.execute(f"insert into {S}.delivery_attempts(notification_id, attempt, ok) values($1, 1, true)",
+                               p.notification_id)
+            await outbox.append(conn, schema=S, topic=Topic.notification_events,
+                                envelope=_notification_envelope(NotificationSent, row, attempt=1))
+            # delivered to LISTENers of every replica when this transaction commits
+            await conn.execute("select pg_notify($1, $2)", NOTIFY_CHANNEL,
+                               orjson.dumps({"alert_id": str(p.notification_id), "recipient": p.recipient}).decode())
+            alerts.append(alert_dict(alert))
+    return alerts
+
+
+async def record_event(conn: asyncpg.Connection, *, envelope: Envelope, settings: Settings,
+                       cause: Cause | None = None) -> list[dict[str, Any]]:
+    """Apply one referral event inside the caller's transaction: claim it in the inbox, keep
+    what later events need, and record one notification per recipient and channel.
+    Returns the new in-app alerts; [] when the event had been applied already."""
+    if not envelope.type.startswith("referral."):
+        return []
+    if not await outbox.claim(conn, schema=S, consumer=CONSUMER, envelope=envelope):
+        return []
+    data = envelope.data.model_dump(mode="json")
+    referral_id = uuid.UUID(data["referral_id"])
+    if envelope.type == policy.CREATED:
+        await conn.execute(
+            f"""insert into {S}.referrals(referral_id, case_id, municipality, agency, office_id, reported_by,
+                    priority, deadline, age_band, sector, created_event_id, correlation_id)
+                values($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                on conflict (referral_id) do nothing""",
+            referral_id, uuid.UUID(data["case_id"]), data["municipality"], data["agency"], data["office_id"],
+            data["reported_by"], data["priority"], envelope.data.deadline, data["age_band"], data["sector"],
+            envelope.id, envelope.correlationid)
+    elif envelope.type in policy.HANDLED:
+        await conn.execute(f"update {S}.referrals set handled_at = now() where referral_id = $1 "
+                           "and handled_at is null", referral_id)
+    ref = await conn.fetchrow(f"select * from {S}.referrals where referral_id = $1", referral_id)
+    facts: dict[str, Any] = {}
+    if ref is not None:
+        facts.update({k: ref[k] for k in ("priority", "deadline", "age_band", "sector")})
+    facts.update(data)
+    facts["referral_id"], facts["case_id"] = referral_id, uuid.UUID(data["case_id"])
+    if envelope.type not in policy.TEMPLATED:
+        return []
+    audiences = policy.audiences(envelope.type, office_id=data["office_id"], municipality=data["municipality"],
+                                 reported_by=ref["reported_by"] if ref else None,
+                                 escalated_to=data.get("escalated_to"))
+    recipients = await resolve(conn, audiences, municipality=data["municipality"])
+    planned = policy.plan(envelope.id, envelope.type, recipients, priority=facts.get("priority"))
+    if not planned:
+        log.warning("no recipient for %s %s (office %s)", envelope.type, envelope.id, data["office_id"])
+    return await _create_notifications(
+        conn, settings=settings, planned=planned, event_id=envelope.id, template=envelope.type,
+        cause_event_type=envelope.type, facts=facts, correlation_id=envelope.correlationid, cause=cause)
+
+
+async def realert_due(pool: asyncpg.Pool, *, settings: Settings) -> list[dict[str, Any]]:
+    """Re-send, once, each referral.created alert nobody handled within REALERT_AFTER_S, to the
+    office supervisor. Returns the new in-app alerts."""
+    alerts: list[dict[str, Any]] = []
+    async with pool.acquire() as conn, conn.transaction():
+        due = await conn.fetch(
+            f"""select * from {S}.referrals
+                where handled_at is null and realerted_at is null
+                  and alerted_at <= now() - make_interval(secs => $1)
+                order by alerted_at limit 50 for update skip locked""",
+            settings.realert_after_s)
+        for ref in due:
+            await conn.execute(f"update {S}.referrals set realerted_at = now() where referral_id = $1",
+                               ref["referral_id"])
+            event_id = policy.realert_event_id(ref["created_event_id"])
+            audiences = policy.audiences(policy.REALERT, office_id=ref["office_id"],
+                                         municipality=ref["municipality"], reported_by=None)
+            recipients = await resolve(conn, audiences, municipality=ref["municipality"])
+            planned = policy.plan(event_id, policy.REALERT, recipients, priority=ref["priority"])
+            facts = {k: ref[k] for k in ("referral_id", "case_id", "municipality", "agency", "office_id",
+                                         "priority", "deadline", "age_band", "sector")}
+            alerts += await _create_notifications(
+                conn, settings=settings, planned=planned, event_id=event_id, template=policy.REALERT,
+                cause_event_type=policy.CREATED, facts=facts, correlation_id=ref["correlation_id"] or str(event_id),
+                cause=None)
+            log.info("re-alerted supervisor of %s for referral %s", ref["office_id"], ref["referral_id"])
+    return alerts
+
+
+# --- inbox ---------------------------------------------------------------------------------------
+
+
+def alert_dict(r: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": str(r["alert_id"]),
+        "event_type": r["event_type"],
+        "referral_id": str(r["referral_id"]) if r["referral_id"] else None,
+        "case_id": str(r["case_id"]) if r["case_id"] else None,
+        "priority": r["priority"],
+        "subject": r["subject"],
+        "body": r["body"],
+        "link": r["link"],
+        "created_at": r["created_at"].isoformat(),
+        "acked_at": r["acked_at"].isoformat() if r["acked_at"] else None,
+        "recipient": r["recipient"],
+    }
+
+
+async def list_inbox(pool: asyncpg.Pool, *, recipient: str, unacked_only: bool = False,
+                     limit: int = 50) -> dict[str, Any]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            f"""select * from {S}.alerts where recipient = $1 and (not $2 or acked_at is null)
+                order by created_at desc limit $3""", recipient, unacked_only, limit)
+        unacked = await conn.fetchval(
+            f"select count(*) from {S}.alerts where recipient = $1 and acked_at is null", recipient)
+    return {"items": [alert_dict(r) for r in rows], "unacked": unacked}
+
+
+async def get_alert(pool: asyncpg.Pool, *, alert_id: uuid.UUID | str) -> dict[str, Any] | None:
+    async with pool.acquire() as conn:
+        r = await conn.fetchrow(f"select * from {S}.alerts where alert_id = $1", uuid.UUID(str(alert_id)))
+    return alert_dict(r) if r else None
+
+
+async def ack_alert(pool: asyncpg.Pool, *, alert_id: uuid.UUID, recipient: str) -> dict[str, Any] | None:
+    """Acknowledge one of the caller's alerts (idempotent). None when it is not theirs or absent:
+    the caller answers 404 either way, so ids of others' alerts reveal nothing."""
+    async with pool.acquire() as conn, conn.transaction():
+        r = await conn.fetchrow(f"select * from {S}.alerts where alert_id = $1 and recipient = $2 for update",
+                                alert_id, recipient)
+        if r is None:
+            return None
+        if r["acked_at"] is not None:
+            return alert_dict(r)
+        r = await conn.fetchrow(f"update {S}.alerts set acked_at = now() where alert_id = $1 returning *", alert_id)
+        n = await conn.fetchrow(f"select * from {S}.notifications where notification_id = $1", alert_id)
+        seconds = max(0.0, (r["acked_at"] - r["created_at"]).total_seconds())
+        await outbox.append(conn, schema=S, topic=Topic.notification_events,
+                            envelope=_notification_envelope(NotificationAcknowledged, n, seconds_to_ack=seconds))
+        if n["cause_event_type"] == policy.CREATED and r["referral_id"]:
+            await conn.execute(f"update {S}.referrals set handled_at = now() where referral_id = $1 "
+                               "and handled_at is null", r["referral_id"])
+    return alert_dict(r)
+
+
+class AlertHub:
+    """In-process fan-out of new inbox alerts to SSE subscribers, keyed by officer subject.
+    Fed by the worker after its commit and by Postgres NOTIFY (other replicas); an alert seen
+    twice is pushed once."""
+
+    def __init__(self, *, queue_size: int = 100, remember: int = 5000):
+        self._subs: dict[str, set[asyncio.Queue]] = collections.defaultdict(set)
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._queue_size = queue_size
+        self._remember = remember
+
+    def subscribe(self, recipient: str) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(self._queue_size)
+        self._subs[recipient].add(q)
+        return q
+
+    def unsubscribe(self, recipient: str, q: asyncio.Queue) -> None:
+        self._subs[recipient].discard(q)
+        if not self._subs[recipient]:
+            del self._subs[recipient]
+
+    def wants(self, recipient: str) -> bool:
+        return recipient in self._subs
+
+    @property
+    def subscribers(self) -> int:
+        return sum(len(v) for v in self._subs.values())
+
+    def publish(self, alert: dict[str, Any]) -> bool:
+        if alert["id"] in self._seen:
+            return False
+        self._seen[alert["id"]] = None
+        while len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        for q in list(self._subs.get(alert["recipient"], ())):
+            if q.full():  # a stalled client loses its oldest alert, not the whole stream
+                q.get_nowait()
+            q.put_nowait(alert)
+        return True
+
+
+async def listen_for_alerts(settings: Settings, pool: asyncpg.Pool, hub: AlertHub) -> None:
+    """LISTEN for alerts committed by any replica and feed the hub; reconnects forever."""
+    backoff = 0.5
+    while True:
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(settings.require_database())
+            pending: asyncio.Queue = asyncio.Queue()
+            await conn.add_listener(NOTIFY_CHANNEL, lambda *args: pending.put_nowait(args[3]))
+            backoff = 0.5
+            while True:
+                payload = orjson.loads(await pending.get())
+                if hub.wants(payload["recipient"]):
+                    alert = await get_alert(pool, alert_id=payload["alert_id"])
+                    if alert:
+                        hub.publish(alert)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - database away: reconnect
+            log.warning("alert listener reconnecting in %.1fs (%s)", backoff, type(exc).__name__)
+            await asyncio.sleep(backoff)
+            backoff = min(10.0, backoff * 2)
+        finally:
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+
+
+# --- delivery ------------------------------------------------------------------------------------
+
+
+class DeliveryLoop:
+    """Delivers pending e-mail/SMS notifications from the database, so retries survive restarts
+    and never hold a partition. Each attempt leases its rows (next_attempt_at moves ahead), so
+    replicas share the work; failures back off exponentially with jitter up to
+    NOTIFY_MAX_ATTEMPTS, then `notification.failed` and a dead letter."""
+
+    def __init__(self, *, pool: asyncpg.Pool, settings: Settings, senders: dict[str, ChannelSender],
+                 producer: AIOKafkaProducer, topics: Topics, relay: outbox.OutboxRelay | None = None,
+                 batch_size: int = 20, lease_s: float = 120.0, metrics: Any = None):
+        self.pool = pool
+        self.settings = settings
+        self.senders = senders
+        self.producer = producer
+        self.topics = topics
+        self.relay = relay
+        self.batch_size = batch_size
+        self.lease_s = lease_s
+        self.metrics = metrics
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                n = await self.run_once()
+                await self.dead_letter_failed()
+                backoff = 0.5
+                if n < self.batch_size:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self.settings.notify_poll_interval_s)
+                    except asyncio.TimeoutError:
+                        pass
+                    self._wake.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - database or broker away: try again later
+                log.warning("delivery loop paused %.1fs (%s: %s)", backoff, type(exc).__name__, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(10.0, backoff * 2)
+
+    async def run_once(self) -> int:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"""update {S}.notifications n set next_attempt_at = now() + make_interval(secs => $2)
+                    from (select notification_id from {S}.notifications
+                          where status = 'pending' and next_attempt_at <= now()
+                          order by next_attempt_at limit $1 for update skip locked) due
+                    where n.notification_id = due.notification_id
+                    returning n.*,
+                        (select email from {S}.officers o where o.officer_id = n.recipient) as email,
+                        (select phone from {S}.officers o where o.officer_id = n.recipient) as phone""",
+                self.batch_size, self.lease_s)
+        if rows:
+            await asyncio.gather(*(self._deliver(r) for r in rows))
+            if self.relay:
+                self.relay.wake()
+        return len(rows)
+
+    async def _deliver(self, r: asyncpg.Record) -> None:
+        sender = self.senders.get(r["channel"])
+        message = OutgoingMessage(
+            notification_id=str(r["notification_id"]), recipient=r["recipient"], channel=r["channel"],
+            address=r["email"] if r["channel"] == "email" else r["phone"], language=r["language"],
+            subject=r["subject"], body=r["body"], link=r["link"])
+        error: str | None = None
+        permanent = False
+        try:
+            if sender is None:
+                raise PermanentDeliveryError(f"no sender for channel {r['channel']!r}")
+            await sender.send(message)
+        except PermanentDeliveryError as exc:
+            error, permanent = str(exc), True
+        except DeliveryError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - an unexpected sender bug must not stop the loop
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        attempt = r["attempts"] + 1
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"insert into {S}.delivery_attempts(notification_id, attempt, ok, error) values($1, $2, $3, $4) "
+                "on conflict do nothing", r["notification_id"], attempt, error is None, error)
+            if error is None:
+                row = await conn.fetchrow(
+                    f"""update {S}.notifications set status = 'sent', attempts = $2, sent_at = now(),
+                        last_error = null where notification_id = $1 and status = 'pending' returning *""",
+                    r["notification_id"], attempt)
+                if row:
+                    await outbox.append(conn, schema=S, topic=Topic.notification_events,
+                                        envelope=_notification_envelope(NotificationSent, row, attempt=attempt))
+                self._count("sent", r["channel"])
+            elif permanent or attempt >= r["max_attempts"]:
+                row = await conn.fetchrow(
+                    f"""update {S}.notifications set status = 'failed', attempts = $2, failed_at = now(),
+                        last_error = $3 where notification_id = $1 and status = 'pending' returning *""",
+                    r["notification_id"], attempt, error)
+                if row:
+                    await outbox.append(conn, schema=S, topic=Topic.notification_events,
+                                        envelope=_notification_envelope(NotificationFailed, row, attempts=attempt,
+                                                                        error=error[:500]))
+                log.warning("notification %s (%s) failed after %d attempt(s): %s",
+                            r["notification_id"], r["channel"], attempt, error)
+                self._count("failed", r["channel"])
+            else:
+                delay = policy.backoff_s(attempt, base_s=self.settings.notify_backoff_base_s,
+                                         max_s=self.settings.notify_backoff_max_s, jitter=random.random())
+                await conn.execute(
+                    f"""update {S}.notifications set attempts = $2, last_error = $3,
+                        next_attempt_at = now() + make_interval(secs => $4)
+                        where notification_id = $1 and status = 'pending'""",
+                    r["notification_id"], attempt, error, delay)
+                log.info("notification %s (%s) attempt %d failed, retry in %.1fs: %s",
+                         r["notification_id"], r["channel"], attempt, delay, error)
+                self._count("retried", r["channel"])
+
+    def _count(self, outcome: str, channel: str) -> None:
+        if self.metrics is not None:
+            self.metrics.labels(outcome=outcome, channel=channel).inc()
+
+    async def dead_letter_failed(self) -> int:
+        """Publish a dead letter for each failed notification not dead-lettered yet."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"""select * from {S}.notifications where status = 'failed' and dead_lettered_at is null
+                    order by failed_at limit 50""")
+            for r in rows:
+                letter = DeadLetter(
+                    topic=r["cause_topic"] or self.topics.referral_events,
+                    partition=r["cause_partition"] if r["cause_partition"] is not None else -1,
+                    offset=r["cause_offset"] if r["cause_offset"] is not None else -1,
+                    key=(r["cause_key"] or str(r["case_id"])).encode(),
+                    value=r["cause_value"] or orjson.dumps({"notification_id": str(r["notification_id"]),
+                                                           "cause_event_id": str(r["event_id"])}),
+                    reason="delivery_failed",
+                    error=(f"notification {r['notification_id']} to {r['recipient']} by {r['channel']} "
+                           f"failed after {r['attempts']} attempt(s): {r['last_error']}"),
+                    group=self.settings.group_id(CONSUMER),
+                )
+                await dead_letter(self.producer, self.topics, letter)
+                await conn.execute(f"update {S}.notifications set dead_lettered_at = now() "
+                                   "where notification_id = $1", r["notification_id"])
+        return len(rows)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

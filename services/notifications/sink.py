@@ -1,0 +1,196 @@
+"""A local SMTP sink and SMS-webhook receiver for development and tests.
+
+    python -m services.notifications.sink
+
+- SMTP (aiosmtpd) on CLMS_SMTP_SINK_PORT keeps every mail it receives (in memory, last 1000);
+- HTTP on CLMS_SMTP_SINK_HTTP_PORT: `GET /` (HTML list), `GET /messages` (JSON),
+  `POST /sms` (an SMS-gateway stand-in: verifies the X-CLMS-Signature HMAC, 401 if it does not
+  verify), `GET /sms` (JSON list of the verified SMS).
+
+Stops cleanly on SIGTERM or SIGINT. Development only: it keeps officers' work addresses in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import html
+import logging
+import signal
+import time
+from email import message_from_bytes, policy
+from typing import Any
+
+import orjson
+from aiosmtpd.smtp import SMTP
+
+from services.notifications.signing import verify_signature
+
+log = logging.getLogger("clms.sink")
+
+
+class _Handler:
+    def __init__(self, sink: "Sink"):
+        self.sink = sink
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        mail = message_from_bytes(envelope.content, policy=policy.default)
+        body = mail.get_body(preferencelist=("plain", "html"))
+        self.sink._seq += 1
+        self.sink.messages.append({
+            "id": self.sink._seq,
+            "received_at": time.time(),
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": list(envelope.rcpt_tos),
+            "to": str(mail.get("To", "")),
+            "subject": str(mail.get("Subject", "")),
+            "language": str(mail.get("Content-Language", "")),
+            "notification_id": str(mail.get("X-CLMS-Notification-Id", "")),
+            "recipient": str(mail.get("X-CLMS-Recipient", "")),
+            "body": body.get_content() if body is not None else "",
+        })
+        self.sink.changed.set()
+        return "250 Message accepted for delivery"
+
+
+class Sink:
+    """SMTP + HTTP sink on the running event loop (`await start()`, `await stop()`)."""
+
+    def __init__(self, *, smtp_port: int, http_port: int, webhook_secret: str | None,
+                 host: str = "127.0.0.1", keep: int = 1000):
+        self.host = host
+        self.smtp_port = smtp_port
+        self.http_port = http_port
+        self.webhook_secret = webhook_secret
+        self.messages: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
+        self.sms: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
+        self.rejected_sms = 0
+        self.changed = asyncio.Event()
+        self._seq = 0
+        self._smtp: asyncio.base_events.Server | None = None
+        self._http: asyncio.base_events.Server | None = None
+
+    async def start(self) -> "Sink":
+        await self.start_smtp()
+        self._http = await asyncio.start_server(self._serve_http, self.host, self.http_port)
+        return self
+
+    async def start_smtp(self) -> None:
+        loop = asyncio.get_running_loop()
+        handler = _Handler(self)
+        self._smtp = await loop.create_server(
+            lambda: SMTP(handler, hostname="clms-sink", data_size_limit=1_000_000, loop=loop),
+            self.host, self.smtp_port, reuse_address=True,
+        )
+
+    async def stop_smtp(self) -> None:
+        """Stop accepting mail (tests use it to simulate an SMTP outage)."""
+        if self._smtp is not None:
+            self._smtp.close()
+            await self._smtp.wait_closed()
+            self._smtp = None
+
+    async def stop(self) -> None:
+        await self.stop_smtp()
+        if self._http is not None:
+            self._http.close()
+            await self._http.wait_closed()
+            self._http = None
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = (lines[0].split(" ") + ["", ""])[:3]
+            headers = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    headers[k.strip()] = v.strip()
+            length = int({k.lower(): v for k, v in headers.items()}.get("content-length", "0") or 0)
+            body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
+            status, ctype, payload = self.route(method, target.split("?")[0], headers, body)
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n"
+                "Connection: close\r\n\r\n".encode() + payload
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[str, str, bytes]:
+        as_json = "application/json"
+        if method == "GET" and path == "/messages":
+            return "200 OK", as_json, orjson.dumps(list(self.messages))
+        if method == "GET" and path == "/sms":
+            return "200 OK", as_json, orjson.dumps(list(self.sms))
+        if method == "POST" and path == "/sms":
+            if not self.webhook_secret or not verify_signature(body, headers, self.webhook_secret):
+                self.rejected_sms += 1
+                return "401 Unauthorized", as_json, b'{"detail":"signature does not verify"}'
+            try:
+                payload = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return "400 Bad Request", as_json, b'{"detail":"body: invalid JSON"}'
+            self.sms.append({"received_at": time.time(), **payload})
+            self.changed.set()
+            return "202 Accepted", as_json, b'{"status":"accepted"}'
+        if method == "GET" and path == "/":
+            return "200 OK", "text/html; charset=utf-8", self._html().encode()
+        return "404 Not Found", as_json, b'{"detail":"not found"}'
+
+    def _html(self) -> str:
+        rows = "".join(
+            f"<tr><td>{m['id']}</td><td>{html.escape(m['to'])}</td><td>{html.escape(m['language'])}</td>"
+            f"<td><details><summary>{html.escape(m['subject'])}</summary><pre>{html.escape(m['body'])}</pre>"
+            "</details></td></tr>"
+            for m in reversed(self.messages)
+        )
+        sms = "".join(
+            f"<tr><td>{html.escape(str(s.get('to', '')))}</td><td>{html.escape(str(s.get('text', '')))}</td></tr>"
+            for s in reversed(self.sms)
+        )
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'><title>CLMS mail sink</title>"
+            "<meta http-equiv='refresh' content='5'><style>body{font-family:sans-serif}"
+            "td{border-bottom:1px solid #ddd;padding:4px;vertical-align:top}</style></head><body>"
+            f"<h1>CLMS mail sink</h1><p>{len(self.messages)} e-mail(s), {len(self.sms)} SMS. "
+            "JSON: <a href='/messages'>/messages</a>, <a href='/sms'>/sms</a></p>"
+            f"<table><tr><th>#</th><th>to</th><th>lang</th><th>subject</th></tr>{rows}</table>"
+            f"<h2>SMS</h2><table><tr><th>to</th><th>text</th></tr>{sms}</table></body></html>"
+        )
+
+
+async def _run() -> None:
+    from shared.settings import Settings
+
+    settings = Settings()
+    sink = await Sink(smtp_port=settings.smtp_sink_port, http_port=settings.smtp_sink_http_port,
+                      webhook_secret=settings.webhook_secret.get_secret_value(), host="127.0.0.1").start()
+    log.info("mail sink: SMTP on 127.0.0.1:%d, web on http://127.0.0.1:%d/",
+             settings.smtp_sink_port, settings.smtp_sink_http_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await sink.stop()
+        log.info("mail sink stopped")
+
+
+def main() -> None:
+    from shared.logs import configure_logging
+    from shared.settings import Settings
+
+    s = Settings()
+    configure_logging("mail-sink", level=s.log_level, json=s.log_json)
+    asyncio.run(_run())
+
+
+if __name__ == "__main__":
+    main()

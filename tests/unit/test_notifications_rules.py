@@ -1,0 +1,238 @@
+"""Notifications: officer directory data, policy, rendering and webhook signatures (no I/O)."""
+
+from __future__ import annotations
+
+import csv
+import re
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from services.notifications import policy
+from services.notifications.directory import (
+    SEED_FILE,
+    SERB_MAJORITY,
+    RosterError,
+    parse_roster,
+    seed_officers,
+)
+from services.notifications.render import ALLOWED_FIELDS, LANGUAGES, render
+from services.notifications.signing import sign, verify_signature
+from shared.reference import agency_offices, municipality_slugs
+from tests import builders
+
+HEADER = "officer_id,agency,municipality,office_id,role,language,email,phone,inapp,on_duty\n"
+
+
+# --- directory -----------------------------------------------------------------------------------
+
+
+def test_seed_file_is_current_and_covers_every_office_and_municipality():
+    rows = list(csv.DictReader(open(SEED_FILE, encoding="utf-8")))
+    assert [r["officer_id"] for r in rows] == [o.officer_id for o in seed_officers()], \
+        "officers_seed.csv is stale: run python -m services.notifications.directory"
+    subs = {r["officer_id"] for r in rows}
+    for office in agency_offices().values():
+        if office.agency == "coordinator":
+            assert f"coordinator.{office.municipality}" in subs
+        else:
+            assert f"{office.agency}.{office.municipality}.duty" in subs
+            assert f"{office.agency}.{office.municipality}.supervisor" in subs
+    assert {f"coordinator.{m}" for m in municipality_slugs()} <= subs
+    by_sub = {r["officer_id"]: r for r in rows}
+    assert by_sub["csw.prizren.duty"]["email"] == "csw.prizren.duty@example.invalid"
+    assert by_sub["csw.prizren.duty"]["on_duty"] == "true"
+    assert by_sub["csw.prizren.supervisor"]["on_duty"] == "false"
+    assert by_sub["csw.zvecan.duty"]["language"] == "sr"
+    assert by_sub["csw.prizren.duty"]["language"] == "sq"
+    assert SERB_MAJORITY <= municipality_slugs()
+    # SMS numbers only for some officers
+    with_phone = [r for r in rows if r["phone"]]
+    assert 0 < len(with_phone) < len(rows)
+    assert parse_roster(SEED_FILE.read_text(encoding="utf-8"))  # the seed passes its own validation
+
+
+def test_roster_validation_names_row_and_column():
+    text = HEADER + (
+        "csw.prizren.duty,csw,prizren,csw.prizren,duty_officer,sq,a@example.org,,true,true\n"
+        "x.y.z,csw,prizren,csw.prizren,duty_officer,de,a@example.org,,true,true\n"
+        "p.prizren.duty,police,prizren,csw.prizren,duty_officer,sq,not-an-email,12345,maybe,true\n"
+        "csw.prizren.duty,csw,atlantis,csw.prizren,boss,sq,,,false,false\n"
+    )
+    with pytest.raises(RosterError) as exc:
+        parse_roster(text)
+    errors = exc.value.errors
+    assert "row 3, column language: 'de' is not one of sq, sr, en" in errors
+    assert any(e.startswith("row 4, column office_id:") for e in errors)
+    assert any(e.startswith("row 4, column email:") for e in errors)
+    assert "not-an-email" not in " ".join(errors)  # contact data is not echoed
+    assert any(e.startswith("row 4, column phone:") for e in errors)
+    assert any(e.startswith("row 4, column inapp:") for e in errors)
+    assert any(e.startswith("row 5, column officer_id:") and "row 2" in e for e in errors)
+    assert any(e.startswith("row 5, column municipality:") for e in errors)
+    assert any(e.startswith("row 5, column role:") for e in errors)
+
+
+def test_roster_header_problems_are_reported():
+    with pytest.raises(RosterError, match="row 1, column language: required column missing"):
+        parse_roster("officer_id,agency,municipality,office_id,role\n")
+    with pytest.raises(RosterError, match="row 1, column shoe_size: unknown column"):
+        parse_roster(HEADER.strip() + ",shoe_size\n")
+
+
+def test_roster_parses_defaults_and_booleans():
+    officers = parse_roster(HEADER + "a.b.c,csw,prizren,csw.prizren,supervisor,en,,+383 44 123 456,,\n")
+    assert officers[0].phone == "+38344123456" and officers[0].inapp is True and officers[0].on_duty is False
+
+
+# --- policy --------------------------------------------------------------------------------------
+
+
+def _c(sub, role="duty_officer", *, on_duty=True, office="csw.prizren", lang="sq", email=True, phone=False):
+    return policy.Contact(officer_id=sub, role=role, language=lang, email=email, phone=phone, inapp=True,
+                          on_duty=on_duty, office_id=office)
+
+
+DIRECTORY = [
+    _c("csw.prizren.duty", phone=True),
+    _c("csw.prizren.duty2", lang="en"),
+    _c("csw.prizren.supervisor", "supervisor", on_duty=False),
+    _c("csw.peje.duty", office="csw.peje"),
+    _c("coordinator.prizren", "coordinator", office="coordinator.prizren"),
+    _c("police.prizren.duty", office="police.prizren"),
+]
+
+
+def _who(event_type, reported_by="police.prizren.duty", escalated_to=None):
+    out = []
+    for a in policy.audiences(event_type, office_id="csw.prizren", municipality="prizren",
+                              reported_by=reported_by, escalated_to=escalated_to):
+        out += [c.officer_id for c in policy.select(a, DIRECTORY)]
+    return sorted(out)
+
+
+def test_policy_routes_each_event_type_to_the_right_people():
+    assert _who("referral.created") == ["csw.prizren.duty", "csw.prizren.duty2"]
+    assert _who("referral.overdue") == ["coordinator.prizren", "csw.prizren.supervisor"]
+    assert _who("referral.escalated", escalated_to="coordinator.prizren") == ["coordinator.prizren",
+                                                                              "csw.prizren.supervisor"]
+    assert _who("referral.declined") == ["coordinator.prizren"]
+    for t in ("referral.acknowledged", "referral.accepted", "referral.completed"):
+        assert _who(t) == ["police.prizren.duty"]
+    assert _who("referral.acknowledged", reported_by=None) == []
+    assert _who(policy.REALERT) == ["csw.prizren.supervisor"]
+    assert _who("referral.unknown") == []
+
+
+def test_nobody_on_duty_falls_back_to_the_supervisor():
+    directory = [_c("csw.prizren.duty", on_duty=False), _c("csw.prizren.supervisor", "supervisor", on_duty=False)]
+    got = policy.select(policy.Audience("office_on_duty", "csw.prizren"), directory)
+    assert [c.officer_id for c in got] == ["csw.prizren.supervisor"]
+
+
+def test_channels_and_deterministic_ids():
+    eid = uuid.uuid4()
+    planned = policy.plan(eid, "referral.created", [DIRECTORY[0], DIRECTORY[0]], priority="urgent")
+    assert [(p.recipient, p.channel) for p in planned] == [
+        ("csw.prizren.duty", "inapp"), ("csw.prizren.duty", "email"), ("csw.prizren.duty", "sms")]
+    assert planned == policy.plan(eid, "referral.created", [DIRECTORY[0]], priority="urgent")  # same ids again
+    assert len({p.notification_id for p in planned}) == 3
+    assert planned[1].notification_id == policy.notification_id(eid, "csw.prizren.duty", "email")
+    assert planned[1].notification_id != policy.notification_id(uuid.uuid4(), "csw.prizren.duty", "email")
+    # no SMS for a normal-priority referral or a status change
+    assert "sms" not in [p.channel for p in policy.plan(eid, "referral.created", [DIRECTORY[0]], priority="normal")]
+    assert "sms" not in [p.channel for p in policy.plan(eid, "referral.accepted", [DIRECTORY[0]])]
+    assert "sms" in [p.channel for p in policy.plan(eid, "referral.overdue", [DIRECTORY[0]])]
+    # someone not in the directory still gets the in-app alert
+    stranger = policy.unknown_officer("ngo.prizren.someone", "sq")
+    assert [p.channel for p in policy.plan(eid, "referral.accepted", [stranger])] == ["inapp"]
+
+
+def test_backoff_grows_exponentially_and_is_capped():
+    lo = [policy.backoff_s(a, base_s=1, max_s=30, jitter=0.0) for a in range(1, 8)]
+    hi = [policy.backoff_s(a, base_s=1, max_s=30, jitter=0.999) for a in range(1, 8)]
+    assert lo[:5] == [0.5, 1, 2, 4, 8] and lo[-1] == 15
+    assert all(h <= 30 for h in hi) and hi[2] > lo[2]
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+PII = {
+    "child_name": "Arben Krasniqi", "name": "Arben", "first_name": "Arben", "last_name": "Krasniqi",
+    "date_of_birth": "2012-03-04", "birth_date": "2012-03-04", "address": "Rruga e Shkronjave 7",
+    "phone": "+38344999888", "email": "parent@example.org", "notes": "lives behind the bakery",
+    "child_ref": "cr_0123456789abcdef0123", "community": "roma", "sex": "female",
+}
+
+
+def _facts(**extra):
+    created = builders.one_of_each()[5]
+    data = created.model_dump(mode="json")
+    data.update(reason="overdue", outcome="family_visited", status="pending", within_deadline=False, **extra)
+    return data
+
+
+EVENT_TEMPLATES = sorted(policy.TEMPLATED)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("event_type", EVENT_TEMPLATES)
+def test_every_template_renders_in_every_language(event_type, language):
+    facts = _facts()
+    msg = render(event_type, language, facts, base_url="https://clms.example.org")
+    assert msg.subject and "\n" not in msg.subject and len(msg.subject) < 200
+    assert str(facts["case_id"]) in msg.body
+    assert msg.link == f"https://clms.example.org/v1/referrals?case_id={facts['case_id']}&agency=csw"
+    assert msg.link in msg.body
+    assert "Prizren" in msg.subject + msg.body
+    assert "{{" not in msg.body and "@@" not in msg.body
+
+
+def test_language_and_contents_of_a_new_referral_alert():
+    deadline = datetime(2026, 1, 31, 9, 0, tzinfo=timezone.utc)
+    facts = _facts(deadline=deadline.isoformat(), priority="urgent", sector="begging", age_band="10_14")
+    sq = render("referral.created", "sq", facts, base_url="http://x")
+    sr = render("referral.created", "sr", facts, base_url="http://x")
+    en = render("referral.created", "en", facts, base_url="http://x")
+    assert "Referim i ri" in sq.subject and "URGJENT" in sq.subject and "Qendra për Punë Sociale" in sq.subject
+    assert "Novi uput" in sr.subject and "HITNO" in sr.subject and "Centar za socijalni rad" in sr.subject
+    assert "New referral" in en.subject and "URGENT" in en.subject
+    assert "2026-01-31 10:00 CET" in en.body  # deadline in Kosovo's local time
+    assert "lypje" in sq.body and "prosjačenje" in sr.body and "begging" in en.body
+    assert "10–14" in en.body
+
+
+def test_templates_never_print_personal_data():
+    assert not ALLOWED_FIELDS & set(PII)
+    facts = _facts(**PII)
+    for event_type in EVENT_TEMPLATES:
+        for language in LANGUAGES:
+            msg = render(event_type, language, facts, base_url="http://x")
+            text = msg.subject + "\n" + msg.body
+            for key, value in PII.items():
+                if key in ("community", "sex"):
+                    assert not re.search(rf"\b{value}\b", text, re.IGNORECASE), (event_type, language, key)
+                else:
+                    assert value not in text, (event_type, language, key)
+
+
+# --- signatures ----------------------------------------------------------------------------------
+
+
+def test_webhook_signature_verifies_and_tampering_fails():
+    body = b'{"to":"+38300000001","text":"hello"}'
+    headers = sign(body, "s3cret", timestamp=1_700_000_000)
+    assert verify_signature(body, headers, "s3cret", now=1_700_000_010)
+    assert verify_signature(body, {k.lower(): v for k, v in headers.items()}, "s3cret", now=1_700_000_010)
+    assert not verify_signature(body.replace(b"hello", b"hellO"), headers, "s3cret", now=1_700_000_010)
+    assert not verify_signature(body, headers, "other-secret", now=1_700_000_010)
+    assert not verify_signature(body, headers, "s3cret", now=1_700_000_000 + 3600)  # replayed later
+    forged = {**headers, "X-CLMS-Timestamp": "1700000005"}
+    assert not verify_signature(body, forged, "s3cret", now=1_700_000_010)
+    assert not verify_signature(body, {}, "s3cret")
+    assert headers["X-CLMS-Signature"].startswith("sha256=")
+
+
+def test_future_deadline_fixture_is_sane():
+    assert datetime.fromisoformat(_facts()["deadline"]) > datetime.now(timezone.utc) - timedelta(minutes=1)
