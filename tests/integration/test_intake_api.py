@@ -300,3 +300,30 @@ async def test_erase_makes_the_personal_data_unreadable_and_keeps_the_facts(env)
                 await service.erase_case(intake, case_id=uuid.uuid4(), actor=actor)
         finally:
             await conn.close()
+
+
+async def test_clms_erase_command_erases_one_case(env):
+    import asyncio
+
+    from typer.testing import CliRunner
+
+    from services.intake.cli import intake_app
+
+    async with running(create_app(env, run_consumer=False, run_relay=False)) as client:
+        keep = (await client.post("/v1/identifications", json=identification(), headers=police(env))).json()["case_id"]
+        gone = (await client.post("/v1/identifications", json=identification(), headers=police(env))).json()["case_id"]
+        runner = CliRunner()
+        cli_env = {"DATABASE_URL": env.database_url, "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap_servers}
+        result = await asyncio.to_thread(runner.invoke, intake_app, ["erase", gone, "--yes", "--operator", "ops.anna"],
+                                         env=cli_env)
+        assert result.exit_code == 0, result.output
+        assert f"case {gone}: personal data erased" in result.output
+        bad = await asyncio.to_thread(runner.invoke, intake_app, ["erase", "nope", "--yes"], env=cli_env)
+        assert bad.exit_code == 2 and "not a case id" in bad.output
+        missing = await asyncio.to_thread(runner.invoke, intake_app, ["erase", str(uuid.uuid4()), "--yes"], env=cli_env)
+        assert missing.exit_code == 1 and "no case" in missing.output
+
+        assert (await client.get(f"/v1/cases/{gone}", headers=police(env))).json()["personal"] is None
+        assert (await client.get(f"/v1/cases/{keep}", headers=police(env))).json()["personal"]["given_name"] == "Arbër"
+    rows = await audit_rows(env, uuid.UUID(gone))
+    assert any(r["action"] == "case.erase" and r["actor"] == "ops.anna" and r["channel"] == "cli" for r in rows)

@@ -1,0 +1,79 @@
+"""Operator commands of intake, as a typer sub-app (`intake_app`) that clms/cli.py registers.
+
+`erase CASE_ID`: crypto-erasure of one case (its data key is destroyed; see service.erase_case).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import uuid
+from typing import Annotated
+
+import typer
+
+intake_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                         help="Intake operations: crypto-erasure of a case's personal data.")
+
+
+@intake_app.callback()
+def _group() -> None:
+    """Intake operations: crypto-erasure of a case's personal data."""
+
+
+def _settings():  # noqa: ANN202 - the CLI's settings (environment, else the embedded stack)
+    from clms.cli import cli_settings
+
+    return cli_settings()
+
+
+async def _erase(case_id: uuid.UUID, operator: str):  # noqa: ANN202
+    from shared.db import create_pool
+    from shared.events import AgencyType
+    from services.intake import service
+
+    settings = _settings()
+    pool = await create_pool(settings, min_size=1, max_size=1)
+    try:
+        actor = service.Actor(sub=operator, agency=AgencyType.coordinator, municipality="*", roles=("operator",),
+                              channel="cli")
+        return await service.erase_case(pool, case_id=case_id, actor=actor)
+    finally:
+        await pool.close()
+
+
+@intake_app.command("erase")
+def erase(
+    case_id: Annotated[str, typer.Argument(help="The case id (UUID) whose personal data is to be erased")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    operator: Annotated[str | None, typer.Option(help="Who erases (recorded in the audit trail); "
+                                                      "default operator.<login name>")] = None,
+) -> None:
+    """Crypto-erase one case: destroy its data key so its names, birth date, guardian contact and
+    notes can never be decrypted again (also from backups). Non-personal facts stay for statistics."""
+    from services.intake import service
+
+    try:
+        cid = uuid.UUID(case_id)
+    except ValueError:
+        typer.echo(f"error: {case_id!r} is not a case id (a UUID such as 0b6c...-...)", err=True)
+        raise typer.Exit(2) from None
+    if not yes:
+        typer.confirm(f"Erase the personal data of case {cid} for good?", abort=True)
+    who = operator or f"operator.{getpass.getuser()}"
+    try:
+        done = asyncio.run(_erase(cid, who))
+    except service.CaseNotFound:
+        typer.echo(f"error: no case {cid} in the intake database", err=True)
+        raise typer.Exit(1) from None
+    except (OSError, RuntimeError) as exc:
+        typer.echo(f"error: cannot reach the intake database ({type(exc).__name__}: {exc}); "
+                   "is `make run` running or DATABASE_URL set?", err=True)
+        raise typer.Exit(2) from None
+    note = " (it had been erased before; nothing left to erase)" if done.already else ""
+    typer.echo(f"case {cid}: personal data erased, data key destroyed at {done.erased_at.isoformat()}{note}")
+
+
+# `clms erase CASE_ID` at the top level: clms/cli.py can register this one function with
+# `app.command("erase")(erase)`, or mount the group with `app.add_typer(intake_app, name="intake")`.
+__all__ = ["intake_app", "erase"]
