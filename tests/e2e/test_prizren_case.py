@@ -1,0 +1,202 @@
+"""End to end, the whole system as `make run` starts it (embedded broker and PostgreSQL, the SMTP
+sink, four services as separate processes):
+
+a police officer identifies a 12-year-old collecting scrap metal in Prizren -> referrals to the
+Centre for Social Work and the Education Directorate of Prizren -> the on-duty officers of both
+offices have an e-mail and an inbox entry -> Prizren's counts and funnel go up by one -> a CSW
+caseworker acknowledges, accepts and completes -> the funnel follows. The same through an
+agency system publishing onto clms.agency-inbound with librdkafka (confluent-kafka), not ours.
+Afterwards every topic and every log line is scanned for the personal data that was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import date, timedelta
+
+import httpx
+import pytest
+
+from shared.topics import Topic, Topics
+from tests.e2e.harness import System, running_system
+from tests.infra import wait_until
+from tests.kafka_helpers import read_all
+
+pytestmark = pytest.mark.e2e
+
+# Personal data sent in this module; none of it may appear on a topic (other than the ingress
+# topic agency systems write to) or in a log line.
+CHILD = {"given_name": "Qendresa", "family_name": "Xhemajlitestaj"}
+GUARDIAN = {"name": "Mirlindatest Xhemajlitestaj", "relationship": "mother", "phone": "+383 44 987 654"}
+NOTES = "Seen near the Lumbardhi bridge with a cart, Rruga e Testimit 17"
+DOB = (date.today() - timedelta(days=12 * 365 + 100)).isoformat()
+PERSONAL_VALUES = [CHILD["given_name"], CHILD["family_name"], GUARDIAN["name"], "987 654", "Lumbardhi", DOB,
+                   "Inboundtestova", "Rexhepitestaj"]
+
+
+@pytest.fixture(scope="module")
+async def system(tmp_path_factory):
+    async with running_system(tmp_path_factory.mktemp("e2e")) as s:
+        yield s
+
+
+def identification(municipality: str = "prizren") -> dict:
+    return {
+        "municipality": municipality,
+        "identified_on": date.today().isoformat(),
+        "report_source": "officer",
+        "child": {**CHILD, "date_of_birth": DOB, "sex": "female", "community": "roma",
+                  "school_status": "dropped_out", "guardian": GUARDIAN},
+        "work": {"sector": "scrap_metal_waste", "activity": "scrap_collection", "hazardous": True,
+                 "employer_involved": False},
+        "notes": NOTES,
+    }
+
+
+def coordinator(system: System, municipality: str) -> dict[str, str]:
+    return system.headers(sub=f"coordinator.{municipality}", agency="coordinator",
+                          municipality=municipality, roles=["coordinator"])
+
+
+def officer(system: System, agency: str, municipality: str, role: str = "duty_officer") -> dict[str, str]:
+    kind = "supervisor" if role == "supervisor" else "duty"
+    return system.headers(sub=f"{agency}.{municipality}.{kind}", agency=agency, municipality=municipality,
+                          roles=[role, "caseworker"])
+
+
+async def prizren_numbers(client: httpx.AsyncClient, system: System, municipality: str = "prizren") -> dict:
+    r = await client.get(f"{system.url('analytics')}/v1/counts/municipalities/{municipality}",
+                         headers=coordinator(system, municipality))
+    r.raise_for_status()
+    body = r.json()
+    assert body["exact"] is True, "a coordinator sees exact figures for their municipality"
+    return {"identified": body["identified"], **body["funnel"]}
+
+
+async def referrals_of(client: httpx.AsyncClient, system: System, *, municipality: str, **params) -> list[dict]:
+    r = await client.get(f"{system.url('referral')}/v1/referrals", params={"municipality": municipality, **params},
+                         headers=coordinator(system, municipality))
+    r.raise_for_status()
+    return r.json()["items"]
+
+
+async def test_police_identification_in_prizren_reaches_both_agencies_their_officers_and_the_counts(system):
+    async with httpx.AsyncClient(timeout=20) as client:
+        before = await prizren_numbers(client, system)
+
+        police = system.headers(sub="police.prizren.duty", agency="police", municipality="prizren",
+                                roles=["reporter"])
+        r = await client.post(f"{system.url('intake')}/v1/identifications", json=identification(),
+                              headers={**police, "Idempotency-Key": str(uuid.uuid4())})
+        assert r.status_code == 201, r.text
+        case_id = r.json()["case_id"]
+
+        async def both_referrals():
+            items = await referrals_of(client, system, municipality="prizren", case_id=case_id)
+            return items if {i["agency"] for i in items} >= {"csw", "education"} else None
+
+        referrals = await wait_until(both_referrals, timeout_s=30, what="referrals to CSW and education")
+        assert {i["agency"] for i in referrals} == {"csw", "education"}
+        assert {i["office_id"] for i in referrals} == {"csw.prizren", "education.prizren"}
+        assert all(i["status"] == "pending" and i["deadline"] for i in referrals)
+
+        for agency in ("csw", "education"):
+            async def alert(agency: str = agency):
+                r = await client.get(f"{system.url('notifications')}/v1/inbox", headers=officer(system, agency, "prizren"))
+                r.raise_for_status()
+                return [a for a in r.json()["items"] if a["case_id"] == case_id]
+            alerts = await wait_until(alert, timeout_s=30, what=f"an inbox alert for {agency}.prizren.duty")
+            assert alerts[0]["event_type"] == "referral.created"
+
+            async def mail(agency: str = agency):
+                r = await client.get(f"{system.mail_url}/messages")
+                return [m for m in r.json() if m["recipient"] == f"{agency}.prizren.duty" and case_id in m["body"]]
+            mails = await wait_until(mail, timeout_s=30, what=f"an e-mail to {agency}.prizren.duty")
+            assert len(mails) == 1
+
+        async def counted():
+            now = await prizren_numbers(client, system)
+            return now if now["identified"] == before["identified"] + 1 and now["referred"] == before["referred"] + 1 else None
+        await wait_until(counted, timeout_s=30, what="Prizren's identified and referred counts to go up by one")
+
+        csw = next(i for i in referrals if i["agency"] == "csw")
+        caseworker = officer(system, "csw", "prizren")
+        base = f"{system.url('referral')}/v1/referrals/{csw['referral_id']}"
+        for action, body in (("acknowledge", None), ("accept", None), ("complete", {"outcome": "family_visited"})):
+            r = await client.post(f"{base}/{action}", json=body or {}, headers=caseworker)
+            assert r.status_code == 200, f"{action}: {r.status_code} {r.text}"
+        assert r.json()["status"] == "completed"
+
+        async def funnel_followed():
+            now = await prizren_numbers(client, system)
+            ok = all(now[k] == before[k] + 1 for k in ("acknowledged_in_time", "accepted", "completed"))
+            return now if ok else None
+        await wait_until(funnel_followed, timeout_s=30, what="the funnel to follow acknowledge/accept/complete")
+
+        async def reporter_told():
+            r = await client.get(f"{system.url('notifications')}/v1/inbox", headers=police)
+            return [a for a in r.json()["items"] if a["case_id"] == case_id and a["event_type"] == "referral.completed"]
+        await wait_until(reporter_told, timeout_s=30, what="the reporting officer to hear the referral was completed")
+
+
+async def test_an_agency_system_publishing_with_librdkafka_gets_the_same_result(system):
+    from confluent_kafka import Producer
+
+    municipality = "gjakove"
+    async with httpx.AsyncClient(timeout=20) as client:
+        before = await prizren_numbers(client, system, municipality)
+        event = {
+            "specversion": "1.0", "id": f"pol-gjk-{uuid.uuid4()}", "source": f"police/{municipality}",
+            "type": "identification.submitted", "time": "2026-11-23T08:00:00Z",
+            "datacontenttype": "application/json",
+            "data": {**identification(municipality),
+                     "child": {**identification(municipality)["child"], "given_name": "Inboundtestova",
+                               "family_name": "Rexhepitestaj"}},
+        }
+        producer = Producer({"bootstrap.servers": system.settings.kafka_bootstrap_servers,
+                             "enable.idempotence": False, "acks": "all", "client.id": "agency-system"})
+        delivered = []
+        producer.produce(Topics(system.settings.topic_prefix).agency_inbound, key=event["id"].encode(),
+                         value=json.dumps(event).encode(), on_delivery=lambda err, msg: delivered.append(err))
+        await asyncio.get_running_loop().run_in_executor(None, producer.flush, 15)
+        assert delivered == [None], delivered
+
+        async def referred():
+            items = await referrals_of(client, system, municipality=municipality)
+            return items if {i["agency"] for i in items} >= {"csw", "education"} else None
+        items = await wait_until(referred, timeout_s=30, what="referrals for the inbound identification")
+        assert {i["office_id"] for i in items} >= {f"csw.{municipality}", f"education.{municipality}"}
+
+        async def alerted():
+            r = await client.get(f"{system.url('notifications')}/v1/inbox", headers=officer(system, "csw", municipality))
+            return r.json()["items"]
+        await wait_until(alerted, timeout_s=30, what=f"an alert for csw.{municipality}.duty")
+
+        async def counted():
+            now = await prizren_numbers(client, system, municipality)
+            return now["identified"] == before["identified"] + 1
+        await wait_until(counted, timeout_s=30, what=f"{municipality}'s count to go up by one")
+
+
+async def test_no_personal_data_on_any_topic_or_in_any_log_line(system):
+    """Runs after the two journeys above (same module, same system)."""
+    topics = Topics(system.settings.topic_prefix)
+    scanned = 0
+    for topic in Topic:
+        if topic is Topic.agency_inbound:
+            continue  # the ingress topic agency systems write identities to (README: the one exception)
+        for record in await read_all(system.settings, topics.name(topic), timeout_s=10, idle_s=0.3):
+            scanned += 1
+            text = (record.value or b"").decode(errors="replace") + str(record.headers)
+            leaked = [v for v in PERSONAL_VALUES if v in text]
+            assert not leaked, f"{leaked} found on {record.topic}[{record.partition}]@{record.offset}"
+    print(f"\n[e2e] scanned {scanned} records on {len(Topic) - 1} topics: no personal data")
+    assert scanned > 10
+    logs = sorted(system.sup.log_dir.glob("*.log"))
+    assert logs
+    for path in logs:
+        text = path.read_text(errors="replace")
+        leaked = [v for v in PERSONAL_VALUES if v in text]
+        assert not leaked, f"{leaked} found in {path.name}"
