@@ -69,10 +69,10 @@ class EmailSender:
         mail["To"] = message.address
         mail["Subject"] = message.subject
         mail["Message-ID"] = make_msgid(idstring=message.notification_id, domain="clms.example.invalid")
-        mail["Content-Language"] = message.language
         mail["X-CLMS-Notification-Id"] = message.notification_id
         mail["X-CLMS-Recipient"] = message.recipient
         mail.set_content(message.body)
+        mail["Content-Language"] = message.language  # after set_content, which resets Content-* headers
         try:
             await aiosmtplib.send(
                 mail,

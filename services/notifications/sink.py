@@ -189,6 +189,7 @@ def main() -> None:
 
     s = Settings()
     configure_logging("mail-sink", level=s.log_level, json=s.log_json)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP command at INFO
     asyncio.run(_run())
 
 

@@ -1,0 +1,339 @@
+"""Notifications against the real broker, the real Postgres and a real SMTP server (the sink,
+aiosmtpd, in this process): referral events in -> e-mail, SMS webhook, inbox + SSE, events out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+import uvicorn
+
+from services.notifications import policy
+from services.notifications.app import create_app
+from services.notifications.directory import seed_officers
+from services.notifications.service import MIGRATIONS, SCHEMA, seed_if_empty
+from services.notifications.sink import Sink
+from services.notifications.signing import sign
+from shared import events as ev
+from shared.db import migrate
+from shared.embedded import free_port
+from shared.kafka import DeadLetter
+from shared.topics import Topics
+from tests.apps import bearer, running
+from tests.infra import wait_until
+from tests.kafka_helpers import produce, read_all
+
+pytestmark = pytest.mark.integration
+
+
+def created(*, municipality="prizren", agency="csw", priority="normal", reported_by="police.prizren.duty",
+            **kw) -> ev.Envelope:
+    data = ev.ReferralCreated(
+        referral_id=uuid.uuid4(), case_id=uuid.uuid4(), municipality=municipality, agency=agency,
+        office_id=f"{agency}.{municipality}", rule_id="csw-every-child", rule_version=1, priority=priority,
+        deadline=datetime.now(timezone.utc) + timedelta(hours=24), legal_basis="Law 06/L-084",
+        age_band=ev.AgeBand.from_10_to_14, sector=ev.Sector.begging, reported_by=reported_by, **kw)
+    return ev.Envelope.wrap(data, source="referral", subject=data.case_id)
+
+
+def acted(cause: ev.Envelope, model=ev.ReferralAccepted, **extra) -> ev.Envelope:
+    d = cause.data
+    data = model(referral_id=d.referral_id, case_id=d.case_id, municipality=d.municipality, agency=d.agency,
+                 office_id=d.office_id, actor=f"{d.office_id}.duty", from_status=ev.ReferralStatus.acknowledged,
+                 to_status=ev.ReferralStatus.accepted, **extra)
+    return cause.follow(data, source=f"{d.agency.value}/{d.municipality}")
+
+
+async def publish(env, *envelopes: ev.Envelope) -> None:
+    topics = Topics(env.topic_prefix)
+    await produce(env, topics.referral_events, [(e.key, e.to_json_bytes()) for e in envelopes])
+
+
+def mails_to(sink: Sink, address: str) -> list[dict]:
+    return [m for m in sink.messages if address in m["rcpt_tos"]]
+
+
+@contextlib.asynccontextmanager
+async def sink_and_settings(env, **extra):
+    sink = await Sink(smtp_port=free_port(), http_port=free_port(),
+                      webhook_secret=env.webhook_secret.get_secret_value()).start()
+    settings = env.model_copy(update={
+        "smtp_port_override": sink.smtp_port,
+        "sms_webhook_url_override": f"http://127.0.0.1:{sink.http_port}/sms",
+        "public_base_url": "https://clms.example.org",
+        "notify_poll_interval_s": 0.1,
+        **extra,
+    })
+    try:
+        yield sink, settings
+    finally:
+        await sink.stop()
+
+
+@contextlib.asynccontextmanager
+async def http_server(app):
+    """The app over real HTTP (SSE needs a streaming transport); the lifespan runs elsewhere."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_config=None))
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started, timeout_s=10, what="uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def notification_events(env, min_count: int) -> list[ev.Envelope]:
+    topics = Topics(env.topic_prefix)
+    records = await read_all(env, topics.notification_events, min_count=min_count, timeout_s=20, idle_s=0.3)
+    return [ev.parse_envelope(r.value) for r in records]
+
+
+async def test_referral_alerts_reach_the_right_officers_on_every_channel(env):
+    async with sink_and_settings(env, realert_after_s=2.5) as (sink, settings):
+        app = create_app(settings)
+        async with running(app) as client, http_server(app) as base:
+            duty = bearer(settings, sub="csw.prizren.duty", agency="csw", municipality="prizren",
+                          roles=["duty_officer"])
+            assert (await client.get("/readyz")).status_code == 200
+            other = bearer(settings, sub="csw.peje.duty", agency="csw", municipality="peje", roles=["duty_officer"])
+
+            # --- SSE: a new alert is pushed within a second ---------------------------------
+            first = created(priority="urgent")
+            got: dict[str, float] = {}
+            ready = asyncio.Event()
+
+            async def listen() -> None:
+                async with httpx.AsyncClient(timeout=30) as http, \
+                        http.stream("GET", f"{base}/v1/inbox/stream", headers=duty) as resp:
+                    assert resp.status_code == 200
+                    event = None
+                    async for line in resp.aiter_lines():
+                        if line.startswith("event:"):
+                            event = line.split(":", 1)[1].strip()
+                            if event == "ready":
+                                ready.set()
+                        elif line.startswith("data:") and event == "alert":
+                            alert = orjson.loads(line.split(":", 1)[1])
+                            got["t"] = time.monotonic()
+                            got["alert"] = alert
+                            return
+
+            listener = asyncio.create_task(listen())
+            await asyncio.wait_for(ready.wait(), 10)
+            # the first event also pays for the consumer's first fetch: measure the second
+            warmup = created(municipality="peje")
+            await publish(settings, warmup)
+            await wait_until(lambda: mails_to(sink, "csw.peje.duty@example.invalid"), timeout_s=30,
+                             what="the warm-up e-mail")
+            t0 = time.monotonic()
+            await publish(settings, first)
+            await asyncio.wait_for(listener, 10)
+            assert got["t"] - t0 < 1.0, f"SSE alert took {got['t'] - t0:.2f}s"
+            assert got["alert"]["case_id"] == str(first.data.case_id)
+            assert got["alert"]["event_type"] == "referral.created"
+
+            # --- e-mail in the officer's language, SMS for an urgent referral ---------------
+            await wait_until(lambda: mails_to(sink, "csw.prizren.duty@example.invalid"), timeout_s=10,
+                             what="the e-mail to the on-duty officer")
+            mail = mails_to(sink, "csw.prizren.duty@example.invalid")[0]
+            assert mail["language"] == "sq" and "Referim i ri" in mail["subject"]
+            assert str(first.data.case_id) in mail["body"]
+            assert not mails_to(sink, "csw.prizren.supervisor@example.invalid")  # not on duty
+            phone = next(o.phone for o in seed_officers() if o.officer_id == "csw.prizren.duty")
+            sms = await wait_until(lambda: [s for s in sink.sms if s["to"] == phone], timeout_s=10,
+                                   what="the signed SMS webhook (urgent referral)")
+            assert "URGJENT" in sms[0]["text"] and "https://clms.example.org/v1/referrals?case_id=" in sms[0]["text"]
+
+            serb = created(municipality="zvecan")
+            await publish(settings, serb)
+            await wait_until(lambda: mails_to(sink, "csw.zvecan.duty@example.invalid"), timeout_s=10,
+                             what="the e-mail to Zvečan")
+            assert mails_to(sink, "csw.zvecan.duty@example.invalid")[0]["language"] == "sr"
+            assert "Novi uput" in mails_to(sink, "csw.zvecan.duty@example.invalid")[0]["subject"]
+
+            # --- inbox; ack by someone else is 404; by the recipient it is recorded ---------
+            r = await client.get("/v1/inbox", headers=duty)
+            assert r.status_code == 200
+            items = r.json()["items"]
+            assert [i["case_id"] for i in items] == [str(first.data.case_id)]
+            alert_id = items[0]["id"]
+            assert (await client.get("/v1/inbox", headers=other)).json()["items"][0]["case_id"] == \
+                str(warmup.data.case_id)
+            assert (await client.post(f"/v1/inbox/{alert_id}/ack", headers=other)).status_code == 404
+            assert (await client.post(f"/v1/inbox/{alert_id}/ack")).status_code == 401
+            assert (await client.post("/v1/inbox/not-a-uuid/ack", headers=duty)).status_code == 422
+            r = await client.post(f"/v1/inbox/{alert_id}/ack", headers=duty)
+            assert r.status_code == 200 and r.json()["acked_at"]
+            assert (await client.get("/v1/inbox", headers=duty)).json()["unacked"] == 0
+
+            # --- the same event again: nothing new -----------------------------------------
+            before = len(sink.messages)
+            await publish(settings, first)
+            # a later event proves the redelivered one has been consumed
+            marker = acted(first)
+            await publish(settings, marker)
+            await wait_until(lambda: mails_to(sink, "police.prizren.duty@example.invalid"), timeout_s=10,
+                             what="the reporter's e-mail about the acceptance")
+            assert len(sink.messages) == before + 1
+            assert len(mails_to(sink, "csw.prizren.duty@example.invalid")) == 1
+            reporter = bearer(settings, sub="police.prizren.duty", agency="police", municipality="prizren",
+                              roles=["reporter"])
+            items = (await client.get("/v1/inbox", headers=reporter)).json()["items"]
+            assert [i["event_type"] for i in items] == ["referral.accepted"]
+
+            # --- re-alert: the unacknowledged Zvečan referral goes to its supervisor once ----
+            sup = bearer(settings, sub="csw.zvecan.supervisor", agency="csw", municipality="zvecan",
+                         roles=["supervisor"])
+            realerts = await wait_until(
+                lambda: _items(client, sup), timeout_s=15, what="the re-alert to the Zvečan supervisor")
+            assert [i["event_type"] for i in realerts] == [policy.REALERT]
+            assert realerts[0]["case_id"] == str(serb.data.case_id)
+            await wait_until(lambda: mails_to(sink, "csw.zvecan.supervisor@example.invalid"), timeout_s=10,
+                             what="the re-alert e-mail")
+            prizren_sup = bearer(settings, sub="csw.prizren.supervisor", agency="csw", municipality="prizren",
+                                 roles=["supervisor"])
+            assert await _items(client, prizren_sup) == []  # acknowledged: no re-alert
+            await asyncio.sleep(1.5)
+            assert len(await _items(client, sup)) == 1  # once
+
+        # --- events out ------------------------------------------------------------------------
+        out = await notification_events(settings, min_count=10)
+        sent = [e for e in out if e.type == "notification.sent"]
+        assert {(e.data.recipient, e.data.channel.value) for e in sent
+                if e.data.case_id == first.data.case_id and e.data.cause_event_type == "referral.created"} == {
+            ("csw.prizren.duty", "inapp"), ("csw.prizren.duty", "email"), ("csw.prizren.duty", "sms")}
+        acks = [e for e in out if e.type == "notification.acknowledged"]
+        assert len(acks) == 1 and acks[0].data.recipient == "csw.prizren.duty"
+        assert acks[0].data.seconds_to_ack >= 0 and acks[0].correlationid == first.correlationid
+        assert all(e.subject == str(e.data.case_id) for e in out)
+        assert b"example.invalid" not in b"".join(e.to_json_bytes() for e in out)  # no contact data
+
+
+async def _items(client, headers):
+    return (await client.get("/v1/inbox", headers=headers)).json()["items"]
+
+
+async def test_smtp_outage_retries_then_delivers_or_fails_and_dead_letters(env):
+    async with sink_and_settings(env, notify_backoff_base_s=0.3, notify_max_attempts=4,
+                                 notify_backoff_max_s=2.0) as (sink, settings):
+        await sink.stop_smtp()
+        app = create_app(settings)
+        async with running(app) as client:
+            pool = app.state.notifications.pool
+
+            async def attempts(case_id) -> int:
+                return await pool.fetchval(
+                    f"select coalesce(max(attempts), 0) from {SCHEMA}.notifications "
+                    "where case_id = $1 and channel = 'email'", case_id)
+
+            # outage, then the server comes back: delivered on a later attempt
+            a = created(agency="police", municipality="ferizaj")
+            await publish(settings, a)
+            await wait_until(lambda: attempts(a.data.case_id), timeout_s=30, what="a first failed attempt")
+            await sink.start_smtp()
+            await wait_until(lambda: mails_to(sink, "police.ferizaj.duty@example.invalid"), timeout_s=10,
+                             what="the e-mail after SMTP came back")
+
+            # outage that outlasts every attempt: notification.failed + dead letter; in-app still works
+            await sink.stop_smtp()
+            b = created(agency="education", municipality="gjilan")
+            await publish(settings, b)
+            duty = bearer(settings, sub="education.gjilan.duty", agency="education", municipality="gjilan",
+                          roles=["duty_officer"])
+            inbox = await wait_until(lambda: _items(client, duty), timeout_s=30, what="the in-app alert")
+            assert inbox[0]["case_id"] == str(b.data.case_id)
+            await wait_until(
+                lambda: pool.fetchval(f"select status = 'failed' and dead_lettered_at is not null from "
+                                      f"{SCHEMA}.notifications where case_id = $1 and channel = 'email'",
+                                      b.data.case_id),
+                timeout_s=20, what="the e-mail to be given up and dead-lettered")
+            assert await attempts(b.data.case_id) == 4
+            # a later alert still flows once the server is back
+            await sink.start_smtp()
+            c = created(agency="csw", municipality="gjilan")
+            await publish(settings, c)
+            await wait_until(lambda: mails_to(sink, "csw.gjilan.duty@example.invalid"), timeout_s=15,
+                             what="a later e-mail")
+            assert not mails_to(sink, "education.gjilan.duty@example.invalid")
+
+        out = await notification_events(settings, min_count=4)
+        sent_a = [e for e in out if e.type == "notification.sent" and e.data.case_id == a.data.case_id
+                  and e.data.channel is ev.Channel.email]
+        assert len(sent_a) == 1 and sent_a[0].data.attempt >= 2
+        failed = [e for e in out if e.type == "notification.failed"]
+        assert len(failed) == 1 and failed[0].data.case_id == b.data.case_id and failed[0].data.attempts == 4
+        assert "SMTP" in failed[0].data.error or "Connect" in failed[0].data.error
+        topics = Topics(settings.topic_prefix)
+        letters = [DeadLetter.from_headers(r.headers, key=r.key, value=r.value)
+                   for r in await read_all(settings, topics.dead_letters, min_count=1)]
+        assert [dl.reason for dl in letters] == ["delivery_failed"]
+        assert letters[0].topic == topics.referral_events
+        assert ev.parse_envelope(letters[0].value).id == b.id
+        assert "education.gjilan.duty" in letters[0].error and "example.invalid" not in letters[0].error
+
+
+async def test_sink_accepts_signed_sms_and_rejects_tampered(env):
+    sink = await Sink(smtp_port=free_port(), http_port=free_port(), webhook_secret="s3cret").start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sink.http_port}") as http:
+            body = b'{"to":"+38300000001","text":"[CLMS] test"}'
+            ok = await http.post("/sms", content=body, headers=sign(body, "s3cret"))
+            assert ok.status_code == 202
+            bad = await http.post("/sms", content=body.replace(b"test", b"tEst"), headers=sign(body, "s3cret"))
+            assert bad.status_code == 401
+            wrong = await http.post("/sms", content=body, headers=sign(body, "not-the-secret"))
+            assert wrong.status_code == 401
+            listed = (await http.get("/sms")).json()
+            assert [s["text"] for s in listed] == ["[CLMS] test"]
+            assert (await http.get("/messages")).json() == []
+            assert "CLMS mail sink" in (await http.get("/")).text
+    finally:
+        await sink.stop()
+
+
+async def test_seed_on_empty_directory_and_cli_roster_import(env, tmp_path):
+    conn = await asyncpg.connect(env.database_url)
+    try:
+        await migrate(conn, schema=SCHEMA, folder=MIGRATIONS)
+        n = await seed_if_empty(conn)
+        assert n == await conn.fetchval(f"select count(*) from {SCHEMA}.officers") > 400
+        assert await seed_if_empty(conn) == 0
+        roster = tmp_path / "roster.csv"
+        roster.write_text(
+            "officer_id,agency,municipality,office_id,role,language,email,phone,inapp,on_duty\n"
+            "csw.prizren.duty,csw,prizren,csw.prizren,duty_officer,en,duty@example.org,,true,false\n"
+            "csw.prizren.night,csw,prizren,csw.prizren,duty_officer,sq,night@example.org,+38344111222,true,true\n",
+            encoding="utf-8")
+        bad = tmp_path / "bad.csv"
+        bad.write_text("officer_id,agency,municipality,office_id,role,language\n"
+                       "x.y.z,csw,prizren,csw.prizren,duty_officer,fr\n", encoding="utf-8")
+        cli = [sys.executable, "-c", "from services.notifications.cli import officers_app; officers_app()"]
+        envvars = {**os.environ, "DATABASE_URL": env.database_url}
+
+        async def run(*args):
+            p = await asyncio.create_subprocess_exec(*cli, *args, env=envvars, stdout=asyncio.subprocess.PIPE,
+                                                     stderr=asyncio.subprocess.PIPE)
+            out, err = await p.communicate()
+            return p.returncode, out.decode(), err.decode()
+
+        (rc_bad, _, err_bad), (rc, out, err) = await asyncio.gather(run("import", str(bad)), run("import", str(roster)))
+        assert rc_bad == 2 and "row 2, column language: 'fr' is not one of sq, sr, en" in err_bad
+        assert rc == 0, err
+        assert "1 added, 1 updated" in out
+        rows = {r["officer_id"]: r for r in await conn.fetch(
+            f"select * from {SCHEMA}.officers where office_id = 'csw.prizren'")}
+        assert rows["csw.prizren.duty"]["language"] == "en" and rows["csw.prizren.duty"]["on_duty"] is False
+        assert rows["csw.prizren.night"]["phone"] == "+38344111222"
+    finally:
+        await conn.close()
