@@ -1,0 +1,108 @@
+"""Deadlines on the real broker and Postgres: a referral still unanswered at its deadline is
+marked overdue and escalated to the municipal coordinator exactly once, also when the deadline
+passes while the service is down and when the service restarts afterwards.
+
+The clock is injected (`create_app(settings, clock=...)`): the test moves it four days ahead
+instead of waiting."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from services.referral.app import create_app
+from shared.events import ReportSource
+from shared.topics import Topics
+from tests import builders
+from tests.apps import bearer, running
+from tests.infra import wait_until
+from tests.integration.test_referral_worker import db_rows, referral_events
+from tests.kafka_helpers import produce, read_all
+
+pytestmark = pytest.mark.integration
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(timezone.utc) + self.offset
+
+
+async def test_an_overdue_referral_is_escalated_once_across_restarts(env):
+    env = env.model_copy(update={"referral_deadline_poll_s": 0.05})
+    topics = Topics(env.topic_prefix)
+    clock = Clock()
+    # a citizen report in Prizren: csw (24 h), education (72 h), police (24 h)
+    case = builders.case_identified(report_source=ReportSource.citizen)
+    await produce(env, topics.case_events, [(str(case.case_id).encode(), builders.envelope(case).to_json_bytes())])
+    coordinator = bearer(env, sub="coordinator.prizren", agency="coordinator", municipality="prizren",
+                         roles=["coordinator"])
+
+    async def ids() -> dict[str, str]:
+        rows = await db_rows(env, "select agency, referral_id from referral.referral")
+        return {r["agency"]: str(r["referral_id"]) for r in rows}
+
+    # 1. the service opens the referrals; CSW acknowledges, Education accepts; nothing is due yet
+    async with running(create_app(env, clock=clock)) as client:
+        await wait_until(lambda: _has(ids, 3), timeout_s=30, what="three referrals")
+        refs = await ids()
+        assert set(refs) == {"csw", "education", "police"}
+        for path in (f"{refs['csw']}/acknowledge", f"{refs['education']}/acknowledge", f"{refs['education']}/accept"):
+            r = await client.post(f"/v1/referrals/{path}", headers=coordinator)
+            assert r.status_code == 200, r.text
+        await _polls()
+        assert not await db_rows(env, "select 1 from referral.referral where overdue")
+
+    # 2. the deadlines pass while the service is down
+    clock.offset = timedelta(days=4)
+
+    # 3. it starts again: the unanswered ones (pending police, acknowledged-only CSW) escalate
+    async with running(create_app(env, clock=clock)) as client:
+        await wait_until(lambda: _escalated(env, 2), timeout_s=20, what="two escalated referrals")
+        await _polls()
+        overdue = (await client.get("/v1/referrals", params={"overdue": "true"}, headers=coordinator)).json()
+        assert {i["agency"] for i in overdue["items"]} == {"csw", "police"}
+        for item in overdue["items"]:
+            assert item["escalated_to"] == "coordinator.prizren" and item["escalation_reason"] == "overdue"
+        not_overdue = (await client.get("/v1/referrals", params={"overdue": "false"}, headers=coordinator)).json()
+        assert [i["agency"] for i in not_overdue["items"]] == ["education"]
+
+    # 4. and once more: nothing is escalated twice; answering late is recorded as late
+    async with running(create_app(env, clock=clock)) as client:
+        await _polls()
+        r = await client.post(f"/v1/referrals/{refs['police']}/acknowledge", headers=coordinator)
+        assert r.status_code == 200
+        records = await read_all(env, topics.referral_events, min_count=3 + 3 + 4 + 1, timeout_s=20)
+
+    events = referral_events(records)
+    overdue_events = [e for e in events if e.type == "referral.overdue"]
+    escalated = [e for e in events if e.type == "referral.escalated"]
+    assert sorted(e.data.agency.value for e in overdue_events) == ["csw", "police"]
+    assert sorted(e.data.agency.value for e in escalated) == ["csw", "police"]
+    assert {e.data.status.value for e in overdue_events} == {"pending", "acknowledged"}
+    assert all(e.data.reason == "overdue" and e.data.escalated_to == "coordinator.prizren" for e in escalated)
+    assert all(e.correlationid == events[0].correlationid for e in events)
+    late_ack = [e for e in events if e.type == "referral.acknowledged" and e.data.agency.value == "police"]
+    assert len(late_ack) == 1 and late_ack[0].data.within_deadline is False
+    history = await db_rows(env, "select action, count(*) as n from referral.referral_history "
+                                 "where action in ('overdue', 'escalate') group by action")
+    assert {h["action"]: h["n"] for h in history} == {"overdue": 2, "escalate": 2}
+
+
+async def _has(ids, n: int) -> bool:
+    return len(await ids()) >= n
+
+
+async def _escalated(env, n: int) -> bool:
+    rows = await db_rows(env, "select count(*) as n from referral.referral where overdue and escalated")
+    return rows[0]["n"] >= n
+
+
+async def _polls() -> None:
+    """Let the deadline scanner (every 0.05 s here) run several times."""
+    import asyncio
+
+    await asyncio.sleep(0.5)
