@@ -175,4 +175,27 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
     app.include_router(ops_router(registry=registry, checks={"database": check_db, "relay": check_relay,
                                                              "consumer": check_consumer}))
     app.include_router(router)
+
+    def openapi() -> dict:
+        """The generated schema, plus the vocabularies validators enforce (municipality slugs,
+        activity codes), so clients and fuzzers see the allowed values."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            from shared.reference import municipality_slugs
+            from services.intake.rules import activities
+
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = doc.get("components", {}).get("schemas", {})
+            codes = sorted({code for group in activities().values() for code in group})
+            for name, model in schemas.items():
+                props = model.get("properties", {})
+                if name.startswith("IdentificationRequest") and "municipality" in props:
+                    props["municipality"]["enum"] = sorted(municipality_slugs())
+                if name.startswith("WorkIn") and "activity" in props:
+                    props["activity"]["enum"] = codes  # and it must belong to the sector (422 names them)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
