@@ -296,3 +296,17 @@ def test_overdue_means_still_waiting_for_an_answer_at_the_deadline():
         assert not states.is_overdue(s, deadline, deadline + timedelta(days=1))
     assert states.within_deadline(deadline, deadline)
     assert not states.within_deadline(deadline, deadline + timedelta(microseconds=1))
+
+
+def test_the_service_refuses_to_start_with_an_invalid_rule_file(tmp_path):
+    from services.referral.app import create_app
+    from shared.settings import Settings
+
+    bad = tmp_path / "rules.yaml"
+    bad.write_text(GOOD.replace("target: csw", "target: csw_office"), encoding="utf-8")
+    with pytest.raises(RulesError, match=r"rule 'csw-all' field target"):
+        create_app(Settings(_env_file=None, REFERRAL_RULES_FILE=str(bad)))
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD, encoding="utf-8")
+    app = create_app(Settings(_env_file=None, REFERRAL_RULES_FILE=str(good)))
+    assert app.state.rules.version == 3
