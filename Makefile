@@ -37,3 +37,7 @@ clean-data:
 
 clean:
 	rm -rf $(VENV) .clms/ .pytest_cache
+
+.PHONY: lock
+lock: $(STAMP)  ## pin the runtime dependencies for the image (requirements.lock)
+	@$(PY) deploy/lock.py
