@@ -176,11 +176,17 @@ class EmbeddedPostgres:
             )
         as_user = _prepare_for_system_user(self.pgdata)
         if not (self.pgdata / "PG_VERSION").exists():
-            subprocess.run(
+            done = subprocess.run(
                 [_pg_bin("initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8",
                  "--locale=C", "-U", "postgres"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **as_user,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **as_user,
             )
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"initdb could not create a database cluster in {self.pgdata}: "
+                    f"{done.stderr.decode(errors='replace').strip()[-600:]} "
+                    "(remove the folder or set CLMS_DATA_DIR to another one)"
+                )
         self._sockdir = Path(tempfile.mkdtemp(prefix="clms-pg-"))
         os.chmod(self._sockdir, 0o777)
         args = [_pg_bin("postgres"), "-D", str(self.pgdata), "-h", "127.0.0.1", "-p", str(self.port),
