@@ -337,3 +337,42 @@ async def test_seed_on_empty_directory_and_cli_roster_import(env, tmp_path):
         assert rows["csw.prizren.night"]["phone"] == "+38344111222"
     finally:
         await conn.close()
+
+
+async def test_alerts_committed_by_another_replica_reach_this_replicas_stream(env):
+    """The SSE hub is fed by Postgres LISTEN/NOTIFY too, so an officer connected to replica A
+    sees an alert that replica B's worker recorded."""
+    from shared.db import create_pool
+    from services.notifications.service import AlertHub, listen_for_alerts, record_event
+
+    pool = await create_pool(env)
+    hub = AlertHub()
+    listener = None
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, schema=SCHEMA, folder=MIGRATIONS)
+            await seed_if_empty(conn)
+        queue = hub.subscribe("csw.prishtine.duty")
+        listener = asyncio.create_task(listen_for_alerts(env, pool, hub))
+        await asyncio.sleep(0.3)  # LISTEN registered
+        event = created(municipality="prishtine")
+        other_replica = await asyncpg.connect(env.database_url)  # "replica B": its own connection
+        try:
+            t0 = time.monotonic()
+            async with other_replica.transaction():
+                alerts = await record_event(other_replica, envelope=event, settings=env)
+            assert [a["recipient"] for a in alerts] == ["csw.prishtine.duty"]
+            got = await asyncio.wait_for(queue.get(), 1.0)
+            assert time.monotonic() - t0 < 1.0
+            assert got["case_id"] == str(event.data.case_id) and got["id"] == alerts[0]["id"]
+            assert hub.publish(alerts[0]) is False  # the same alert from the local path: pushed once
+            # replaying the event changes nothing
+            async with other_replica.transaction():
+                assert await record_event(other_replica, envelope=event, settings=env) == []
+        finally:
+            await other_replica.close()
+    finally:
+        if listener:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+        await pool.close()
