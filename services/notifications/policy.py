@@ -34,7 +34,6 @@ TO_COORDINATOR = frozenset({"referral.declined"})
 # Events that show the office has seen the referral: no re-alert after these.
 HANDLED = frozenset({"referral.acknowledged", "referral.accepted", "referral.declined",
                      "referral.completed"})
-HANDLED_EVENTS = HANDLED
 SMS_WORTHY = frozenset({"referral.overdue", "referral.escalated", REALERT})
 TEMPLATED = frozenset({CREATED, *TO_REPORTER, *TO_SUPERVISOR_AND_COORDINATOR, *TO_COORDINATOR, REALERT})
 

@@ -10,7 +10,6 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -545,7 +544,3 @@ class DeliveryLoop:
                 await conn.execute(f"update {S}.notifications set dead_lettered_at = now() "
                                    "where notification_id = $1", r["notification_id"])
         return len(rows)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
