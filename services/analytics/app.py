@@ -35,7 +35,8 @@ def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         live = Live()
         app.state.live = live
-        worker = build_worker(settings, aggregate=aggregate, registry=registry)
+        worker = build_worker(settings, aggregate=aggregate, registry=registry,
+                              name=settings.analytics_app_id)
         worker.on_change.append(live.changed)
         state["worker"] = worker
         await worker.app.start()

@@ -1,0 +1,133 @@
+"""Analytics live: the SSE stream pushes a changed count within a second of the event reaching
+the broker; the dashboard and its map are served; a restarted worker recovers the same numbers
+from its changelog, and a new deployment (new app id) rebuilds them from the topics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from datetime import date
+
+import httpx
+import pytest
+import uvicorn
+
+from services.analytics.app import create_app
+from shared.embedded import free_port
+from shared.kafka import make_producer, send_envelope
+from shared.reference import municipality_slugs
+from shared.topics import Topics
+from tests import builders
+from tests.apps import bearer, running
+from tests.infra import wait_until
+from tests.kafka_helpers import produce
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def served(app):
+    """The app (lifespan already running) behind a real HTTP server: SSE needs real streaming."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
+                                           log_config=None, access_log=False))
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started, timeout_s=10, what="uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def _next_counts(lines) -> dict:
+    event = None
+    async for line in lines:
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and event == "counts":
+            return json.loads(line.split(":", 1)[1])
+    raise AssertionError("stream ended")
+
+
+def _prizren(snapshot) -> object:
+    return next(m for m in snapshot["municipalities"] if m["slug"] == "prizren")["identified"]
+
+
+async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(env):
+    topics = Topics(env.topic_prefix)
+    first = [builders.envelope(builders.case_identified(municipality="prizren")) for _ in range(5)]
+    await produce(env, topics.case_events, [(e.key, e.to_json_bytes()) for e in first])
+    coordinator = bearer(env, sub="coordinator.prizren", agency="coordinator", municipality="prizren",
+                         roles=["coordinator"])["Authorization"].removeprefix("Bearer ")
+
+    app = create_app(env)
+    async with running(app) as client:
+        await wait_until(lambda: app.state.aggregate.version and sum(
+            n for k, n in app.state.aggregate.counts.items() if k[:2] == ("id", "prizren") and k[3] == "total") == 5,
+            timeout_s=45, what="the first five identifications")
+
+        # --- dashboard and map
+        r = await client.get("/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "geoBoundaries" in r.text and "CC BY-SA 2.0" in r.text and "OpenStreetMap contributors" in r.text
+        assert "/static/app.js" in r.text
+        r = await client.get("/static/app.js")
+        assert r.status_code == 200 and "EventSource" in r.text
+        r = await client.get("/static/kosovo_municipalities.geojson")
+        geo = r.json()
+        assert {f["properties"]["slug"] for f in geo["features"]} == set(municipality_slugs())
+        assert len(r.content) < 400_000  # simplified for the browser
+
+        producer = make_producer(env)
+        await producer.start()
+        try:
+            async with served(app) as base, httpx.AsyncClient(timeout=10) as http:
+                async with http.stream("GET", f"{base}/v1/stream") as public, \
+                        http.stream("GET", f"{base}/v1/stream?access_token={coordinator}") as coord:
+                    assert public.headers["content-type"].startswith("text/event-stream")
+                    pub_lines, coord_lines = public.aiter_lines(), coord.aiter_lines()
+                    snap = await _next_counts(pub_lines)
+                    assert len(snap["municipalities"]) == 38 and _prizren(snap) == 5
+                    assert _prizren(await _next_counts(coord_lines)) == 5
+
+                    # a sixth identification: pushed to both streams within a second
+                    await send_envelope(producer, topics.case_events,
+                                        builders.envelope(builders.case_identified(municipality="prizren")))
+                    sent_at = time.monotonic()
+                    snap = await asyncio.wait_for(_next_counts(pub_lines), 5)
+                    latency = time.monotonic() - sent_at
+                    assert _prizren(snap) == 6
+                    print(f"SSE latency {latency:.3f}s")
+                    assert latency < 1.0, f"change pushed after {latency:.2f}s"
+                    assert _prizren(await asyncio.wait_for(_next_counts(coord_lines), 5)) == 6
+
+                    # gjilan 0 -> 1: the public stream shows "<5", the prizren coordinator too
+                    await send_envelope(producer, topics.case_events,
+                                        builders.envelope(builders.case_identified(municipality="gjilan")))
+                    snap = await asyncio.wait_for(_next_counts(pub_lines), 5)
+                    assert next(m for m in snap["municipalities"] if m["slug"] == "gjilan")["identified"] == "<5"
+        finally:
+            await producer.stop()
+        totals = (await client.get("/v1/funnel", headers=bearer(
+            env, sub="c", agency="coordinator", municipality="*", roles=["coordinator"]))).json()["stages"]
+
+    # --- restart with the same app id: the table comes back from its changelog
+    app2 = create_app(env)
+    async with running(app2) as client:
+        await wait_until(lambda: app2.state.aggregate.counts.get(
+            ("id", "gjilan", date.today().strftime("%Y-%m"), "total", "")) == 1,
+            timeout_s=45, what="the restarted worker to recover its table")
+        national = bearer(env, sub="c", agency="coordinator", municipality="*", roles=["coordinator"])
+        assert (await client.get("/v1/funnel", headers=national)).json()["stages"] == totals
+
+    # --- a new deployment (new app id) rebuilds from the beginning of the topics
+    rebuilt_env = env.model_copy(update={"analytics_app_id": "analytics-rebuild"})
+    app3 = create_app(rebuilt_env)
+    async with running(app3) as client:
+        await wait_until(lambda: sum(n for k, n in app3.state.aggregate.counts.items()
+                                     if k[0] == "id" and k[3] == "total") == 7,
+                         timeout_s=45, what="the new deployment to rebuild all tables")
+        assert (await client.get("/v1/funnel", headers=national)).json()["stages"] == totals
