@@ -66,9 +66,6 @@ class Settings(BaseSettings):
     # faust app id (consumer group and changelog topic names) of the analytics service; a new
     # value is a new deployment that rebuilds every table from the beginning of the topics.
     analytics_app_id: str = Field("analytics", alias="ANALYTICS_APP_ID")
-    # faust app id (consumer group and changelog topic names) of the analytics service; a new
-    # value is a new deployment that rebuilds every table from the beginning of the topics.
-    analytics_app_id: str = Field("analytics", alias="ANALYTICS_APP_ID")
 
     # --- secrets ----------------------------------------------------------------------------
     jwt_secret: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-jwt-secret-32-bytes!"), alias="JWT_SECRET")
