@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +54,12 @@ class System:
 
 
 @contextlib.asynccontextmanager
-async def running_system(data_dir: Path, *, services: tuple[str, ...] = SERVICES,
+async def running_system(data_dir: Path | None = None, *, services: tuple[str, ...] = SERVICES,
                          extra_env: dict[str, str] | None = None) -> AsyncIterator[System]:
+    # Not under pytest's tmp folder: a pytest session starting elsewhere resets its permissions to
+    # 0700, which locks out the unprivileged user PostgreSQL runs as when tests run as root.
+    own_dir = Path(tempfile.mkdtemp(prefix="clms-sys-"))
+    data_dir = own_dir / (data_dir.name if data_dir else "data")
     ports = {
         "CLMS_KAFKA_PORT": free_port(), "CLMS_POSTGRES_PORT": free_port(),
         "CLMS_SMTP_SINK_PORT": free_port(), "CLMS_SMTP_SINK_HTTP_PORT": free_port(),
@@ -78,6 +84,7 @@ async def running_system(data_dir: Path, *, services: tuple[str, ...] = SERVICES
         yield System(sup, sup.settings)
     finally:
         sup.stop()
+        shutil.rmtree(own_dir, ignore_errors=True)
 
 
 async def get_json(client: httpx.AsyncClient, url: str, **kw) -> object:
