@@ -369,6 +369,19 @@ def status() -> None:
         console.print(f"outbox {schema}: {text}")
 
 
+# --- service operator commands (each service owns its own; registered here) ----------------------
+
+def _register_service_commands() -> None:
+    from services.intake.cli import erase
+    from services.notifications.cli import officers_app
+
+    app.command("erase")(erase)
+    app.add_typer(officers_app, name="officers", help="Officer directory: import a roster (CSV), list officers.")
+
+
+_register_service_commands()
+
+
 def main() -> None:
     app()
 
