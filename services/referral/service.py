@@ -110,57 +110,97 @@ def _source_of(claims: Claims) -> str:
 async def apply_case_event(deps: Deps, *, envelope: Envelope) -> list[uuid.UUID]:
     """Apply one event from clms.case-events; returns the referrals opened (none if seen before).
 
-    `case.identified` opens one referral per target agency. The other case.* events are
-    recorded as applied and change nothing. Anything else raises `UnexpectedEvent`.
+    `case.identified` opens one referral per target agency: the inbox claim, the referral rows,
+    their history rows and their `referral.created` outbox rows are ONE statement, so ONE
+    transaction (and one round trip): either the event is applied with everything it causes,
+    or not at all. A case that already has a referral to an agency gets no second one.
+    The other case.* events are recorded as applied and change nothing.
+    Anything else raises `UnexpectedEvent` (the worker dead-letters it).
     """
     if not envelope.type.startswith("case."):
         raise UnexpectedEvent(f"type: {envelope.type} does not belong on case-events")
-    opened: list[uuid.UUID] = []
-    async with deps.pool.acquire() as conn, conn.transaction():
-        if not await claim(conn, schema=SCHEMA, consumer=CONSUMER, envelope=envelope):
-            return []
-        if isinstance(envelope.data, CaseIdentified):
-            opened = await _open_referrals(deps, conn, envelope, envelope.data)
+    if not isinstance(envelope.data, CaseIdentified):
+        async with deps.pool.acquire() as conn:
+            await claim(conn, schema=SCHEMA, consumer=CONSUMER, envelope=envelope)
+        return []
+    case = envelope.data
+    decisions = deps.rules.route(case, at=envelope.time)
+    created = [
+        envelope.follow(ReferralCreated(
+            referral_id=referral_id_for(envelope.id, d.agency.value), case_id=case.case_id,
+            municipality=case.municipality, agency=d.agency, office_id=d.office_id, rule_id=d.rule_id,
+            rule_version=d.rule_version, priority=d.priority, deadline=d.deadline,
+            legal_basis=d.legal_basis, age_band=case.age_band, sector=case.sector,
+            reported_by=case.reported_by,
+        ), source=SERVICE)
+        for d in decisions
+    ]
+    now = deps.clock()
+    async with deps.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            _OPEN_SQL,
+            envelope.id, CONSUMER, envelope.type,
+            case.case_id, case.municipality, deps.rules.version, case.age_band.value, case.sector.value,
+            case.reported_by, envelope.correlationid, envelope.time, now,
+            [e.data.referral_id for e in created], [d.agency.value for d in decisions],
+            [d.office_id for d in decisions], [d.priority for d in decisions], [d.rule_id for d in decisions],
+            [",".join(d.matched_rules) for d in decisions], [d.legal_basis for d in decisions],
+            [d.deadline for d in decisions],
+            Topic.referral_events.value, envelope.subject, [e.id for e in created],
+            [e.to_json_bytes().decode() for e in created],
+            [orjson.dumps({"rule_id": d.rule_id, "rule_version": d.rule_version,
+                           "matched_rules": list(d.matched_rules),
+                           "deadline": d.deadline.isoformat()}).decode() for d in decisions],
+        )
+    opened = list(row["opened"])
+    by_id = {e.data.referral_id: e.data for e in created}
+    for rid in opened:
+        deps.on_opened(by_id[rid].agency.value, by_id[rid].priority)
     if opened:
         deps.wake_relay()
     return opened
 
 
-async def _open_referrals(deps: Deps, conn: asyncpg.Connection, env: Envelope,
-                          case: CaseIdentified) -> list[uuid.UUID]:
-    decisions = deps.rules.route(case, at=env.time)
-    opened = []
-    for d in decisions:
-        rid = referral_id_for(env.id, d.agency.value)
-        inserted = await conn.fetchval(
-            f"""insert into {SCHEMA}.referral(
-                    referral_id, case_id, municipality, agency, office_id, priority, rule_id,
-                    rule_version, matched_rules, legal_basis, age_band, sector, reported_by,
-                    source_event_id, correlation_id, identified_at, deadline, created_at, updated_at)
-                values($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$18)
-                on conflict (case_id, agency) do nothing returning 1""",
-            rid, case.case_id, case.municipality, d.agency.value, d.office_id, d.priority, d.rule_id,
-            d.rule_version, list(d.matched_rules), d.legal_basis, case.age_band.value,
-            case.sector.value, case.reported_by, env.id, env.correlationid, env.time, d.deadline,
-            deps.clock(),
-        )
-        if not inserted:
-            continue  # this case already has a referral to that agency
-        data = ReferralCreated(
-            referral_id=rid, case_id=case.case_id, municipality=case.municipality, agency=d.agency,
-            office_id=d.office_id, rule_id=d.rule_id, rule_version=d.rule_version,
-            priority=d.priority, deadline=d.deadline, legal_basis=d.legal_basis,
-            age_band=case.age_band, sector=case.sector, reported_by=case.reported_by,
-        )
-        out = env.follow(data, source=SERVICE)
-        await append(conn, schema=SCHEMA, topic=Topic.referral_events, envelope=out)
-        await _history(conn, rid, actor=SERVICE, action="created", from_status=None,
-                       to_status=ReferralStatus.pending, event_id=out.id,
-                       detail={"rule_id": d.rule_id, "rule_version": d.rule_version,
-                               "matched_rules": list(d.matched_rules), "deadline": d.deadline.isoformat()})
-        deps.on_opened(d.agency.value, d.priority)
-        opened.append(rid)
-    return opened
+# One statement: inbox claim -> referrals (only if claimed; none twice per case and agency) ->
+# their history rows and outbox rows (only for the referrals actually inserted).
+_OPEN_SQL = f"""
+with claimed as (
+    insert into {SCHEMA}.inbox(event_id, consumer, event_type) values ($1, $2, $3)
+    on conflict do nothing returning 1
+), ref as (
+    insert into {SCHEMA}.referral(
+        referral_id, case_id, municipality, agency, office_id, priority, rule_id, rule_version,
+        matched_rules, legal_basis, age_band, sector, reported_by, source_event_id, correlation_id,
+        identified_at, deadline, created_at, updated_at)
+    select t.referral_id, $4, $5, t.agency, t.office_id, t.priority, t.rule_id, $6,
+           string_to_array(t.matched, ','), t.legal_basis, $7, $8, $9, $1, $10, $11, t.deadline, $12, $12
+    from unnest($13::uuid[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[],
+                $19::text[], $20::timestamptz[])
+         with ordinality as t(referral_id, agency, office_id, priority, rule_id, matched, legal_basis,
+                              deadline, ord)
+    where exists (select 1 from claimed)
+    order by t.ord
+    on conflict (case_id, agency) do nothing
+    returning referral_id
+), ob as (
+    insert into {SCHEMA}.outbox(event_id, topic, key, event_type, envelope)
+    select o.event_id, $21, $22, 'referral.created', o.envelope::jsonb
+    from unnest($13::uuid[], $23::uuid[], $24::text[]) with ordinality as o(referral_id, event_id, envelope, ord)
+    where o.referral_id in (select referral_id from ref)
+    order by o.ord
+    returning 1
+), hist as (
+    insert into {SCHEMA}.referral_history(referral_id, at, actor, action, from_status, to_status, detail, event_id)
+    select h.referral_id, $12, '{SERVICE}', 'created', null, 'pending', h.detail::jsonb, h.event_id
+    from unnest($13::uuid[], $23::uuid[], $25::text[]) as h(referral_id, event_id, detail)
+    where h.referral_id in (select referral_id from ref)
+    returning 1
+)
+select (select count(*) from claimed) as claimed,
+       array(select referral_id from ref) as opened,
+       (select count(*) from ob) as published,
+       (select count(*) from hist) as audited
+"""
 
 
 async def _history(conn: asyncpg.Connection, referral_id: uuid.UUID, *, actor: str, action: str,

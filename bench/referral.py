@@ -1,0 +1,142 @@
+"""Benchmark: case events per second routed into committed referrals (inbox claim + referrals +
+history + outbox rows in one transaction per event) by the referral service's faust worker,
+next to the bare faust baseline (`../shared/baselines/faust_baseline.py`) on the same broker in
+the same run. Prints both figures and the ratio (target >= 0.5).
+
+    .venv/bin/python -m bench.referral            # embedded Tansu + PostgreSQL
+    N=3000 BASELINE_N=10000 .venv/bin/python -m bench.referral
+    KAFKA_BOOTSTRAP_SERVERS=... DATABASE_URL=... .venv/bin/python -m bench.referral
+
+The referral figure counts from the first applied event to the N-th (so the worker's start and
+group join are not in it), as the baseline does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from services.referral.app import create_app
+from shared.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from shared.kafka import ensure_topics, make_producer
+from shared.settings import Settings
+from shared.topics import Topics
+from tests import builders
+from tests.apps import running
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE_DIR = Path(os.environ.get("BASELINE_DIR", ROOT.parent / "shared" / "baselines"))
+
+
+async def preload(settings: Settings, n: int) -> None:
+    topics = Topics(settings.topic_prefix)
+    producer = make_producer(settings, linger_ms=5)
+    await producer.start()
+    try:
+        futures = []
+        for i in range(n):
+            env = builders.envelope(builders.case_identified(
+                municipality=["prizren", "prishtine", "ferizaj", "gjakove"][i % 4]))
+            futures.append(await producer.send(topics.case_events, env.to_json_bytes(), key=env.key))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def referral_rate(settings: Settings, n: int) -> float:
+    await ensure_topics(settings)
+    await preload(settings, n)
+    app = create_app(settings)
+    async with running(app):
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            t0 = None
+            deadline = time.perf_counter() + 600
+            while time.perf_counter() < deadline:
+                try:
+                    done = await conn.fetchval("select count(*) from referral.inbox")
+                except asyncpg.UndefinedTableError:
+                    done = 0
+                if done and t0 is None:
+                    t0, first = time.perf_counter(), done
+                if done >= n:
+                    elapsed = time.perf_counter() - t0
+                    opened = await conn.fetchval("select count(*) from referral.referral")
+                    print(f"referral: {n} case events -> {opened} referrals", flush=True)
+                    return (n - first) / elapsed if elapsed > 0 else float("inf")
+                await asyncio.sleep(0.02)
+            raise SystemExit(f"only {done} of {n} events applied in time")
+        finally:
+            await conn.close()
+
+
+def baseline_rate(bootstrap: str, n: int) -> float:
+    env = {**os.environ, "BOOTSTRAP": bootstrap, "N": str(n), "FETCH_WAIT_MS": "20"}
+    faust = shutil.which("faust", path=str(Path(sys.executable).parent)) or "faust"
+    out = subprocess.run([faust, "-A", "faust_baseline", "worker", "-l", "warn"], cwd=BASELINE_DIR,
+                         env=env, capture_output=True, text=True, timeout=600)
+    m = re.search(r"faust_events_per_s=(\d+)", out.stdout + out.stderr)
+    if not m:
+        raise SystemExit(f"baseline printed no figure:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return float(m.group(1))
+
+
+async def new_database(admin_url: str) -> str:
+    name = "bench_" + uuid.uuid4().hex[:10]
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'create database "{name}"')
+    finally:
+        await conn.close()
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+async def main() -> None:
+    n = int(os.environ.get("N", "3000"))
+    baseline_n = int(os.environ.get("BASELINE_N", "10000"))
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    admin_db = os.environ.get("DATABASE_URL")
+    tmp = Path(tempfile.mkdtemp(prefix="clms-bench-"))
+    stops = []
+    try:
+        if not bootstrap:
+            broker = EmbeddedBroker(free_port(), tmp / "tansu.log").start()
+            stops.append(broker.stop)
+            bootstrap = broker.bootstrap
+        if not admin_db:
+            pg = EmbeddedPostgres(tmp / "pgdata", free_port(), durable=False).start()
+            stops.append(pg.stop)
+            admin_db = pg.url
+        tansu = "KAFKA_BOOTSTRAP_SERVERS" not in os.environ
+        settings = Settings(_env_file=None, KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+                            DATABASE_URL=await new_database(admin_db),
+                            CLMS_TOPIC_PREFIX=f"bench{uuid.uuid4().hex[:6]}.", CLMS_ENV="test",
+                            KAFKA_FETCH_MAX_WAIT_MS="20" if tansu else "100",
+                            KAFKA_REBALANCE_TIMEOUT_S="2", LOG_JSON="false", LOG_LEVEL="WARNING",
+                            REFERRAL_DEADLINE_POLL_S="1")
+        ours = await referral_rate(settings, n)
+        base = await asyncio.to_thread(baseline_rate, bootstrap, baseline_n)
+        print(f"referral_events_per_s={ours:.0f}")
+        print(f"faust_baseline_events_per_s={base:.0f}")
+        print(f"ratio={ours / base:.2f} (target >= 0.5)")
+    finally:
+        for stop in reversed(stops):
+            try:
+                stop()
+            except Exception:  # noqa: BLE001
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
