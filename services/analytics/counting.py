@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -142,7 +142,13 @@ class CaseState:
                    notifications=dict(d["n"]), seen=list(d["s"]))
 
     def copy(self) -> "CaseState":
-        return CaseState.from_bytes(self.to_bytes())
+        return CaseState(
+            municipality=self.municipality, month=self.month, first_month=self.first_month,
+            identification=dict(self.identification) if self.identification is not None else None,
+            withdrawn=self.withdrawn, enrolled=self.enrolled, closed=self.closed,
+            referrals={k: replace(v) for k, v in self.referrals.items()},
+            notifications=dict(self.notifications), seen=list(self.seen),
+        )
 
 
 def _ts(t: datetime) -> float:

@@ -1,0 +1,183 @@
+"""Benchmark: events per second folded into the analytics tables by the analytics faust worker,
+and the time to rebuild every table, next to the bare faust baseline
+(`../shared/baselines/faust_baseline.py`) on the same broker in the same run.
+
+    .venv/bin/python -m bench.analytics                 # embedded Tansu
+    N=20000 BASELINE_N=10000 .venv/bin/python -m bench.analytics
+    KAFKA_BOOTSTRAP_SERVERS=... .venv/bin/python -m bench.analytics
+
+What is timed:
+- fold: a fresh deployment (new ANALYTICS_APP_ID) reads N preloaded events (per case:
+  case.identified, referral.created, referral.acknowledged, notification.sent, on the three
+  topics) from the beginning; events/s from the first applied event to the N-th, as the baseline
+  counts. This is also the "rebuild from the topics" path; the 1,000,000-event rebuild time is
+  extrapolated from it (1e6 / rate) unless N=1000000 is run.
+- restart: the same deployment started again recovers its table from the changelog (no topic
+  re-read); time from start to ready with identical counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from services.analytics.app import create_app
+from shared import events as ev
+from shared.embedded import EmbeddedBroker, free_port
+from shared.kafka import ensure_topics, make_producer
+from shared.settings import Settings
+from shared.topics import Topics
+from tests import builders
+from tests.apps import running
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE_DIR = Path(os.environ.get("BASELINE_DIR", ROOT.parent / "shared" / "baselines"))
+MUNIS = ["prizren", "prishtine", "ferizaj", "gjakove", "gjilan", "peje", "mitrovice", "decan"]
+
+
+def case_events(i: int) -> list[tuple[str, ev.Envelope]]:
+    muni = MUNIS[i % len(MUNIS)]
+    ident = builders.case_identified(municipality=muni)
+    cid, rid = ident.case_id, uuid.uuid4()
+    t0 = datetime.now(timezone.utc)
+    ref = dict(referral_id=rid, case_id=cid, municipality=muni, agency=ev.AgencyType.csw,
+               office_id=f"csw.{muni}")
+    wrap = lambda d, t=None: ev.Envelope.wrap(d, source="bench", subject=cid, time=t)  # noqa: E731
+    return [
+        ("case", wrap(ident, t0)),
+        ("referral", wrap(ev.ReferralCreated(**ref, rule_id="csw-every-child", rule_version=1,
+                                             priority="high", deadline=t0 + timedelta(hours=24),
+                                             legal_basis="x", age_band=ident.age_band,
+                                             sector=ident.sector, reported_by="police.x.duty"), t0)),
+        ("referral", wrap(ev.ReferralAcknowledged(**ref, actor=f"csw.{muni}.duty",
+                                                  from_status=ev.ReferralStatus.pending,
+                                                  to_status=ev.ReferralStatus.acknowledged,
+                                                  within_deadline=True), t0 + timedelta(seconds=60 + i % 3600))),
+        ("notification", wrap(ev.NotificationSent(notification_id=uuid.uuid4(), referral_id=rid, case_id=cid,
+                                                  recipient=f"csw.{muni}.duty", channel=ev.Channel.email,
+                                                  cause_event_type="referral.created", attempt=1))),
+    ]
+
+
+async def preload(settings: Settings, n: int) -> int:
+    topics = Topics(settings.topic_prefix)
+    names = {"case": topics.case_events, "referral": topics.referral_events,
+             "notification": topics.notification_events}
+    producer = make_producer(settings, linger_ms=5)
+    await producer.start()
+    sent = 0
+    try:
+        futures = []
+        i = 0
+        while sent < n:
+            for kind, e in case_events(i):
+                if sent >= n:
+                    break
+                futures.append(await producer.send(names[kind], e.to_json_bytes(), key=e.key))
+                sent += 1
+            i += 1
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return sent
+
+
+def applied(app) -> int:
+    from prometheus_client import REGISTRY  # noqa: F401 - the app has its own registry
+
+    total = 0
+    for metric in app.state.registry.collect():
+        if metric.name == "analytics_events_applied":
+            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+    return int(total)
+
+
+async def fold_rate(settings: Settings, n: int) -> tuple[float, dict]:
+    app = create_app(settings)
+    async with running(app):
+        t0, first = None, 0
+        deadline = time.perf_counter() + 3600
+        while time.perf_counter() < deadline:
+            done = applied(app)
+            if done and t0 is None:
+                t0, first = time.perf_counter(), done
+            if done >= n:
+                elapsed = time.perf_counter() - t0
+                return ((n - first) / elapsed if elapsed > 0 else float("inf")), dict(app.state.aggregate.counts)
+            await asyncio.sleep(0.02)
+        raise SystemExit(f"only {applied(app)} of {n} events folded in time")
+
+
+async def restart_time(settings: Settings, expected: dict) -> float:
+    t0 = time.perf_counter()
+    app = create_app(settings)
+    async with running(app) as client:
+        while True:
+            r = await client.get("/readyz")
+            if r.status_code == 200 and dict(app.state.aggregate.counts) == expected:
+                return time.perf_counter() - t0
+            if time.perf_counter() - t0 > 3600:
+                raise SystemExit("restart did not recover the same counts")
+            await asyncio.sleep(0.05)
+
+
+def baseline_rate(bootstrap: str, n: int) -> float:
+    env = {**os.environ, "BOOTSTRAP": bootstrap, "N": str(n), "FETCH_WAIT_MS": "20"}
+    faust = shutil.which("faust", path=str(Path(sys.executable).parent)) or "faust"
+    out = subprocess.run([faust, "-A", "faust_baseline", "worker", "-l", "warn"], cwd=BASELINE_DIR,
+                         env=env, capture_output=True, text=True, timeout=1800)
+    m = re.search(r"faust_events_per_s=(\d+)", out.stdout + out.stderr)
+    if not m:
+        raise SystemExit(f"baseline printed no figure:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return float(m.group(1))
+
+
+async def main() -> None:
+    n = int(os.environ.get("N", "20000"))
+    baseline_n = int(os.environ.get("BASELINE_N", "10000"))
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    tmp = Path(tempfile.mkdtemp(prefix="clms-bench-"))
+    stops = []
+    try:
+        if not bootstrap:
+            broker = EmbeddedBroker(free_port(), tmp / "tansu.log").start()
+            stops.append(broker.stop)
+            bootstrap = broker.bootstrap
+        tansu = "KAFKA_BOOTSTRAP_SERVERS" not in os.environ
+        settings = Settings(_env_file=None, KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+                            CLMS_TOPIC_PREFIX=f"bench{uuid.uuid4().hex[:6]}.", CLMS_ENV="test",
+                            KAFKA_FETCH_MAX_WAIT_MS="20" if tansu else "100",
+                            KAFKA_REBALANCE_TIMEOUT_S="2", LOG_JSON="false", LOG_LEVEL="WARNING",
+                            ANALYTICS_APP_ID=f"analytics-bench-{uuid.uuid4().hex[:6]}")
+        await ensure_topics(settings)
+        t = time.perf_counter()
+        n = await preload(settings, n)
+        print(f"preloaded {n} events in {time.perf_counter() - t:.1f}s", flush=True)
+        ours, counts = await fold_rate(settings, n)
+        print(f"analytics_events_per_s={ours:.0f}", flush=True)
+        restart = await restart_time(settings, counts)
+        base = await asyncio.to_thread(baseline_rate, bootstrap, baseline_n)
+        print(f"faust_baseline_events_per_s={base:.0f}")
+        print(f"ratio={ours / base:.2f} (target >= 0.5)")
+        print(f"rebuild_from_topics_1M_events_s={1_000_000 / ours:.0f} (extrapolated from N={n}; target < 300)")
+        print(f"restart_from_changelog_s={restart:.1f} (N={n} events, {len(counts)} counters)")
+    finally:
+        for stop in reversed(stops):
+            try:
+                stop()
+            except Exception:  # noqa: BLE001
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
