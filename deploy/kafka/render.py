@@ -168,7 +168,10 @@ def strimzi_users(access: dict) -> str:
             "kind": "KafkaUser",
             "metadata": {"name": name, "labels": {"strimzi.io/cluster": "clms"}},
             "spec": {
-                "authentication": {"type": "scram-sha-512"},
+                # the password is ours (Secret kafka-<service>, key password), shared with the
+                # Deployment and KEDA's TriggerAuthentication; Strimzi only applies it.
+                "authentication": {"type": "scram-sha-512", "password": {"valueFrom": {
+                    "secretKeyRef": {"name": f"kafka-{name}", "key": "password"}}}},
                 "authorization": {"type": "simple", "acls": rules},
             },
         })

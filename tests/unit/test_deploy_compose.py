@@ -1,0 +1,158 @@
+"""docker-compose.yml: healthchecks, start order, limits, non-root users, credentials per
+service, nothing plaintext or wide open on the host. (No Docker engine here: parsed, not run.)"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+APPS = ("intake", "referral", "notifications", "analytics")
+WITH_DB = ("intake", "referral", "notifications")
+
+
+def interpolate(value: str) -> str:
+    """Compose interpolation with defaults taken and required variables set to a real-looking value."""
+    return re.sub(r"\$\{[A-Z0-9_]+(?::-([^}]*))?(?::\?[^}]*)?\}",
+                  lambda m: m.group(1) if m.group(1) is not None else "set-in-dotenv-0123456789", value)
+
+
+def one_shot(name: str) -> bool:
+    return SERVICES[name].get("restart") == "no"
+
+
+def test_compose_parses_and_has_the_whole_stack():
+    for name in (*APPS, "kafka", "kafka-security", "kafka-topics", "postgres", "mailpit", "prometheus", "grafana"):
+        assert name in SERVICES, name
+    assert SERVICES["kafka"]["image"].startswith("apache/kafka:")
+    assert SERVICES["postgres"]["image"].startswith("postgres:16")
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+def test_every_service_has_healthcheck_limits_and_a_non_root_user(name):
+    svc = SERVICES[name]
+    if not one_shot(name):
+        hc = svc.get("healthcheck")
+        assert hc and hc.get("test") and not hc.get("disable"), f"{name}: no healthcheck"
+    limits = svc.get("deploy", {}).get("resources", {}).get("limits", {})
+    assert limits.get("memory") and limits.get("cpus"), f"{name}: no resource limits"
+    user = str(svc.get("user", "")).split(":")[0]
+    assert user and user not in ("root", "0"), f"{name}: runs as root"
+    assert "env_file" not in svc, f"{name}: env_file hands every secret to the container"
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+def test_depends_on_uses_conditions(name):
+    deps = SERVICES[name].get("depends_on", {})
+    assert isinstance(deps, dict), f"{name}: depends_on without conditions"
+    for dep, spec in deps.items():
+        assert dep in SERVICES
+        cond = spec["condition"]
+        assert cond in ("service_healthy", "service_completed_successfully", "service_started")
+        if one_shot(dep):
+            assert cond == "service_completed_successfully", (name, dep)
+        elif cond == "service_started":
+            assert name in ("prometheus",), f"{name} must wait for {dep} to be healthy"
+
+
+@pytest.mark.parametrize("name", APPS)
+def test_app_services_start_after_broker_security_topics_and_database(name):
+    deps = SERVICES[name]["depends_on"]
+    assert deps["kafka"]["condition"] == "service_healthy"
+    assert deps["kafka-security"]["condition"] == "service_completed_successfully"
+    assert deps["kafka-topics"]["condition"] == "service_completed_successfully"
+    if name in WITH_DB:
+        assert deps["postgres"]["condition"] == "service_healthy"
+    hc = " ".join(SERVICES[name]["healthcheck"]["test"])
+    port = getattr(Settings(_env_file=None), f"{name}_port")
+    assert f"127.0.0.1:{port}/healthz" in hc
+    assert SERVICES[name]["command"] == [name]  # the image's entrypoint is `clms serve`
+
+
+@pytest.mark.parametrize("name", APPS)
+def test_each_service_authenticates_as_its_own_principal(name):
+    env = SERVICES[name]["environment"]
+    access = yaml.safe_load((ROOT / "deploy/kafka/access.yaml").read_text())
+    assert env["KAFKA_SASL_USERNAME"] == name and name in access["principals"]
+    assert env["KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert env["KAFKA_SECURITY_PROTOCOL"].startswith("SASL_")
+    var = f"KAFKA_{name.upper()}_PASSWORD"
+    assert env["KAFKA_SASL_PASSWORD"].startswith("${" + var)
+    assert SERVICES["kafka-security"]["environment"][var].startswith("${" + var)
+    # no service holds another's Kafka password or the admin password
+    others = [v for k, v in env.items() if "KAFKA_" in str(v) and "PASSWORD" in str(v) and k != "KAFKA_SASL_PASSWORD"]
+    assert others == []
+    # settings accept the compose values and reach the client path
+    s = Settings(_env_file=None, **{k: interpolate(str(v)) for k, v in env.items()})
+    assert s.kafka_sasl_username == name and s.group_id(name) == name
+
+
+@pytest.mark.parametrize("name", WITH_DB)
+def test_each_service_uses_its_own_database_role(name):
+    url = urlsplit(SERVICES[name]["environment"]["DATABASE_URL"])
+    assert url.username == name and url.password == "${POSTGRES_%s_PASSWORD}" % name.upper()
+    roles = (ROOT / "deploy/postgres/roles.sql").read_text()
+    assert f"CREATE SCHEMA IF NOT EXISTS {name}" in roles and f"AUTHORIZATION {name};" in roles
+    assert "DATABASE_URL" not in SERVICES["analytics"]["environment"]
+
+
+def test_secrets_reach_only_the_services_that_use_them():
+    env = {n: SERVICES[n]["environment"] for n in APPS}
+    assert env["intake"]["ENCRYPTION_MASTER_KEY"].startswith("${ENCRYPTION_MASTER_KEY")
+    assert env["intake"]["CHILD_REF_KEY"].startswith("${CHILD_REF_KEY")
+    assert env["notifications"]["WEBHOOK_SECRET"].startswith("${WEBHOOK_SECRET")
+    for n in APPS:
+        for key, owner in (("ENCRYPTION_MASTER_KEY", "intake"), ("CHILD_REF_KEY", "intake"),
+                           ("WEBHOOK_SECRET", "notifications")):
+            if n != owner:
+                assert "${" not in env[n][key], f"{n} must not receive {key}"
+    assert env["notifications"]["SMTP_HOST"] == "mailpit" and env["notifications"]["SMTP_PORT"] == "1025"
+
+
+def test_host_ports_are_loopback_only_and_kafka_exposes_no_plaintext_listener():
+    for name, svc in SERVICES.items():
+        for p in svc.get("ports", []):
+            assert str(p).startswith("127.0.0.1:"), f"{name} publishes {p} on every interface"
+    start = (ROOT / "deploy/kafka/start.sh").read_text()
+    listeners = dict(re.match(r"(\w+)://:(\d+)", item).groups()[::-1]
+                     for item in re.search(r"^listeners=(.+)$", start, re.M).group(1).split(","))
+    proto = dict(kv.split(":") for kv in re.search(r"^listener\.security\.protocol\.map=(.+)$", start, re.M).group(1).split(","))
+    for p in SERVICES["kafka"]["ports"]:
+        container_port = str(p).rsplit(":", 1)[1]
+        assert proto[listeners[container_port]] in ("SASL_PLAINTEXT", "SASL_SSL")
+
+
+def test_every_required_variable_has_an_example_and_examples_are_refused_in_production():
+    text = (ROOT / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert required <= set(example), required - set(example)
+    for var in required:
+        if var.endswith("PASSWORD"):
+            assert "change-me" in example[var], f"{var}: example must be an obvious placeholder"
+    with pytest.raises(ValueError):
+        Settings(_env_file=None, **{**{k: v for k, v in example.items() if k in (
+            "JWT_SECRET", "CHILD_REF_KEY", "ENCRYPTION_MASTER_KEY", "WEBHOOK_SECRET")}, "CLMS_ENV": "production"})
+
+
+def test_prometheus_scrapes_every_service_and_grafana_is_provisioned():
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    s = Settings(_env_file=None)
+    for name in APPS:
+        assert f"{name}:{getattr(s, f'{name}_port')}" in targets
+    import json
+
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/clms-overview.json").read_text())
+    assert dash["uid"] and dash["panels"]
+    ds = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert ds["datasources"][0]["url"] == "http://prometheus:9090"
