@@ -38,7 +38,7 @@ from shared.events import (
     ReferralStatus,
     Sector,
 )
-from shared.outbox import append, claim
+from shared.outbox import append
 from shared.topics import Topic
 
 SCHEMA = "referral"
@@ -112,19 +112,48 @@ async def apply_case_event(deps: Deps, *, envelope: Envelope) -> list[uuid.UUID]
 
     `case.identified` opens one referral per target agency: the inbox claim, the referral rows,
     their history rows and their `referral.created` outbox rows are ONE statement, so ONE
-    transaction (and one round trip): either the event is applied with everything it causes,
-    or not at all. A case that already has a referral to an agency gets no second one.
-    The other case.* events are recorded as applied and change nothing.
-    Anything else raises `UnexpectedEvent` (the worker dead-letters it).
+    transaction: either the event is applied with everything it causes, or not at all. A case
+    that already has a referral to an agency gets no second one. The other case.* events are
+    recorded as applied and change nothing. Anything else raises `UnexpectedEvent` (the worker
+    dead-letters it).
     """
-    if not envelope.type.startswith("case."):
-        raise UnexpectedEvent(f"type: {envelope.type} does not belong on case-events")
-    if not isinstance(envelope.data, CaseIdentified):
-        async with deps.pool.acquire() as conn:
-            await claim(conn, schema=SCHEMA, consumer=CONSUMER, envelope=envelope)
-        return []
+    return (await apply_case_events(deps, envelopes=[envelope]))[0]
+
+
+async def apply_case_events(deps: Deps, *, envelopes: list[Envelope]) -> list[list[uuid.UUID]]:
+    """Apply several case events in one transaction (one pipelined round trip), in order.
+
+    All or nothing: an error leaves none of them applied (the worker then applies them one by
+    one, so only the bad one is dead-lettered). Returns the referrals opened per event.
+    """
+    for env in envelopes:
+        if not env.type.startswith("case."):
+            raise UnexpectedEvent(f"type: {env.type} does not belong on case-events")
+    now = deps.clock()
+    batch = [_open_args(deps, env, now) for env in envelopes]
+    async with deps.pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetchmany(_OPEN_SQL, [args for args, _ in batch])
+    out = []
+    for row, (_, created) in zip(rows, batch, strict=True):
+        opened = list(row["opened"])
+        by_id = {e.data.referral_id: e.data for e in created}
+        for rid in opened:
+            deps.on_opened(by_id[rid].agency.value, by_id[rid].priority)
+        out.append(opened)
+    if any(out):
+        deps.wake_relay()
+    return out
+
+
+def _open_args(deps: Deps, envelope: Envelope, now: datetime) -> tuple[tuple, list[Envelope]]:
+    """Arguments of `_OPEN_SQL` for one event (empty arrays: only the inbox claim)."""
     case = envelope.data
-    decisions = deps.rules.route(case, at=envelope.time)
+    if isinstance(case, CaseIdentified):
+        decisions = deps.rules.route(case, at=envelope.time)
+        head = (case.case_id, case.municipality, case.age_band.value, case.sector.value, case.reported_by)
+    else:
+        decisions = []
+        head = (getattr(case, "case_id", None), getattr(case, "municipality", None), None, None, None)
     created = [
         envelope.follow(ReferralCreated(
             referral_id=referral_id_for(envelope.id, d.agency.value), case_id=case.case_id,
@@ -135,30 +164,22 @@ async def apply_case_event(deps: Deps, *, envelope: Envelope) -> list[uuid.UUID]
         ), source=SERVICE)
         for d in decisions
     ]
-    now = deps.clock()
-    async with deps.pool.acquire() as conn:
-        row = await conn.fetchrow(
-            _OPEN_SQL,
-            envelope.id, CONSUMER, envelope.type,
-            case.case_id, case.municipality, deps.rules.version, case.age_band.value, case.sector.value,
-            case.reported_by, envelope.correlationid, envelope.time, now,
-            [e.data.referral_id for e in created], [d.agency.value for d in decisions],
-            [d.office_id for d in decisions], [d.priority for d in decisions], [d.rule_id for d in decisions],
-            [",".join(d.matched_rules) for d in decisions], [d.legal_basis for d in decisions],
-            [d.deadline for d in decisions],
-            Topic.referral_events.value, envelope.subject, [e.id for e in created],
-            [e.to_json_bytes().decode() for e in created],
-            [orjson.dumps({"rule_id": d.rule_id, "rule_version": d.rule_version,
-                           "matched_rules": list(d.matched_rules),
-                           "deadline": d.deadline.isoformat()}).decode() for d in decisions],
-        )
-    opened = list(row["opened"])
-    by_id = {e.data.referral_id: e.data for e in created}
-    for rid in opened:
-        deps.on_opened(by_id[rid].agency.value, by_id[rid].priority)
-    if opened:
-        deps.wake_relay()
-    return opened
+    case_id, municipality, age_band, sector, reported_by = head
+    args = (
+        envelope.id, CONSUMER, envelope.type,
+        case_id, municipality, deps.rules.version, age_band, sector, reported_by,
+        envelope.correlationid, envelope.time, now,
+        [e.data.referral_id for e in created], [d.agency.value for d in decisions],
+        [d.office_id for d in decisions], [d.priority for d in decisions], [d.rule_id for d in decisions],
+        [",".join(d.matched_rules) for d in decisions], [d.legal_basis for d in decisions],
+        [d.deadline for d in decisions],
+        Topic.referral_events.value, envelope.subject, [e.id for e in created],
+        [e.to_json_bytes().decode() for e in created],
+        [orjson.dumps({"rule_id": d.rule_id, "rule_version": d.rule_version,
+                       "matched_rules": list(d.matched_rules),
+                       "deadline": d.deadline.isoformat()}).decode() for d in decisions],
+    )
+    return args, created
 
 
 # One statement: inbox claim -> referrals (only if claimed; none twice per case and agency) ->
@@ -172,8 +193,9 @@ with claimed as (
         referral_id, case_id, municipality, agency, office_id, priority, rule_id, rule_version,
         matched_rules, legal_basis, age_band, sector, reported_by, source_event_id, correlation_id,
         identified_at, deadline, created_at, updated_at)
-    select t.referral_id, $4, $5, t.agency, t.office_id, t.priority, t.rule_id, $6,
-           string_to_array(t.matched, ','), t.legal_basis, $7, $8, $9, $1, $10, $11, t.deadline, $12, $12
+    select t.referral_id, $4::uuid, $5::text, t.agency, t.office_id, t.priority, t.rule_id, $6,
+           string_to_array(t.matched, ','), t.legal_basis, $7::text, $8::text, $9::text, $1, $10, $11,
+           t.deadline, $12, $12
     from unnest($13::uuid[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[],
                 $19::text[], $20::timestamptz[])
          with ordinality as t(referral_id, agency, office_id, priority, rule_id, matched, legal_basis,

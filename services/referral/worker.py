@@ -1,5 +1,11 @@
 """The faust worker: clms.case-events -> referrals (through `StreamProcessor`), and the
-deadline scanner that runs next to it."""
+deadline scanner that runs next to it.
+
+Events are taken in small batches (`take_events`: faust acks them only after the batch is
+handled) and applied in one transaction; if that fails, the batch is handled again one event at
+a time through `StreamProcessor`, so a transient error is retried and only a bad event is
+dead-lettered. Undecodable messages never enter a batch.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,13 @@ from services.referral import service
 from shared.events import Envelope
 from shared.kafka import DeadLetter
 from shared.settings import Settings
-from shared.streams import StreamProcessor, envelope_topic, make_faust_app
+from shared.streams import StreamProcessor, Undecodable, envelope_topic, make_faust_app
 from shared.topics import Topic, Topics
 
 log = logging.getLogger("clms.referral.worker")
+
+BATCH_MAX = 200  # events per transaction at most
+BATCH_WITHIN_S = 0.01  # how long a batch waits to fill up (the latency a quiet stream adds)
 
 
 def build_worker(settings: Settings, deps: service.Deps,
@@ -32,10 +41,28 @@ def build_worker(settings: Settings, deps: service.Deps,
             log.info("opened %d referrals for case %s (event %s)", len(opened), envelope.subject,
                      envelope.id)
 
+    async def handle_batch(events: list) -> None:
+        batch = [e for e in events
+                 if not isinstance(e.value, Undecodable) and e.value.type.startswith("case.")]
+        if len(batch) > 1:
+            try:
+                opened = await service.apply_case_events(deps, envelopes=[e.value for e in batch])
+            except Exception as exc:  # noqa: BLE001 - handled again one by one, with the policy
+                log.warning("batch of %d case events failed (%s); applying one by one",
+                            len(batch), type(exc).__name__)
+            else:
+                if any(opened):
+                    log.info("opened %d referrals for %d case events", sum(map(len, opened)), len(batch))
+                handled = {id(e) for e in batch}
+                events = [e for e in events if id(e) not in handled]
+        for event in events:
+            await proc.process(event, handle)
+
     @app.agent(envelope_topic(app, topics, Topic.case_events), concurrency=1,
                name="referral.route-case-events")
     async def route_case_events(stream):  # noqa: ANN001 - faust stream
-        await proc.run(stream, handle)
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            await handle_batch(list(events))
 
     return app
 

@@ -3,6 +3,8 @@ referral.created events out, exactly once per (case, agency), poison dead-letter
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import asyncpg
 import pytest
 
@@ -44,12 +46,17 @@ async def test_case_events_open_one_referral_per_agency_once_and_poison_is_dead_
     update = builders.envelope(builders.one_of_each()[1].model_copy(update={"case_id": scrap.data.case_id}))
     # a valid envelope that does not belong on case-events: the handler refuses it
     wrong_topic = builders.envelope(builders.one_of_each()[5].model_copy(update={"case_id": scrap.data.case_id}))
+    # a valid envelope whose deadlines cannot be computed (year 9999): a handler error inside a
+    # batch, so the batch is applied again one by one and only this event is dead-lettered
+    far_future = builders.envelope(builders.case_identified(case_id=scrap.data.case_id),
+                                   time=datetime(9999, 12, 31, 23, 0, tzinfo=timezone.utc))
     same_key = scrap.key
     await produce(env, topics.case_events, [
         (same_key, scrap.to_json_bytes()),
         (same_key, scrap.to_json_bytes()),          # redelivered
         (same_key, b"{not json"),                   # poison
         (same_key, wrong_topic.to_json_bytes()),     # handler error
+        (same_key, far_future.to_json_bytes()),      # handler error inside a batch
         (same_key, update.to_json_bytes()),         # other case.* types: applied, no referral
         (trafficking.key, trafficking.to_json_bytes()),
     ])
@@ -94,15 +101,17 @@ async def test_case_events_open_one_referral_per_agency_once_and_poison_is_dead_
         (str(scrap.data.case_id), "csw"), (str(scrap.data.case_id), "education")}
     inbox = await db_rows(env, "select event_id, event_type from referral.inbox")
     assert {r["event_type"] for r in inbox} == {"case.identified", "case.updated"}
-    assert len(inbox) == 4
+    assert len(inbox) == 4, "the dead-lettered events are not recorded as applied"
     history = await db_rows(env, "select action, actor from referral.referral_history")
     assert len(history) == 8 and {h["action"] for h in history} == {"created"}
 
-    dlq = await read_all(env, topics.dead_letters, min_count=2)
+    dlq = await read_all(env, topics.dead_letters, min_count=3)
     letters = [DeadLetter.from_headers(r.headers, key=r.key, value=r.value) for r in dlq]
     assert [(lt.reason, lt.offset, lt.topic) for lt in letters] == [
-        ("invalid_json", 2, topics.case_events), ("handler_error", 3, topics.case_events)]
+        ("invalid_json", 2, topics.case_events), ("handler_error", 3, topics.case_events),
+        ("handler_error", 4, topics.case_events)]
     assert "referral.created does not belong on case-events" in letters[1].error
+    assert "OverflowError" in letters[2].error
     assert lt_group(letters) == env.group_id("referral")
 
     assert 'clms_referrals_opened_total{agency="csw",priority="high"}' in metrics
