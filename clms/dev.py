@@ -149,17 +149,21 @@ class Supervisor:
         for name in self.wanted:
             self.start_service(name)
 
-    def start_service(self, name: str) -> Child:
-        """Start (or restart) one service as `python -m services.<name>`."""
-        self.children = [c for c in self.children if c.name != name or c.proc.poll() is None]
-        port = service_port(self.settings, name)
-        log = open(self.log_dir / f"{name}.log", "ab")
+    def start_service(self, name: str, *, label: str | None = None, port: int | None = None) -> Child:
+        """Start (or restart) one service as `python -m services.<name>`. A second replica of a
+        service needs its own `label` and HTTP `port` (tests use this for rebalances)."""
+        label = label or name
+        self.children = [c for c in self.children if c.name != label or c.proc.poll() is None]
+        port = port or service_port(self.settings, name)
+        env = dict(self.env)
+        env[f"{name.upper()}_PORT"] = str(port)
+        log = open(self.log_dir / f"{label}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"], env=self.env,
+            [sys.executable, "-m", f"services.{name}"], env=env,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
-        child = Child(name, proc, f"http://{self.settings.host}:{port}")
+        child = Child(label, proc, f"http://{self.settings.host}:{port}")
         self.children.append(child)
         return child
 

@@ -30,7 +30,7 @@ async def test_migrations_apply_once_and_are_idempotent(env, tmp_path):
     conn = await asyncpg.connect(env.database_url)
     try:
         first = await migrate(conn, schema="svc", folder=tmp_path)
-        assert first == ["shared:001", "service:001", "service:002"]
+        assert first == ["shared:001", "shared:002", "service:001", "service:002"]
         assert await migrate(conn, schema="svc", folder=tmp_path) == []
         cols = {r["column_name"] for r in await conn.fetch(
             "select column_name from information_schema.columns where table_schema='svc' and table_name='cases'")}
@@ -59,7 +59,7 @@ async def test_concurrent_migrations_do_not_race(env, tmp_path):
             await conn.close()
 
     results = await asyncio.gather(one(), one(), one())
-    assert sorted(len(r) for r in results) == [0, 0, 2]
+    assert sorted(len(r) for r in results) == [0, 0, 3]
 
 
 async def test_outbox_relay_publishes_in_order_marks_rows_and_replays(env, tmp_path):
