@@ -79,7 +79,10 @@ async def migrate(conn: asyncpg.Connection, *, schema: str, folder: Path) -> lis
     applied_now: list[str] = []
     await conn.execute("select pg_advisory_lock($1)", lock_key)
     try:
-        await conn.execute(f"create schema if not exists {schema}")
+        # Only create the schema when it is missing: `create schema if not exists` needs CREATE on
+        # the database even when the schema exists, which a per-service role should not hold.
+        if not await conn.fetchval("select 1 from pg_namespace where nspname = $1", schema):
+            await conn.execute(f"create schema {schema}")
         await conn.execute(
             f"""create table if not exists {schema}.schema_migrations (
                     series text not null,

@@ -21,11 +21,9 @@ ALTER ROLE notifications WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLIC
   CONNECTION LIMIT 50 PASSWORD :'notifications_password';
 
 GRANT CONNECT, TEMPORARY ON DATABASE :"db" TO intake, referral, notifications;
--- shared.db.migrate runs `create schema if not exists <own schema>` at every start, and
--- PostgreSQL checks CREATE on the database before it looks for the schema: without this grant
--- the services cannot start. It lets a role create a new, empty schema of its own; it never
--- grants anything on another service's schema. (Drop it once migrate checks pg_namespace first.)
-GRANT CREATE ON DATABASE :"db" TO intake, referral, notifications;
+-- No CREATE on the database: the schemas are created here, owned by their service, and
+-- shared.db.migrate only creates a schema when pg_namespace does not have it yet.
+REVOKE CREATE ON DATABASE :"db" FROM PUBLIC;
 
 CREATE SCHEMA IF NOT EXISTS intake        AUTHORIZATION intake;
 CREATE SCHEMA IF NOT EXISTS referral      AUTHORIZATION referral;
