@@ -94,6 +94,8 @@ async def test_counts_funnel_suppression_and_redelivery(env):
     await _produce(env, topics.case_events, case_events, twice=range(0, len(case_events), 3))
     await _produce(env, topics.referral_events, referral_events, twice=range(0, len(referral_events), 3))
     await _produce(env, topics.notification_events, notification_events, twice=(0,))
+    # a poison message in the middle of a partition: dead-lettered, the partition keeps moving
+    await produce(env, topics.case_events, [(case_events[0].key, b"{not json")])
 
     coordinator = bearer(env, sub="coordinator.prizren", agency="coordinator", municipality="prizren",
                          roles=["coordinator"])
@@ -202,3 +204,4 @@ async def test_counts_funnel_suppression_and_redelivery(env):
         assert r.status_code == 200
         r = await client.get("/metrics")
         assert "analytics_events_duplicate_total" in r.text
+        assert 'analytics_dead_letters_total{reason="invalid_json"} 1.0' in r.text
