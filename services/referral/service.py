@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,7 +21,6 @@ from services.referral import states
 from services.referral.rules import RuleSet
 from shared.auth import Claims, Role
 from shared.events import (
-    AgeBand,
     AgencyType,
     CaseIdentified,
     DeclineReason,
@@ -36,7 +35,6 @@ from shared.events import (
     ReferralOutcome,
     ReferralOverdue,
     ReferralStatus,
-    Sector,
 )
 from shared.outbox import append
 from shared.topics import Topic
@@ -87,7 +85,6 @@ class Deps:
     on_opened: Callable[[str, str], None] = lambda agency, priority: None
     on_overdue: Callable[[str], None] = lambda agency: None
     on_action: Callable[[str], None] = lambda action: None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def referral_id_for(event_id: uuid.UUID, agency: str) -> uuid.UUID:
@@ -290,9 +287,6 @@ def scoped_filters(claims: Claims, f: Filters) -> Filters:
     return Filters(**{**f.__dict__, "agency": claims.agency, "municipality": muni})
 
 
-_COLUMNS = "r.*"
-
-
 async def list_referrals(deps: Deps, *, claims: Claims, filters: Filters) -> tuple[list[dict], Filters]:
     f = scoped_filters(claims, filters)
     where, args = [], []
@@ -302,7 +296,7 @@ async def list_referrals(deps: Deps, *, claims: Claims, filters: Filters) -> tup
         if value is not None:
             args.append(value)
             where.append(f"r.{column} = ${len(args)}")
-    sql = f"select {_COLUMNS} from {SCHEMA}.referral r"
+    sql = f"select r.* from {SCHEMA}.referral r"
     if where:
         sql += " where " + " and ".join(where)
     args += [f.limit, f.offset]
@@ -469,5 +463,3 @@ def to_public(row: dict) -> dict:
     out["actions"] = [a.value for a in states.legal_actions(row["status"]) if a is not states.Action.close]
     return out
 
-
-__all__ = ["AgeBand", "Sector"]  # re-exported vocab used by views

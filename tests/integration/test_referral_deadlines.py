@@ -69,6 +69,9 @@ async def test_an_overdue_referral_is_escalated_once_across_restarts(env):
             assert item["escalated_to"] == "coordinator.prizren" and item["escalation_reason"] == "overdue"
         not_overdue = (await client.get("/v1/referrals", params={"overdue": "false"}, headers=coordinator)).json()
         assert [i["agency"] for i in not_overdue["items"]] == ["education"]
+        metrics = (await client.get("/metrics")).text
+        assert 'clms_referrals_overdue_total{agency="police"} 1.0' in metrics
+        assert 'clms_referrals_overdue_total{agency="csw"} 1.0' in metrics
 
     # 4. and once more: nothing is escalated twice; answering late is recorded as late
     async with running(create_app(env, clock=clock)) as client:
