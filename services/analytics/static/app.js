@@ -16,7 +16,7 @@ const COLUMNS = ["population", "identified", "per_10000", "referred", "acknowled
   "completed", "withdrawn", "school_enrolled", "open_referrals", "overdue_referrals"];
 // identifications per 10,000 residents
 const BREAKS = [[0.5, "#fde0c5"], [1, "#facba6"], [2, "#f59e72"], [5, "#e8634a"], [Infinity, "#b3261e"]];
-const ZERO = "#eef1f4", HIDDEN = "#c9ced6", NODATA = "#ffffff";
+const ZERO = "#eef1f4", HIDDEN = "#9fb0c6", NODATA = "#ffffff";
 
 const svgNS = "http://www.w3.org/2000/svg";
 const paths = new Map(); // slug -> SVG path
