@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Annotated
 
@@ -29,6 +30,7 @@ def _deps(request: Request) -> service.Deps:
 Deps = Annotated[service.Deps, Depends(_deps)]
 
 router = APIRouter(prefix="/v1/referrals", tags=["referrals"])
+log = logging.getLogger("clms.referral.audit")
 
 _ERRORS = {
     401: {"description": "No or invalid bearer token"},
@@ -86,6 +88,9 @@ async def _act(deps: service.Deps, claims, referral_id: uuid.UUID, action: Actio
     try:
         row = await service.act(deps, claims=claims, referral_id=referral_id, action=action, **kw)
     except (service.NotFound, service.Forbidden, service.Conflict) as exc:
+        # refused attempts are audited too (ids and subjects only; accepted ones are in the history)
+        log.warning("referral %s refused: %s by %s (%s/%s): %s", action.value, referral_id, claims.sub,
+                    claims.agency.value, claims.municipality, type(exc).__name__)
         raise _http(exc) from None
     return Referral.model_validate(service.to_public(row))
 
