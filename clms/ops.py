@@ -24,7 +24,7 @@ from aiokafka.structs import ConsumerRecord
 
 from shared.db import migrate
 from shared.events import EnvelopeError, parse_envelope
-from shared.kafka import DeadLetter, make_admin, make_consumer, make_producer
+from shared.kafka import DeadLetter, PartitionLag, group_lag, make_admin, make_consumer, make_producer
 from shared.settings import Settings
 from shared.topics import Topic, Topics
 
@@ -191,26 +191,8 @@ async def replay_dead_letters(
 # --- lag ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class PartitionLag:
-    group: str
-    topic: str
-    partition: int
-    committed: int | None
-    end: int
-
-    @property
-    def lag(self) -> int:
-        return self.end - (self.committed or 0)
-
-
 async def consumer_lag(settings: Settings, groups: Iterable[str] = ()) -> list[PartitionLag]:
-    """Committed offset vs end offset for every consumer group of this deployment (prefix).
-
-    Committed offsets are fetched with a group member that never joins (OffsetFetch through
-    the group coordinator): the admin client's call for it does not decode on Tansu 0.6.0."""
-    topics = Topics(settings.topic_prefix)
-    ours = topics.all()
+    """Lag per partition for the given consumer groups, or every group of this deployment."""
     wanted = set(groups)
     if not wanted:
         admin = make_admin(settings)
@@ -220,34 +202,7 @@ async def consumer_lag(settings: Settings, groups: Iterable[str] = ()) -> list[P
         finally:
             await admin.close()
         wanted = {g for g in listed if g.startswith(settings.topic_prefix)}
-    rows: list[PartitionLag] = []
-    reader = make_consumer(settings, group=None)
-    await reader.start()
-    try:
-        tps = []
-        for name in ours:
-            parts = reader.partitions_for_topic(name)
-            if not parts:
-                await reader._client.force_metadata_update()
-                parts = reader.partitions_for_topic(name) or set()
-            tps += [TopicPartition(name, p) for p in sorted(parts)]
-        ends = await reader.end_offsets(tps)
-        for group in sorted(wanted):
-            member = make_consumer(settings, group=None, group_id=group)
-            await member.start()
-            try:
-                for tp in tps:
-                    committed = await member.committed(tp)
-                    if committed is None:
-                        continue
-                    rows.append(PartitionLag(group, tp.topic, tp.partition, committed, ends[tp]))
-            finally:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await member.stop()
-    finally:
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader.stop()
-    return rows
+    return await group_lag(settings, wanted)
 
 
 # --- trace -------------------------------------------------------------------------------------

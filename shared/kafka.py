@@ -89,6 +89,60 @@ async def send_envelope(producer: AIOKafkaProducer, topic: str, envelope: Envelo
     )
 
 
+# --- consumer lag -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    group: str
+    topic: str
+    partition: int
+    committed: int | None
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - (self.committed or 0)
+
+
+async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[PartitionLag]:
+    """Committed offset vs end offset on every registry topic for the given consumer groups
+    (full group ids). Committed offsets are fetched by a member that never joins (OffsetFetch
+    through the coordinator): the admin client's call for it does not decode on Tansu 0.6.0."""
+    import asyncio
+    import contextlib
+
+    from aiokafka import TopicPartition
+
+    rows: list[PartitionLag] = []
+    reader = make_consumer(settings, group=None)
+    await reader.start()
+    try:
+        tps = []
+        for name in Topics(settings.topic_prefix).all():
+            parts = reader.partitions_for_topic(name)
+            if not parts:
+                await reader._client.force_metadata_update()
+                parts = reader.partitions_for_topic(name) or set()
+            tps += [TopicPartition(name, p) for p in sorted(parts)]
+        ends = await reader.end_offsets(tps)
+        for group in sorted(groups):
+            member = make_consumer(settings, group=None, group_id=group)
+            await member.start()
+            try:
+                for tp in tps:
+                    committed = await member.committed(tp)
+                    if committed is not None:
+                        rows.append(PartitionLag(group, tp.topic, tp.partition, committed, ends[tp]))
+            finally:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await member.stop()
+    finally:
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader.stop()
+    return rows
+
+
 # --- dead letters ------------------------------------------------------------------------------
 
 DLQ_HEADER_TOPIC = "dlq_original_topic"
@@ -154,3 +208,6 @@ async def dead_letter(producer: AIOKafkaProducer, topics: Topics, letter: DeadLe
     await producer.send_and_wait(
         topics.dead_letters, letter.value, key=letter.key, headers=letter.headers()
     )
+    from shared.metrics import DEAD_LETTERS
+
+    DEAD_LETTERS.labels(letter.group, letter.topic, letter.reason).inc()

@@ -23,6 +23,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from shared.events import Envelope
+from shared.metrics import PRODUCED
 from shared.topics import Topic, Topics
 
 log = logging.getLogger("clms.outbox")
@@ -138,6 +139,8 @@ class OutboxRelay:
                 [r["seq"] for r in rows],
             )
         self.published_total += len(rows)
+        for r in rows:
+            PRODUCED.labels(self.schema, r["topic"], r["event_type"]).inc()
         if self.on_published:
             self.on_published(len(rows))
         return len(rows)

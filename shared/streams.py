@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from faust.serializers.schemas import Schema
 from shared.events import Envelope, EnvelopeError, parse_envelope
 from shared.kafka import DeadLetter, classify_error
 from shared.logs import bound_to_envelope
+from shared.metrics import CONSUMED, DEAD_LETTERS, PROCESSING
 from shared.settings import Settings
 from shared.topics import Topic, Topics
 
@@ -182,6 +184,7 @@ class StreamProcessor:
             "dead-lettered message from %s[%d]@%d: %s",
             letter.topic, letter.partition, letter.offset, letter.reason,
         )
+        DEAD_LETTERS.labels(self.group, letter.topic, letter.reason).inc()
         if self.on_dead_letter:
             self.on_dead_letter(letter)
 
@@ -200,16 +203,21 @@ class StreamProcessor:
 
         if isinstance(value, Undecodable):
             await self.dead_letter(letter(value.reason, value.error))
+            CONSUMED.labels(self.group, msg.topic, "undecodable", "dead_lettered").inc()
             return
+        started = time.perf_counter()
         with bound_to_envelope(value):
-            await self._handle(value, handler, letter)
+            outcome = await self._handle(value, handler, letter)
+        CONSUMED.labels(self.group, msg.topic, value.type, outcome).inc()
+        PROCESSING.labels(self.group, msg.topic, value.type).observe(time.perf_counter() - started)
 
-    async def _handle(self, value: Envelope, handler: Handler, letter: Callable[[str, str], DeadLetter]) -> None:
+    async def _handle(self, value: Envelope, handler: Handler, letter: Callable[[str, str], DeadLetter]) -> str:
         backoff = 0.1
+        retried = False
         while True:
             try:
                 await handler(value)
-                return
+                return "retried" if retried else "applied"
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the policy is the point of this loop
@@ -218,7 +226,8 @@ class StreamProcessor:
                                 value.type, value.id, backoff, type(exc).__name__)
                     await asyncio.sleep(backoff)
                     backoff = min(self.max_backoff_s, backoff * 2)
+                    retried = True
                     continue
                 log.exception("handler failed for %s %s; dead-lettering", value.type, value.id)
                 await self.dead_letter(letter("handler_error", f"{type(exc).__name__}: {exc}"[:1000]))
-                return
+                return "dead_lettered"

@@ -14,11 +14,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.logs import bound, new_correlation_id
+from shared.metrics import STREAMS, Sampler
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]  # returns None when ready, else why not
 
 
-def ops_router(*, registry: CollectorRegistry, checks: dict[str, ReadinessCheck]) -> APIRouter:
+def ops_router(*, registry: CollectorRegistry, checks: dict[str, ReadinessCheck],
+               samplers: list[Sampler] | None = None) -> APIRouter:
+    """/healthz (alive), /readyz (every check passes), /metrics (the service's registry and the
+    shared stream metrics; `samplers` refresh gauges such as lag and outbox backlog first)."""
     router = APIRouter(tags=["operations"])
 
     @router.get("/healthz", summary="The process is alive")
@@ -41,7 +45,9 @@ def ops_router(*, registry: CollectorRegistry, checks: dict[str, ReadinessCheck]
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        for sample in samplers or ():
+            await sample()
+        return Response(generate_latest(registry) + generate_latest(STREAMS), media_type=CONTENT_TYPE_LATEST)
 
     return router
 
