@@ -89,6 +89,19 @@ async def send_envelope(producer: AIOKafkaProducer, topic: str, envelope: Envelo
     )
 
 
+async def broker_ready(producer: AIOKafkaProducer | None, timeout_s: float = 2.0) -> str | None:
+    """Readiness check: None when the broker answers a metadata request, else why not."""
+    import asyncio
+
+    if producer is None:
+        return "not started"
+    try:
+        await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout_s)
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return f"broker unreachable ({type(exc).__name__})"
+    return None
+
+
 # --- consumer lag -------------------------------------------------------------------------------
 
 
@@ -130,9 +143,12 @@ async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[Pa
             member = make_consumer(settings, group=None, group_id=group)
             await member.start()
             try:
-                for tp in tps:
-                    committed = await member.committed(tp)
-                    if committed is not None:
+                found = [(tp, await member.committed(tp)) for tp in tps]
+                # a topic the group consumes is one where it committed somewhere; its partitions
+                # without a commit yet count from offset 0
+                consumed = {tp.topic for tp, c in found if c is not None}
+                for tp, committed in found:
+                    if tp.topic in consumed:
                         rows.append(PartitionLag(group, tp.topic, tp.partition, committed, ends[tp]))
             finally:
                 with contextlib.suppress(asyncio.CancelledError):

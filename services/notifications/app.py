@@ -25,6 +25,8 @@ from shared.outbox import OutboxRelay
 from shared.settings import Settings
 from shared.streams import make_faust_app
 from shared.topics import Topics
+from shared.kafka import broker_ready
+from shared.metrics import lag_sampler, outbox_sampler
 from shared.web import install_error_handlers, ops_router
 
 log = logging.getLogger("clms.notifications")
@@ -59,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
             await service.seed_if_empty(conn)
         producer = make_producer(settings)
         await producer.start()
+        st.producer = producer
         st.relay = OutboxRelay(pool=st.pool, schema=service.SCHEMA, producer=producer, topics=topics,
                                poll_interval_s=settings.outbox_poll_interval_s,
                                batch_size=settings.outbox_batch_size)
@@ -124,7 +127,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.verifier = Verifier(settings)
     app.state.notifications = st
     install_error_handlers(app)
-    app.include_router(ops_router(registry=registry, checks={"database": check_db, "workers": check_tasks}))
+    app.include_router(ops_router(
+        registry=registry,
+        checks={"database": check_db, "broker": lambda: broker_ready(getattr(st, "producer", None)),
+                "workers": check_tasks},
+        samplers=[outbox_sampler(lambda: st.pool, service.SCHEMA),
+                  lag_sampler(settings, [settings.group_id("notifications")])],
+    ))
     app.include_router(views.router)
     return app
 

@@ -22,6 +22,8 @@ from shared.kafka import DeadLetter, make_producer
 from shared.outbox import OutboxRelay, backlog
 from shared.settings import Settings
 from shared.topics import Topics
+from shared.kafka import broker_ready
+from shared.metrics import lag_sampler, outbox_sampler
 from shared.web import install_error_handlers, ops_router
 
 log = logging.getLogger("clms.referral")
@@ -80,6 +82,7 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
         pool = await service_pool(settings)
         state["pool"] = pool
         producer = make_producer(settings)
+        state["producer"] = producer
         worker = None
         tasks: dict[str, asyncio.Task] = {}
         try:
@@ -137,7 +140,12 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
     app.state.metrics = metrics
     app.state.registry = registry
     install_error_handlers(app)
-    app.include_router(ops_router(registry=registry, checks={"database": check_db, "worker": check_tasks}))
+    app.include_router(ops_router(
+        registry=registry,
+        checks={"database": check_db, "broker": lambda: broker_ready(state.get("producer")), "worker": check_tasks},
+        samplers=[outbox_sampler(lambda: state.get("pool"), service.SCHEMA),
+                  lag_sampler(settings, [settings.group_id(service.SERVICE)])],
+    ))
     app.include_router(router)
     return app
 
