@@ -115,7 +115,9 @@ class PartitionLag:
 
     @property
     def lag(self) -> int:
-        return self.end - (self.committed or 0)
+        # Clamped: Tansu 0.6.0 can report a log end offset below a committed offset after
+        # multi-record batches (README, embedded broker limits).
+        return max(0, self.end - (self.committed or 0))
 
 
 async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[PartitionLag]:

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from datetime import date, timedelta
 
 import httpx
@@ -32,6 +35,7 @@ CHILD = {"given_name": "Qendresa", "family_name": "Xhemajlitestaj"}
 GUARDIAN = {"name": "Mirlindatest Xhemajlitestaj", "relationship": "mother", "phone": "+383 44 987 654"}
 NOTES = "Seen near the Lumbardhi bridge with a cart, Rruga e Testimit 17"
 DOB = (date.today() - timedelta(days=12 * 365 + 100)).isoformat()
+JOURNEY: dict[str, str] = {}  # what the first journey created, for the operator tests below
 PERSONAL_VALUES = [CHILD["given_name"], CHILD["family_name"], GUARDIAN["name"], "987 654", "Lumbardhi", DOB,
                    "Inboundtestova", "Rexhepitestaj"]
 
@@ -92,6 +96,7 @@ async def test_police_identification_in_prizren_reaches_both_agencies_their_offi
                               headers={**police, "Idempotency-Key": str(uuid.uuid4())})
         assert r.status_code == 201, r.text
         case_id = r.json()["case_id"]
+        JOURNEY["case_id"] = case_id
 
         async def both_referrals():
             items = await referrals_of(client, system, municipality="prizren", case_id=case_id)
@@ -200,3 +205,65 @@ async def test_no_personal_data_on_any_topic_or_in_any_log_line(system):
         text = path.read_text(errors="replace")
         leaked = [v for v in PERSONAL_VALUES if v in text]
         assert not leaked, f"{leaked} found in {path.name}"
+
+
+def clms(system: System, *args: str) -> subprocess.CompletedProcess:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": system.settings.kafka_bootstrap_servers,
+           "DATABASE_URL": system.settings.database_url, "CLMS_TOPIC_PREFIX": system.settings.topic_prefix,
+           "PATH": "/usr/bin:/bin", "COLUMNS": "250",
+           **{k: str(getattr(system.settings, f"{s}_port")) for k, s in
+              (("INTAKE_PORT", "intake"), ("REFERRAL_PORT", "referral"), ("NOTIFICATIONS_PORT", "notifications"),
+               ("ANALYTICS_PORT", "analytics"))}}
+    return subprocess.run([str(Path(sys.executable).with_name("clms")), *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+async def test_clms_trace_tells_the_story_of_the_prizren_case(system):
+    case_id = JOURNEY.get("case_id")
+    assert case_id, "runs after the Prizren journey"
+    out = clms(system, "trace", case_id)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if "│" in ln and ("case." in ln or "referral." in ln
+                                                                    or "notification." in ln)]
+    types = [next(t for t in ln.split("│") if "." in t and t.strip().split(".")[0] in
+                  ("case", "referral", "notification")).strip() for ln in lines]
+    assert types[0] == "case.identified", out.stdout
+    for later in ("referral.created", "notification.sent", "referral.acknowledged", "referral.accepted",
+                  "referral.completed"):
+        assert later in types, f"{later} missing from the story:\n{out.stdout}"
+    assert types.index("referral.created") < types.index("referral.acknowledged") \
+        < types.index("referral.accepted") < types.index("referral.completed")
+    assert "referral" in out.stdout and "notifications" in out.stdout and "police/prizren" in out.stdout
+    print(f"\n[e2e] clms trace: {len(types)} events, {types[0]} -> {types[-1]}")
+
+
+async def test_clms_lag_and_status_while_a_worker_is_down_and_after(system):
+    status = clms(system, "status")
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.count("ready") >= 4, status.stdout
+
+    system.kill("notifications")
+    try:
+        async with httpx.AsyncClient(timeout=20) as client:
+            police = system.headers(sub="police.peje.duty", agency="police", municipality="peje", roles=["reporter"])
+            for _ in range(3):
+                r = await client.post(f"{system.url('intake')}/v1/identifications", json=identification("peje"),
+                                      headers=police)
+                assert r.status_code == 201, r.text
+
+        def notifications_lag() -> int:
+            out = clms(system, "lag")
+            assert out.returncode == 0, out.stderr
+            total = 0
+            for ln in out.stdout.splitlines():
+                cells = [c.strip() for c in ln.split("│")]
+                if len(cells) >= 7 and cells[1].endswith("notifications") and "referral-events" in cells[2]:
+                    total += int(cells[6])
+            return total
+
+        behind = await wait_until(notifications_lag, timeout_s=60, what="notifications lag to show", interval_s=1)
+        assert behind > 0
+    finally:
+        system.restart("notifications")
+    await wait_until(lambda: notifications_lag() == 0, timeout_s=90, what="notifications to catch up", interval_s=1)
+    print(f"\n[e2e] clms lag: notifications {behind} behind while stopped, 0 after restart")
