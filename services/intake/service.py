@@ -142,15 +142,32 @@ async def _audit(conn: asyncpg.Connection, *, actor: Actor, action: str, outcome
     )
 
 
-def _lock_key(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
-
-
 def request_hash(request: IdentificationRequest) -> str:
     return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
 
 
 # --- identification -------------------------------------------------------------------------------
+
+_INSERT_CASE = f"""
+with c as (
+    insert into {SCHEMA}.cases(case_id, child_ref, linked_case_id, municipality, identified_on,
+        report_source, reporter_agency, reporter_municipality, reported_by, channel,
+        age_at_identification, age_band, compulsory_school_age, sex, community, school_status,
+        sector, activity, hazardous, worst_form, employer_involved, pii_ciphertext)
+    values($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22)
+    returning case_id
+), k as (
+    insert into {SCHEMA}.case_keys(case_id, wrapped_key, master_key_id) select case_id, $23, $24 from c
+), h as (
+    insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency)
+    select $25, case_id, $26, $9, $7 from c
+), a as (
+    insert into {SCHEMA}.audit(actor, actor_agency, actor_municipality, action, outcome, case_id, client_addr, channel)
+    select $9, $7, $8, 'case.create', 'ok', case_id, $27, $10 from c
+)
+insert into {SCHEMA}.outbox(event_id, topic, key, event_type, envelope)
+select $25, $28, case_id::text, $26, $29::jsonb from c
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +203,7 @@ async def identify(
     age = request.age
     worst = rules.is_worst_form(request.work.sector, request.work.activity)
     digest = request_hash(request)
+    sealed = intake.cipher.seal(case_id, orjson.dumps(request.personal()))
 
     async with intake.pool.acquire() as conn, conn.transaction():
         if inbox_id is not None:
@@ -200,10 +218,8 @@ async def identify(
                 return Identified(IdentificationAccepted(
                     case_id=case_id, child_ref=(row and row["child_ref"]) or ref,
                     linked_case_id=row and row["linked_case_id"]), replayed=True)
-        # serialise identifications of one child so the second one always sees the first
-        await conn.execute("select pg_advisory_xact_lock($1)", _lock_key("clms-child-ref:" + ref))
-        linked = await conn.fetchval(
-            f"select case_id from {SCHEMA}.cases where child_ref = $1 order by created_at, case_id limit 1", ref)
+        # serialised per child (advisory lock inside), so the second of two simultaneous reports links
+        linked = await conn.fetchval(f"select {SCHEMA}.first_case_of($1)", ref)
         answer = IdentificationAccepted(case_id=case_id, child_ref=ref, linked_case_id=linked)
         if idempotency_key is not None:
             inserted = await conn.fetchval(
@@ -224,24 +240,7 @@ async def identify(
                 await _audit(conn, actor=actor, action="case.create", outcome="replayed", case_id=previous.case_id)
                 return Identified(previous, replayed=True)
 
-        sealed = intake.cipher.seal(case_id, orjson.dumps(request.personal()))
         child = request.child
-        await conn.execute(
-            f"""insert into {SCHEMA}.cases(case_id, child_ref, linked_case_id, municipality, identified_on,
-                    report_source, reporter_agency, reporter_municipality, reported_by, channel,
-                    age_at_identification, age_band, compulsory_school_age, sex, community, school_status,
-                    sector, activity, hazardous, worst_form, employer_involved, pii_ciphertext)
-                values($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22)""",
-            case_id, ref, linked, request.municipality, request.identified_on, request.report_source.value,
-            actor.agency.value, actor.municipality, actor.sub, actor.channel, age,
-            rules.age_band(age).value, rules.is_compulsory_school_age(age), child.sex.value,
-            child.community.value, child.school_status.value, request.work.sector.value,
-            request.work.activity, request.work.hazardous, worst, request.work.employer_involved,
-            sealed.ciphertext,
-        )
-        await conn.execute(
-            f"insert into {SCHEMA}.case_keys(case_id, wrapped_key, master_key_id) values($1, $2, $3)",
-            case_id, sealed.wrapped_key, sealed.master_key_id)
         data = CaseIdentified(
             case_id=case_id, municipality=request.municipality, child_ref=ref, linked_case_id=linked,
             identified_on=request.identified_on, reporter_agency=actor.agency,
@@ -253,11 +252,18 @@ async def identify(
         )
         envelope = Envelope.wrap(data, source=actor.source, subject=case_id,
                                  correlationid=correlationid, causationid=causationid)
+        # One statement, one round trip: case, wrapped key, history, audit and outbox rows
+        # (the outbox columns are those of shared.outbox.append).
         await conn.execute(
-            f"insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency) values($1,$2,$3,$4,$5)",
-            envelope.id, case_id, envelope.type, actor.sub, actor.agency.value)
-        await _audit(conn, actor=actor, action="case.create", outcome="ok", case_id=case_id)
-        await outbox.append(conn, schema=SCHEMA, topic=Topic.case_events, envelope=envelope)
+            _INSERT_CASE,
+            case_id, ref, linked, request.municipality, request.identified_on, request.report_source.value,
+            actor.agency.value, actor.municipality, actor.sub, actor.channel, age,
+            rules.age_band(age).value, rules.is_compulsory_school_age(age), child.sex.value,
+            child.community.value, child.school_status.value, request.work.sector.value,
+            request.work.activity, request.work.hazardous, worst, request.work.employer_involved,
+            sealed.ciphertext, sealed.wrapped_key, sealed.master_key_id,
+            envelope.id, envelope.type, actor.client_addr, Topic.case_events.value, envelope.to_json_bytes().decode(),
+        )
     intake.on_commit()
     return Identified(answer)
 

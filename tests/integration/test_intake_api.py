@@ -327,3 +327,16 @@ async def test_clms_erase_command_erases_one_case(env):
         assert (await client.get(f"/v1/cases/{keep}", headers=police(env))).json()["personal"]["given_name"] == "Arbër"
     rows = await audit_rows(env, uuid.UUID(gone))
     assert any(r["action"] == "case.erase" and r["actor"] == "ops.anna" and r["channel"] == "cli" for r in rows)
+
+
+async def test_simultaneous_reports_of_one_child_all_link_to_the_first(env):
+    import asyncio
+
+    async with running(create_app(env, run_consumer=False, run_relay=False)) as client:
+        answers = await asyncio.gather(*(
+            client.post("/v1/identifications", json=identification(), headers=police(env)) for _ in range(6)))
+    bodies = [a.json() for a in answers]
+    assert all(a.status_code == 201 for a in answers)
+    first = [b for b in bodies if b["linked_case_id"] is None]
+    assert len(first) == 1
+    assert all(b["linked_case_id"] == first[0]["case_id"] for b in bodies if b is not first[0])

@@ -21,7 +21,7 @@ MAX_EXAMPLES = 30  # per operation and generation mode
 def generate(operation, mode: GenerationMode, **fixed) -> list:
     out: list = []
 
-    @settings(max_examples=MAX_EXAMPLES, database=None, deadline=None, phases=[Phase.generate],
+    @settings(max_examples=MAX_EXAMPLES, database=None, deadline=None, phases=[Phase.generate], derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(operation.as_strategy(mode, **fixed))
     def collect(case) -> None:
@@ -70,4 +70,5 @@ async def test_schemathesis_finds_no_server_error(env):
                                 f"{response.text[:200]} | {case.as_curl_command()[:400]}")
         print("status counts:", dict(sorted(statuses.items())))
         assert not failures, "\n".join(failures[:5])
-        assert statuses.get(201, 0) > 0 and statuses.get(422, 0) > 0  # the fuzzing reached both paths
+        # the fuzzing reached the success paths as well as the validation errors
+        assert sum(n for code, n in statuses.items() if code < 300) > 0 and statuses.get(422, 0) > 0
