@@ -367,6 +367,10 @@ class Envelope(BaseModel):
     schemaversion: int = SCHEMA_VERSION
     correlationid: str = Field(min_length=1, max_length=100)
     causationid: str | None = Field(None, max_length=100)
+    traceparent: str | None = Field(
+        None, pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        description="W3C trace context (CloudEvents distributed-tracing extension), carried as received",
+    )
     data: SerializeAsAny[EventData]
 
     @model_validator(mode="before")
@@ -412,8 +416,14 @@ class Envelope(BaseModel):
         causationid: str | uuid.UUID | None = None,
         id: uuid.UUID | None = None,
         time: datetime | None = None,
+        traceparent: str | None = None,
     ) -> "Envelope":
+        """A new event. Correlation id and trace context default to the ones bound to the
+        current request or event (`shared.logs`), so callers rarely pass them."""
+        from shared.logs import current_correlation_id, current_traceparent
+
         event_id = id or uuid.uuid4()
+        correlationid = correlationid or current_correlation_id()
         return cls(
             id=event_id,
             source=source,
@@ -423,6 +433,7 @@ class Envelope(BaseModel):
             dataschema=dataschema_for(data.event_type),
             correlationid=str(correlationid or event_id),
             causationid=str(causationid) if causationid else None,
+            traceparent=traceparent or current_traceparent(),
             data=data,
         )
 
@@ -436,6 +447,7 @@ class Envelope(BaseModel):
             correlationid=self.correlationid,
             causationid=self.id,
             id=id,
+            traceparent=self.traceparent,
         )
 
     @property
@@ -456,6 +468,7 @@ class Envelope(BaseModel):
             ("ce_type", self.type.encode()),
             ("ce_source", self.source.encode()),
             ("correlation_id", self.correlationid.encode()),
+            *([("traceparent", self.traceparent.encode())] if self.traceparent else []),
         ]
 
 

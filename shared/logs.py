@@ -53,11 +53,16 @@ def bound(**fields: Any) -> Iterator[None]:
 def bound_to_envelope(envelope: Any) -> contextlib.AbstractContextManager[None]:
     """Log context for handling one event: its id, case id (subject) and correlation id."""
     return bound(event_id=envelope.id, event_type=envelope.type, case_id=envelope.subject,
-                 correlation_id=envelope.correlationid)
+                 correlation_id=envelope.correlationid, traceparent=getattr(envelope, "traceparent", None))
 
 
 def new_correlation_id() -> str:
     return str(uuid.uuid4())
+
+
+def current_traceparent() -> str | None:
+    """The W3C trace context bound to this request or event, if any."""
+    return structlog.contextvars.get_contextvars().get("traceparent")
 
 
 def current_correlation_id() -> str | None:

@@ -57,6 +57,7 @@ def _headers(row: asyncpg.Record, env: dict[str, Any]) -> list[tuple[str, bytes]
         ("ce_type", row["event_type"].encode()),
         ("ce_source", str(env.get("source", "")).encode()),
         ("correlation_id", str(env.get("correlationid", "")).encode()),
+        *([("traceparent", str(env["traceparent"]).encode())] if env.get("traceparent") else []),
     ]
 
 

@@ -58,6 +58,7 @@ def _loc(err: dict) -> str:
 
 
 _CORRELATION = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 class CorrelationMiddleware:
@@ -70,9 +71,11 @@ class CorrelationMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((v.decode("latin-1") for k, v in scope.get("headers", ())
-                      if k == b"x-correlation-id"), "")
+        headers = dict(scope.get("headers", ()))
+        given = headers.get(b"x-correlation-id", b"").decode("latin-1")
         cid = given if _CORRELATION.match(given) else new_correlation_id()
+        trace = headers.get(b"traceparent", b"").decode("latin-1").strip().lower()
+        trace = trace if _TRACEPARENT.match(trace) else None
 
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -80,7 +83,7 @@ class CorrelationMiddleware:
                 message["headers"] = [*message["headers"], (b"x-correlation-id", cid.encode())]
             await send(message)
 
-        with bound(correlation_id=cid):
+        with bound(correlation_id=cid, traceparent=trace):
             await self.app(scope, receive, send_with_header)
 
 

@@ -62,3 +62,31 @@ async def test_every_request_gets_a_correlation_id_bound_to_its_logs():
         fresh = await c.get("/x", headers={"X-Correlation-Id": "bad value with spaces"})
         assert fresh.json()["cid"] == fresh.headers["x-correlation-id"] != "bad value with spaces"
     assert current_correlation_id() is None
+
+
+async def test_trace_context_from_the_request_travels_into_events_and_kafka_headers():
+    import httpx
+    from fastapi import FastAPI
+
+    from shared.events import Envelope
+    from shared.web import install_error_handlers
+    from tests import builders
+
+    app = FastAPI()
+    install_error_handlers(app)
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+    @app.post("/identify")
+    async def identify() -> dict:
+        first = Envelope.wrap(builders.case_identified(), source="police/prizren", subject="c1")
+        later = first.follow(builders.one_of_each()[1], source="referral")
+        return {"first": first.to_dict(), "later": later.to_dict(), "headers": dict(
+            (k, v.decode()) for k, v in later.headers())}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        body = (await c.post("/identify", headers={"traceparent": tp, "X-Correlation-Id": "corr-9"})).json()
+        untraced = (await c.post("/identify", headers={"traceparent": "garbage"})).json()
+    assert body["first"]["traceparent"] == tp and body["later"]["traceparent"] == tp
+    assert body["first"]["correlationid"] == "corr-9" == body["later"]["correlationid"]
+    assert body["headers"]["traceparent"] == tp
+    assert untraced["first"]["traceparent"] is None and "traceparent" not in untraced["headers"]
