@@ -23,7 +23,7 @@ from shared.outbox import OutboxRelay, backlog
 from shared.settings import Settings
 from shared.topics import Topics
 from shared.kafka import broker_ready
-from shared.metrics import lag_sampler, outbox_sampler
+from shared.metrics import lag_sampler, outbox_sampler, throttled
 from shared.web import install_error_handlers, ops_router
 
 log = logging.getLogger("clms.referral")
@@ -43,6 +43,10 @@ class Metrics:
         self.published = Counter("clms_referral_outbox_published_total", "Outbox rows published",
                                  registry=registry)
         self.backlog = Gauge("clms_referral_outbox_backlog", "Unpublished outbox rows", registry=registry)
+        self.open_now = Gauge("clms_referrals_open", "Referrals waiting for an answer or completion",
+                              ["municipality", "agency"], registry=registry)
+        self.overdue_now = Gauge("clms_referrals_overdue", "Open referrals past their deadline",
+                                 ["municipality", "agency"], registry=registry)
         self.rules_version = Gauge("clms_referral_rules_version", "Version of the routing rule file",
                                    registry=registry)
 
@@ -67,6 +71,21 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
             await conn.fetchval("select 1")
             metrics.backlog.set((await backlog(conn, schema=service.SCHEMA))["rows"])
         return None
+
+    async def sample_open_referrals() -> None:
+        pool = state.get("pool")
+        if pool is None:
+            return
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"select municipality, agency, count(*) as open, count(*) filter (where overdue) as overdue "
+                f"from {service.SCHEMA}.referral where status in ('pending', 'acknowledged', 'accepted') "
+                "group by municipality, agency")
+        metrics.open_now.clear()
+        metrics.overdue_now.clear()
+        for r in rows:
+            metrics.open_now.labels(r["municipality"], r["agency"]).set(r["open"])
+            metrics.overdue_now.labels(r["municipality"], r["agency"]).set(r["overdue"])
 
     async def check_tasks() -> str | None:
         for name, task in state.get("tasks", {}).items():
@@ -144,6 +163,7 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
         registry=registry,
         checks={"database": check_db, "broker": lambda: broker_ready(state.get("producer")), "worker": check_tasks},
         samplers=[outbox_sampler(lambda: state.get("pool"), service.SCHEMA),
+                  throttled(sample_open_referrals),
                   lag_sampler(settings, [settings.group_id(service.SERVICE)])],
     ))
     app.include_router(router)

@@ -156,3 +156,25 @@ def test_prometheus_scrapes_every_service_and_grafana_is_provisioned():
     assert dash["uid"] and dash["panels"]
     ds = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert ds["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def test_grafana_dashboard_plots_metrics_the_services_export():
+    """Every metric the dashboard queries is one a service or shared/metrics.py defines."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    dash = json.loads((root / "deploy/grafana/dashboards/clms-overview.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    names = set(re.findall(r"\b(clms_[a-z_]+?)(?:_bucket|_count|_sum)?\b", exprs))
+    code = (root / "shared/metrics.py").read_text() + "".join(
+        p.read_text() for p in (root / "services").glob("*/app.py"))
+    defined = set(re.findall(r'"(clms_[a-z_]+)"', code))
+    # prometheus_client exports counters with a _total suffix
+    defined |= {n + "_total" for n in defined if not n.endswith("_total")}
+    missing = sorted(n for n in names if n not in defined)
+    assert not missing, f"dashboard queries metrics nobody exports: {missing}"
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for needed in ("consumed", "lag", "dead letters", "outbox", "overdue referrals by municipality"):
+        assert needed in titles, needed
