@@ -176,9 +176,11 @@ class Supervisor:
                 continue
             def ready(c: Child = child) -> bool:
                 if c.proc.poll() is not None:
+                    log_path = self.log_dir / (c.name + ".log")
+                    tail = log_path.read_text(errors="replace").splitlines()[-15:] if log_path.exists() else []
                     raise RuntimeError(
-                        f"service {c.name} exited with code {c.proc.returncode}; "
-                        f"see {self.log_dir / (c.name + '.log')}"
+                        f"service {c.name} exited with code {c.proc.returncode}; see {log_path}. Last lines:\n"
+                        + "\n".join(tail)
                     )
                 try:
                     return httpx.get(f"{c.url}/readyz", timeout=1).status_code == 200

@@ -43,9 +43,9 @@ class Metrics:
         self.published = Counter("clms_referral_outbox_published_total", "Outbox rows published",
                                  registry=registry)
         self.backlog = Gauge("clms_referral_outbox_backlog", "Unpublished outbox rows", registry=registry)
-        self.open_now = Gauge("clms_referrals_open", "Referrals waiting for an answer or completion",
+        self.open_now = Gauge("clms_referrals_open_now", "Referrals waiting for an answer or completion",
                               ["municipality", "agency"], registry=registry)
-        self.overdue_now = Gauge("clms_referrals_overdue", "Open referrals past their deadline",
+        self.overdue_now = Gauge("clms_referrals_overdue_now", "Open referrals past their deadline",
                                  ["municipality", "agency"], registry=registry)
         self.rules_version = Gauge("clms_referral_rules_version", "Version of the routing rule file",
                                    registry=registry)

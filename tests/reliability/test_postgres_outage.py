@@ -58,7 +58,14 @@ async def test_services_ride_out_a_database_outage_without_losing_accepted_cases
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         await loop.run_in_executor(None, pg.stop)
-        await asyncio.sleep(OUTAGE_S)
+        await asyncio.sleep(2)
+        async with httpx.AsyncClient(timeout=10) as client:
+            for service in ("intake", "referral", "notifications"):
+                r = await client.get(f"{system.url(service)}/readyz")
+                assert r.status_code == 503, f"{service} /readyz must fail while PostgreSQL is down: {r.text}"
+                assert "database" in r.json()["checks"], r.text
+                assert (await client.get(f"{system.url(service)}/healthz")).status_code == 200
+        await asyncio.sleep(OUTAGE_S - 2)
         during = dict(statuses)
         await loop.run_in_executor(None, pg.start)
         print(f"\n[reliability] PostgreSQL down for {time.monotonic() - t0:.1f}s; answers so far {during}")
