@@ -14,6 +14,9 @@ What is timed:
   extrapolated from it (1e6 / rate) unless N=1000000 is run.
 - restart: the same deployment started again recovers its table from the changelog (no topic
   re-read); time from start to ready with identical counts.
+- fast rebuild: `services.analytics.rebuild` (plain aiokafka fold + changelog write + offset
+  commit) for another new app id, then the service's start and changelog recovery until it shows
+  identical counts; 1M-event time extrapolated from that rate.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from services.analytics.app import create_app
+from services.analytics.rebuild import rebuild
 from shared import events as ev
 from shared.embedded import EmbeddedBroker, free_port
 from shared.kafka import ensure_topics, make_producer
@@ -130,6 +134,23 @@ async def restart_time(settings: Settings, expected: dict) -> float:
             await asyncio.sleep(0.05)
 
 
+async def fast_rebuild(settings: Settings, expected: dict | None) -> tuple[float, float, int]:
+    """The rebuild tool for a new app id, then the service until it holds every case."""
+    fast = settings.model_copy(update={"analytics_app_id": settings.analytics_app_id + "-fast"})
+    t = time.perf_counter()
+    result = await rebuild(fast)
+    fold_s = time.perf_counter() - t
+    if expected is not None:
+        return fold_s, await restart_time(fast, expected), result.cases
+    t = time.perf_counter()
+    app = create_app(fast)
+    async with running(app):
+        while not (getattr(app.state, "worker", None) and app.state.worker.recovered
+                   and len(app.state.worker.table) >= result.cases):
+            await asyncio.sleep(0.05)
+        return fold_s, time.perf_counter() - t, result.cases
+
+
 def baseline_rate(bootstrap: str, n: int) -> float:
     env = {**os.environ, "BOOTSTRAP": bootstrap, "N": str(n), "FETCH_WAIT_MS": "20"}
     faust = shutil.which("faust", path=str(Path(sys.executable).parent)) or "faust"
@@ -162,14 +183,24 @@ async def main() -> None:
         t = time.perf_counter()
         n = await preload(settings, n)
         print(f"preloaded {n} events in {time.perf_counter() - t:.1f}s", flush=True)
+        if os.environ.get("FAST_ONLY") == "1":  # only the fast rebuild, for large N
+            fold_s, start_s, cases = await fast_rebuild(settings, None)
+            print(f"fast_rebuild: fold {fold_s:.1f}s + service start and recovery of {cases} cases "
+                  f"{start_s:.1f}s for N={n} events -> 1M events in ~{(fold_s + start_s) * 1e6 / n:.0f}s "
+                  "(linear extrapolation; target < 300)")
+            return
         ours, counts = await fold_rate(settings, n)
         print(f"analytics_events_per_s={ours:.0f}", flush=True)
         restart = await restart_time(settings, counts)
+        fold_s, start_s, _ = await fast_rebuild(settings, counts)
+        fast_rate = n / (fold_s + start_s)
         base = await asyncio.to_thread(baseline_rate, bootstrap, baseline_n)
         print(f"faust_baseline_events_per_s={base:.0f}")
         print(f"ratio={ours / base:.2f} (target >= 0.5)")
         print(f"rebuild_from_topics_1M_events_s={1_000_000 / ours:.0f} (extrapolated from N={n}; target < 300)")
         print(f"restart_from_changelog_s={restart:.1f} (N={n} events, {len(counts)} counters)")
+        print(f"fast_rebuild_s={fold_s:.1f} + service start and changelog recovery {start_s:.1f}s "
+              f"= {fast_rate:.0f} events/s -> 1M events in {1_000_000 / fast_rate:.0f}s (target < 300)")
     finally:
         for stop in reversed(stops):
             try:

@@ -39,6 +39,7 @@ def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI
                               name=settings.analytics_app_id)
         worker.on_change.append(live.changed)
         state["worker"] = worker
+        app.state.worker = worker
         await worker.app.start()
         log.info("analytics worker started")
         try:

@@ -41,7 +41,12 @@ class Worker:
 
 def build_worker(settings: Settings, *, aggregate: Aggregate, registry: CollectorRegistry,
                  name: str = "analytics") -> Worker:
-    app = make_faust_app(settings, name, store=settings.analytics_store)
+    # producer_max_batch_size=1: one changelog record per batch. Tansu 0.6.0 answers
+    # ListOffsets(latest) with the last batch's base offset + 1, so faust's table recovery stops
+    # early and drops the rest of a multi-record batch (seen in tests: a restarted worker lost
+    # cases). Single-record batches cost little here (one small record per event) and keep the
+    # changelog recoverable on any broker.
+    app = make_faust_app(settings, name, store=settings.analytics_store, producer_max_batch_size=1)
     table = declare_tables(app)
     topics = Topics(settings.topic_prefix)
     worker = Worker(app=app, table=table, aggregate=aggregate)

@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 
 from services.analytics.app import create_app
+from services.analytics.rebuild import rebuild
 from shared.embedded import free_port
 from shared.kafka import make_producer, send_envelope
 from shared.reference import municipality_slugs
@@ -131,3 +132,22 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
                                      if k[0] == "id" and k[3] == "total") == 7,
                          timeout_s=45, what="the new deployment to rebuild all tables")
         assert (await client.get("/v1/funnel", headers=national)).json()["stages"] == totals
+
+    # --- the fast rebuild tool (outside faust) prepares another new deployment: the app recovers
+    # the table from the changelog it wrote and starts at the committed offsets
+    result = await rebuild(env, app_id="analytics-fast")
+    assert result.cases == 7 and result.applied == 7
+    with pytest.raises(SystemExit):
+        await rebuild(env, app_id="analytics-fast")  # that deployment exists now
+    fast_env = env.model_copy(update={"analytics_app_id": "analytics-fast"})
+    app4 = create_app(fast_env)
+    async with running(app4) as client:
+        await wait_until(lambda: app4.state.aggregate.version and sum(
+            n for k, n in app4.state.aggregate.counts.items() if k[0] == "id" and k[3] == "total") == 7,
+            timeout_s=45, what="the fast-rebuilt deployment to recover its table")
+        assert (await client.get("/v1/funnel", headers=national)).json()["stages"] == totals
+        await asyncio.sleep(1.0)
+        metrics = (await client.get("/metrics")).text
+        assert "analytics_events_applied_total{" not in metrics  # nothing re-folded by the agent
+        assert "analytics_events_duplicate_total 0.0" in metrics
+
