@@ -154,7 +154,8 @@ async def rebuild(settings: Settings, *, app_id: str | None = None) -> RebuildRe
         await committer.stop()
     result = RebuildResult(app_id=app_id, events=events, applied=applied, dead_lettered=dead,
                            cases=sum(len(t) for t in states), seconds=time.perf_counter() - t0)
-    log.info("analytics rebuild done: %s", result)
+    log.info("analytics rebuild done for %s: %d events, %d cases, %d dead-lettered, %.1fs",
+             result.app_id, result.events, result.cases, result.dead_lettered, result.seconds)
     return result
 
 
