@@ -21,6 +21,8 @@ from services.analytics.views import STATIC_DIR, router
 from services.analytics.worker import Worker, build_worker
 from shared.auth import Verifier
 from shared.settings import Settings
+from shared.kafka import broker_ready
+from shared.metrics import lag_sampler
 from shared.web import install_error_handlers, ops_router
 
 log = logging.getLogger("clms.analytics")
@@ -68,7 +70,16 @@ def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI
     app.state.stream_coalesce_s = stream_coalesce_s
     app.state.registry = registry
     install_error_handlers(app)
-    app.include_router(ops_router(registry=registry, checks={"worker": worker_ready}))
+    async def broker() -> str | None:
+        w = state.get("worker")
+        producer = getattr(getattr(w, "app", None), "producer", None) if w else None
+        client = getattr(producer, "_producer", None)  # faust's aiokafka producer
+        return await broker_ready(client) if client is not None else None
+
+    app.include_router(ops_router(
+        registry=registry, checks={"worker": worker_ready, "broker": broker},
+        samplers=[lag_sampler(settings, [settings.group_id(settings.analytics_app_id)])],
+    ))
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
