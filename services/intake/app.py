@@ -85,6 +85,24 @@ async def _run_relay(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, r
                 await producer.stop()
 
 
+async def _stop_tasks(tasks: list[asyncio.Task]) -> None:
+    """Cancel background tasks and wait for them. Python 3.11's asyncio.wait_for can swallow a
+    cancellation that races with its own timeout (the relay polls with wait_for), so a task that
+    is still running after a second is cancelled again."""
+    for t in tasks:
+        for attempt in range(30):
+            if attempt:
+                log.warning("background task %s ignored a cancellation; cancelling again", t.get_name())
+            t.cancel()
+            done, _pending = await asyncio.wait([t], timeout=1.0)
+            if done:
+                break
+        else:
+            log.error("background task %s did not stop", t.get_name())
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            log.warning("background task %s ended with %r", t.get_name(), t.exception())
+
+
 def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_consumer: bool = True) -> FastAPI:
     settings = settings or Settings()
     registry = CollectorRegistry()
@@ -124,11 +142,7 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
         try:
             yield
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await _stop_tasks(tasks)
             await pool.close()
 
     app = FastAPI(
