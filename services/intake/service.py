@@ -426,6 +426,11 @@ def parse_inbound(raw: bytes | None) -> tuple[InboundEnvelope, IdentificationReq
         raise InboundRejected("invalid_json", f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise InboundRejected("invalid_envelope", "envelope: expected a JSON object")
+    if "redacted" in obj and "type" not in obj:
+        raise InboundRejected(
+            "redacted_replay", "this is the redaction note of an earlier inbound dead letter, not an "
+                               "identification: have the agency system re-send the original (same source and id "
+                               "are deduplicated) or re-publish it from its original topic/partition/offset")
     if obj.get("type") != IDENTIFICATION_SUBMITTED:
         raise InboundRejected(
             "unknown_type", f"type: {obj.get('type')!r} is not accepted on the inbound topic; "

@@ -174,3 +174,16 @@ def test_inbound_envelope_source_must_be_an_identifying_agency_office():
         InboundEnvelope.model_validate({**ok.model_dump(), "source": "prosecution/prizren"})
     with pytest.raises(ValidationError, match="type"):
         InboundEnvelope.model_validate({**ok.model_dump(), "type": "case.identified"})
+
+
+def test_a_replayed_redaction_note_is_rejected_with_a_clear_reason():
+    from services.intake.service import InboundRejected, parse_inbound
+    from services.intake.worker import REDACTED
+
+    with pytest.raises(InboundRejected) as exc:
+        parse_inbound(REDACTED)
+    assert exc.value.reason == "redacted_replay"
+    with pytest.raises(InboundRejected) as exc:
+        parse_inbound(b'{"specversion":"1.0","type":"identification.submitted","id":"x","source":"police/prizren",'
+                      b'"data":{"municipality":"prizren"}}')
+    assert exc.value.reason == "invalid_identification" and "data.identified_on" in exc.value.error
