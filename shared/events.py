@@ -285,6 +285,13 @@ class ReferralCompleted(ReferralActed):
     outcome: ReferralOutcome
 
 
+class ReferralClosed(ReferralActed):
+    """The case closed, so an open referral closes with it (no deadline, no escalation after)."""
+
+    event_type: ClassVar[str] = "referral.closed"
+    case_reason: CaseClosedReason
+
+
 class ReferralOverdue(_ReferralData):
     event_type: ClassVar[str] = "referral.overdue"
     deadline: datetime
@@ -335,6 +342,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         ReferralAccepted,
         ReferralDeclined,
         ReferralCompleted,
+        ReferralClosed,
         ReferralOverdue,
         ReferralEscalated,
         NotificationSent,

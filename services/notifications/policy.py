@@ -33,7 +33,7 @@ TO_SUPERVISOR_AND_COORDINATOR = frozenset({"referral.overdue", "referral.escalat
 TO_COORDINATOR = frozenset({"referral.declined"})
 # Events that show the office has seen the referral: no re-alert after these.
 HANDLED = frozenset({"referral.acknowledged", "referral.accepted", "referral.declined",
-                     "referral.completed"})
+                     "referral.completed", "referral.closed"})
 SMS_WORTHY = frozenset({"referral.overdue", "referral.escalated", REALERT})
 TEMPLATED = frozenset({CREATED, *TO_REPORTER, *TO_SUPERVISOR_AND_COORDINATOR, *TO_COORDINATOR, REALERT})
 

@@ -22,12 +22,14 @@ from services.referral.rules import RuleSet
 from shared.auth import Claims, Role
 from shared.events import (
     AgencyType,
+    CaseClosed,
     CaseIdentified,
     DeclineReason,
     Envelope,
     EventData,
     ReferralAccepted,
     ReferralAcknowledged,
+    ReferralClosed,
     ReferralCompleted,
     ReferralCreated,
     ReferralDeclined,
@@ -130,6 +132,12 @@ async def apply_case_events(deps: Deps, *, envelopes: list[Envelope]) -> list[li
     batch = [_open_args(deps, env, now) for env in envelopes]
     async with deps.pool.acquire() as conn, conn.transaction():
         rows = await conn.fetchmany(_OPEN_SQL, [args for args, _ in batch])
+        closed = 0
+        for env, row in zip(envelopes, rows, strict=True):
+            if isinstance(env.data, CaseClosed) and row["claimed"]:
+                closed += await _close_with_case(conn, env, now)
+    if closed:
+        deps.wake_relay()
     out = []
     for row, (_, created) in zip(rows, batch, strict=True):
         opened = list(row["opened"])
@@ -140,6 +148,34 @@ async def apply_case_events(deps: Deps, *, envelopes: list[Envelope]) -> list[li
     if any(out):
         deps.wake_relay()
     return out
+
+
+async def _close_with_case(conn: asyncpg.Connection, envelope: Envelope, now: datetime) -> int:
+    """The case closed: every referral of it still open closes too (status `closed`, history,
+    `referral.closed` in the outbox), so none of them runs into a deadline and an escalation.
+    Runs in the transaction that claims the case.closed event."""
+    case: CaseClosed = envelope.data  # type: ignore[assignment]
+    rows = await conn.fetch(
+        f"""with open as (
+                select referral_id, status from {SCHEMA}.referral
+                where case_id = $1 and status in ('pending', 'acknowledged', 'accepted') for update)
+            update {SCHEMA}.referral r set status = 'closed', closed_at = $2, updated_at = $2
+            from open where r.referral_id = open.referral_id
+            returning r.referral_id, open.status as from_status, r.municipality, r.agency, r.office_id""",
+        case.case_id, now,
+    )
+    for r in rows:
+        event = envelope.follow(ReferralClosed(
+            referral_id=r["referral_id"], case_id=case.case_id, municipality=r["municipality"],
+            agency=AgencyType(r["agency"]), office_id=r["office_id"], actor=envelope.source,
+            from_status=ReferralStatus(r["from_status"]), to_status=ReferralStatus.closed,
+            case_reason=case.reason,
+        ), source=SERVICE)
+        await _history(conn, r["referral_id"], actor=envelope.source, action="closed",
+                       from_status=r["from_status"], to_status=ReferralStatus.closed, event_id=event.id,
+                       detail={"case_reason": case.reason.value}, at=now)
+        await append(conn, schema=SCHEMA, topic=Topic.referral_events, envelope=event)
+    return len(rows)
 
 
 def _open_args(deps: Deps, envelope: Envelope, now: datetime) -> tuple[tuple, list[Envelope]]:
