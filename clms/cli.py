@@ -222,6 +222,10 @@ def dlq_replay(
         console.print(f"skipped (replayed before; --force to repeat): {' '.join(result.skipped_already_replayed)}")
     if result.not_found:
         console.print(f"[yellow]not found[/]: {' '.join(result.not_found)}")
+    if result.needs_fixed:
+        console.print(f"[yellow]needs --fixed[/] (inbound identifications are not copied to the dead-letter "
+                      f"topic; read the original where its headers point, correct it, replay with --fixed): "
+                      f"{' '.join(result.needs_fixed)}")
 
 
 @app.command()

@@ -126,6 +126,18 @@ class ReplayResult:
     replayed: list[str]
     skipped_already_replayed: list[str]
     not_found: list[str]
+    needs_fixed: list[str] = field(default_factory=list)
+
+
+def _check_inbound(raw: bytes) -> None:
+    from shared.events import IDENTIFICATION_SUBMITTED
+
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"the fixed inbound event is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("type") != IDENTIFICATION_SUBMITTED:
+        raise ValueError(f"the fixed inbound event must be a CloudEvent of type {IDENTIFICATION_SUBMITTED}")
 
 
 async def replay_dead_letters(
@@ -137,14 +149,19 @@ async def replay_dead_letters(
     by accident. Select by `reason`, or by `ids` (`partition:offset` on the dead-letter topic,
     or the original event id)."""
     wanted = set(ids)
+    topics = Topics(settings.topic_prefix)
+    letters = await dead_letters(settings)
     if fixed_value is not None:
         if len(wanted) != 1:
             raise ValueError("a fixed event replaces exactly one dead letter: give one --id")
-        try:
-            parse_envelope(fixed_value)
-        except EnvelopeError as exc:
-            raise ValueError(f"the fixed event is not a valid envelope: {exc.reason}") from exc
-    letters = await dead_letters(settings)
+        target = next((d for d in letters if d.id in wanted or d.event_id in wanted), None)
+        if target is not None and target.letter.topic == topics.agency_inbound:
+            _check_inbound(fixed_value)  # intake validates the rest, exactly as on first arrival
+        else:
+            try:
+                parse_envelope(fixed_value)
+            except EnvelopeError as exc:
+                raise ValueError(f"the fixed event is not a valid envelope: {exc.reason}") from exc
     chosen = [
         d for d in letters
         if (not wanted or d.id in wanted or (d.event_id and d.event_id in wanted))
@@ -154,7 +171,6 @@ async def replay_dead_letters(
     result = ReplayResult([], [], sorted(w for w in wanted if w not in found))
     if not chosen:
         return result
-    topics = Topics(settings.topic_prefix)
     conn = await _replay_log(settings)
     producer = make_producer(settings)
     await producer.start()
@@ -169,6 +185,11 @@ async def replay_dead_letters(
                 continue
             if not d.letter.topic:
                 result.not_found.append(d.id)
+                continue
+            if fixed_value is None and d.letter.topic == topics.agency_inbound:
+                # intake does not copy inbound identities onto the dead-letter topic: the original
+                # stays on the inbound topic (headers say where); replay a corrected copy with --fixed
+                result.needs_fixed.append(d.id)
                 continue
             value = fixed_value if fixed_value is not None else d.letter.value
             await producer.send_and_wait(

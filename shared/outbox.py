@@ -118,9 +118,12 @@ class OutboxRelay:
                 backoff = min(5.0, backoff * 2)
 
     async def _sleep(self) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+        # arrives as the inner wait completes, and the relay task then never stops.
         try:
-            await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.poll_interval_s):
+                await self._wake.wait()
+        except TimeoutError:
             pass
         self._wake.clear()
 
@@ -134,7 +137,8 @@ class OutboxRelay:
             if not rows:
                 return 0
             # bounded: an unreachable broker must not hold the batch (and a pooled connection) forever
-            await asyncio.wait_for(_publish_rows(self.producer, self.topics, rows), self.send_timeout_s)
+            async with asyncio.timeout(self.send_timeout_s):
+                await _publish_rows(self.producer, self.topics, rows)
             await conn.execute(
                 f"update {self.schema}.outbox set published_at = now() where seq = any($1::bigint[])",
                 [r["seq"] for r in rows],

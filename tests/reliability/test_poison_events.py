@@ -24,6 +24,14 @@ from tests.kafka_helpers import produce
 
 pytestmark = pytest.mark.reliability
 
+def _identification(municipality: str) -> dict:
+    from datetime import date
+
+    return {"municipality": municipality, "identified_on": date.today().isoformat(),
+            "child": {"given_name": "Replaytest", "family_name": "Fixedaj", "estimated_age": 11, "sex": "male"},
+            "work": {"sector": "begging", "activity": "begging"}}
+
+
 CONSUMERS = {  # topic -> services whose consumers read it
     Topic.agency_inbound: {"intake"},
     Topic.case_events: {"referral", "analytics"},
@@ -103,4 +111,19 @@ async def test_poison_events_are_dead_lettered_and_the_stream_moves_on(tmp_path)
                                   "--operator", "ops.test"], env=env, capture_output=True, text=True, timeout=60)
             assert out.returncode == 0 and "replayed 1" in out.stdout, out.stdout + out.stderr
             await wait_until(lambda: routed(fixed["subject"]), timeout_s=30, what="the replayed fixed event to be routed")
+
+            # an inbound identification is not copied to the dead-letter topic: replaying it needs --fixed
+            inbound_letter = next(d for d in inbound if d.letter.reason not in ("invalid_json", "unknown_type"))
+            plain = subprocess.run([clms, "dlq", "replay", "--id", inbound_letter.id], env=env,
+                                   capture_output=True, text=True, timeout=60)
+            assert plain.returncode == 0 and "needs --fixed" in plain.stdout, plain.stdout + plain.stderr
+            corrected = {"specversion": "1.0", "id": "bad-1-fixed", "source": "police/peje",
+                         "type": "identification.submitted", "data": _identification("peje")}
+            fixed_file.write_text(json.dumps(corrected))
+            out = subprocess.run([clms, "dlq", "replay", "--id", inbound_letter.id, "--fixed", str(fixed_file)],
+                                 env=env, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0 and "replayed 1" in out.stdout, out.stdout + out.stderr
+            import uuid as _uuid
+            case_id = _uuid.uuid5(_uuid.uuid5(_uuid.NAMESPACE_URL, "clms-inbound:police/peje:bad-1-fixed"), "case")
+            await wait_until(lambda: routed(str(case_id)), timeout_s=30, what="the corrected inbound identification")
         print(f"\n[reliability] {len(letters)} dead letters: {dict(reasons)}; good and replayed events processed")
