@@ -21,11 +21,12 @@ from shared.kafka import make_producer
 from shared.outbox import OutboxRelay, backlog
 from shared.settings import Settings
 from shared.topics import Topics
+from shared.metrics import lag_sampler, outbox_sampler
 from shared.web import install_error_handlers, ops_router
 from services.intake import service
 from services.intake.crypto import DecryptionError
 from services.intake.views import router
-from services.intake.worker import IntakeConsumer
+from services.intake.worker import GROUP, IntakeConsumer
 
 log = logging.getLogger("clms.intake")
 
@@ -195,8 +196,11 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
         c = state.get("consumer")
         return None if c is not None and c.running else "consumer not connected to the broker"
 
-    app.include_router(ops_router(registry=registry, checks={"database": check_db, "relay": check_relay,
-                                                             "consumer": check_consumer}))
+    app.include_router(ops_router(
+        registry=registry, checks={"database": check_db, "relay": check_relay, "consumer": check_consumer},
+        samplers=[outbox_sampler(lambda: state.get("pool"), service.SCHEMA),
+                  lag_sampler(settings, [settings.group_id(GROUP)])],
+    ))
     app.include_router(router)
 
     def openapi() -> dict:

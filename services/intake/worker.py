@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from shared.events import EnvelopeError, parse_envelope
+from shared.metrics import CONSUMED, PROCESSING
 from shared.kafka import DeadLetter, classify_error, dead_letter, make_consumer, make_producer
 from shared.settings import Settings
 from shared.streams import is_transient
@@ -51,6 +53,7 @@ class IntakeConsumer:
         self.max_backoff_s = max_backoff_s
         self.running = False
         self.processed = 0
+        self.group = settings.group_id(GROUP)
 
     async def run(self) -> None:
         backoff = 0.2
@@ -67,8 +70,13 @@ class IntakeConsumer:
                     batch = await consumer.getmany(timeout_ms=500, max_records=200)
                     for tp, records in batch.items():
                         for record in records:
+                            started = time.perf_counter()
                             await self.handle(record, producer)
                             self.processed += 1
+                            etype = dict(record.headers or ()).get("ce_type", b"") or b"unknown"
+                            etype = etype.decode(errors="replace")[:64]
+                            CONSUMED.labels(self.group, record.topic, etype, "handled").inc()
+                            PROCESSING.labels(self.group, record.topic, etype).observe(time.perf_counter() - started)
                         await consumer.commit({TopicPartition(tp.topic, tp.partition): records[-1].offset + 1})
             except asyncio.CancelledError:
                 raise
