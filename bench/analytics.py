@@ -27,7 +27,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -36,7 +35,7 @@ from pathlib import Path
 from services.analytics.app import create_app
 from services.analytics.rebuild import rebuild
 from shared import events as ev
-from shared.embedded import EmbeddedBroker, free_port
+from shared.embedded import free_port
 from shared.kafka import ensure_topics, make_producer
 from shared.settings import Settings
 from shared.topics import Topics
@@ -162,52 +161,117 @@ def baseline_rate(bootstrap: str, n: int) -> float:
     return float(m.group(1))
 
 
+def _settings(stack, **extra) -> Settings:  # noqa: ANN001
+    return Settings(_env_file=None, KAFKA_BOOTSTRAP_SERVERS=stack.bootstrap,
+                    CLMS_TOPIC_PREFIX=f"bench{uuid.uuid4().hex[:6]}.", CLMS_ENV="test",
+                    KAFKA_FETCH_MAX_WAIT_MS=stack.fetch_wait_ms,
+                    KAFKA_REBALANCE_TIMEOUT_S="2", LOG_JSON="false", LOG_LEVEL="WARNING",
+                    ANALYTICS_APP_ID=f"analytics-bench-{uuid.uuid4().hex[:6]}", **extra)
+
+
+async def run(stack, *, n: int = 20000, baseline_n: int = 10000, log=print) -> dict:  # noqa: ANN001
+    """The analytics faust worker folding n preloaded events (events/s), its restart from the
+    changelog, the fast rebuild tool on the same events, then the bare faust baseline."""
+    settings = _settings(stack)
+    await ensure_topics(settings)
+    t = time.perf_counter()
+    n = await preload(settings, n)
+    log(f"analytics: preloaded {n} events in {time.perf_counter() - t:.1f}s")
+    ours, counts = await fold_rate(settings, n)
+    log(f"analytics: {ours:.0f} events/s folded by the faust worker")
+    restart = await restart_time(settings, counts)
+    fold_s, start_s, _ = await fast_rebuild(settings, counts)
+    base = await asyncio.to_thread(baseline_rate, stack.bootstrap, baseline_n)
+    return {"analytics_events_per_s": ours, "baseline_events_per_s": base, "ratio": ours / base, "n": n,
+            "baseline_n": baseline_n, "restart_from_changelog_s": restart, "fast_rebuild_fold_s": fold_s,
+            "fast_rebuild_start_s": start_s}
+
+
+async def run_rebuild(stack, *, n: int = 1_000_000, log=print) -> dict:  # noqa: ANN001
+    """Preload n events, then `python -m services.analytics.rebuild` and `python -m
+    services.analytics` (recovering the rebuilt table until /readyz) as separate processes, as an
+    operator runs them; wall time and peak RSS of each."""
+    import httpx
+
+    from bench.stack import peak_rss_mb
+
+    settings = _settings(stack)
+    await ensure_topics(settings)
+    t = time.perf_counter()
+    n = await preload(settings, n)
+    preload_s = time.perf_counter() - t
+    log(f"rebuild: preloaded {n} events in {preload_s:.1f}s")
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap, "CLMS_TOPIC_PREFIX": settings.topic_prefix,
+           "CLMS_ENV": "test", "KAFKA_FETCH_MAX_WAIT_MS": stack.fetch_wait_ms, "LOG_LEVEL": "WARNING",
+           "ANALYTICS_APP_ID": settings.analytics_app_id, "KAFKA_REBALANCE_TIMEOUT_S": "2",
+           "ANALYTICS_PORT": str(free_port())}
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "services.analytics.rebuild"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    fold_s = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"rebuild failed ({proc.returncode}):\n{out[-3000:]}")
+    rebuild_rss = usage.ru_maxrss / 1024
+    log(f"rebuild: fold {fold_s:.1f}s, peak RSS {rebuild_rss:.0f} MB: {out.strip().splitlines()[-1]}")
+    t = time.perf_counter()
+    svc = subprocess.Popen([sys.executable, "-m", "services.analytics"], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with httpx.AsyncClient(timeout=2) as c:
+            while True:
+                if svc.poll() is not None:
+                    raise SystemExit("the analytics service exited while recovering")
+                try:
+                    if (await c.get(f"http://127.0.0.1:{env['ANALYTICS_PORT']}/readyz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.perf_counter() - t > 1800:
+                    raise SystemExit("analytics did not recover in 30 minutes")
+                await asyncio.sleep(0.2)
+        start_s = time.perf_counter() - t
+        await asyncio.sleep(2)  # a moment of steady state after recovery
+        service_rss = peak_rss_mb(svc.pid)
+    finally:
+        svc.terminate()
+        try:
+            svc.wait(20)
+        except subprocess.TimeoutExpired:
+            svc.kill()
+    log(f"rebuild: service start + changelog recovery {start_s:.1f}s, peak RSS {service_rss:.0f} MB")
+    return {"events": n, "preload_s": preload_s, "fold_s": fold_s, "start_recover_s": start_s,
+            "total_s": fold_s + start_s, "rebuild_peak_rss_mb": rebuild_rss, "service_peak_rss_mb": service_rss}
+
+
 async def main() -> None:
+    from bench.stack import start_stack
+
     n = int(os.environ.get("N", "20000"))
     baseline_n = int(os.environ.get("BASELINE_N", "10000"))
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    tmp = Path(tempfile.mkdtemp(prefix="clms-bench-"))
-    stops = []
+    stack = start_stack()
     try:
-        if not bootstrap:
-            broker = EmbeddedBroker(free_port(), tmp / "tansu.log").start()
-            stops.append(broker.stop)
-            bootstrap = broker.bootstrap
-        tansu = "KAFKA_BOOTSTRAP_SERVERS" not in os.environ
-        settings = Settings(_env_file=None, KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-                            CLMS_TOPIC_PREFIX=f"bench{uuid.uuid4().hex[:6]}.", CLMS_ENV="test",
-                            KAFKA_FETCH_MAX_WAIT_MS="20" if tansu else "100",
-                            KAFKA_REBALANCE_TIMEOUT_S="2", LOG_JSON="false", LOG_LEVEL="WARNING",
-                            ANALYTICS_APP_ID=f"analytics-bench-{uuid.uuid4().hex[:6]}")
-        await ensure_topics(settings)
-        t = time.perf_counter()
-        n = await preload(settings, n)
-        print(f"preloaded {n} events in {time.perf_counter() - t:.1f}s", flush=True)
         if os.environ.get("FAST_ONLY") == "1":  # only the fast rebuild, for large N
-            fold_s, start_s, cases = await fast_rebuild(settings, None)
-            print(f"fast_rebuild: fold {fold_s:.1f}s + service start and recovery of {cases} cases "
-                  f"{start_s:.1f}s for N={n} events -> 1M events in ~{(fold_s + start_s) * 1e6 / n:.0f}s "
+            r = await run_rebuild(stack, n=n)
+            print(f"fast_rebuild: fold {r['fold_s']:.1f}s + service start and recovery {r['start_recover_s']:.1f}s "
+                  f"for N={r['events']} events -> 1M events in ~{r['total_s'] * 1e6 / r['events']:.0f}s "
                   "(linear extrapolation; target < 300)")
             return
-        ours, counts = await fold_rate(settings, n)
-        print(f"analytics_events_per_s={ours:.0f}", flush=True)
-        restart = await restart_time(settings, counts)
-        fold_s, start_s, _ = await fast_rebuild(settings, counts)
-        fast_rate = n / (fold_s + start_s)
-        base = await asyncio.to_thread(baseline_rate, bootstrap, baseline_n)
+        r = await run(stack, n=n, baseline_n=baseline_n)
+        ours, base = r["analytics_events_per_s"], r["baseline_events_per_s"]
+        fast_rate = r["n"] / (r["fast_rebuild_fold_s"] + r["fast_rebuild_start_s"])
+        print(f"analytics_events_per_s={ours:.0f}")
         print(f"faust_baseline_events_per_s={base:.0f}")
-        print(f"ratio={ours / base:.2f} (target >= 0.5)")
+        print(f"ratio={r['ratio']:.2f} (target >= 0.5)")
         print(f"rebuild_from_topics_1M_events_s={1_000_000 / ours:.0f} (extrapolated from N={n}; target < 300)")
-        print(f"restart_from_changelog_s={restart:.1f} (N={n} events, {len(counts)} counters)")
-        print(f"fast_rebuild_s={fold_s:.1f} + service start and changelog recovery {start_s:.1f}s "
-              f"= {fast_rate:.0f} events/s -> 1M events in {1_000_000 / fast_rate:.0f}s (target < 300)")
+        print(f"restart_from_changelog_s={r['restart_from_changelog_s']:.1f} (N={n} events)")
+        print(f"fast_rebuild_s={r['fast_rebuild_fold_s']:.1f} + service start and changelog recovery "
+              f"{r['fast_rebuild_start_s']:.1f}s = {fast_rate:.0f} events/s -> 1M events in "
+              f"{1_000_000 / fast_rate:.0f}s (target < 300)")
     finally:
-        for stop in reversed(stops):
-            try:
-                stop()
-            except Exception:  # noqa: BLE001
-                pass
-        shutil.rmtree(tmp, ignore_errors=True)
+        stack.close()
 
 
 if __name__ == "__main__":

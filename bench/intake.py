@@ -34,7 +34,7 @@ from pathlib import Path
 import asyncpg
 
 from shared.auth import mint_token
-from shared.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from shared.embedded import free_port
 from shared.kafka import ensure_topics
 from shared.settings import Settings
 
@@ -180,21 +180,14 @@ async def create_db(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
-async def main() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="clms-bench-intake-"))
-    cleanup = []
+async def run(stack, *, duration: float = DURATION, warmup: float = WARMUP, rounds: int = ROUNDS,
+              concurrency: int = CONCURRENCY, log=print) -> dict:  # noqa: ANN001
+    """Baseline and intake as one uvicorn process each on `stack` (a bench.stack.Stack),
+    alternating rounds; returns the median round's figures."""
+    tmp = Path(tempfile.mkdtemp(prefix="clms-bench-intake-", dir=stack.tmp))
     procs: list[subprocess.Popen] = []
     try:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        admin_url = os.environ.get("DATABASE_URL")
-        if not bootstrap:
-            broker = EmbeddedBroker(free_port(), tmp / "tansu.log").start()
-            cleanup.append(broker.stop)
-            bootstrap = broker.bootstrap
-        if not admin_url:
-            pg = EmbeddedPostgres(tmp / "pgdata", free_port()).start()
-            cleanup.append(pg.stop)
-            admin_url = pg.url
+        bootstrap, admin_url = stack.bootstrap, stack.admin_url
         tag = uuid.uuid4().hex[:8]
         intake_db = await create_db(admin_url, f"bench_intake_{tag}")
         base_db = await create_db(admin_url, f"bench_baseline_{tag}")
@@ -205,6 +198,7 @@ async def main() -> None:
              "--log-level", "warning"], cwd=BASELINE_DIR, env={**os.environ, "DATABASE_URL": base_db}))
         env = {**os.environ, "DATABASE_URL": intake_db, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
                "INTAKE_PORT": str(intake_port), "CLMS_TOPIC_PREFIX": f"bench{tag}.", "LOG_LEVEL": "WARNING",
+               "KAFKA_FETCH_MAX_WAIT_MS": stack.fetch_wait_ms,
                "DB_POOL_MIN": "4", "DB_POOL_MAX": "16", "CLMS_ENV": "test"}
         settings = Settings(_env_file=None, **{k: v for k, v in env.items() if k.isupper()})  # type: ignore[arg-type]
         await ensure_topics(settings)
@@ -215,9 +209,9 @@ async def main() -> None:
 
         token = mint_token(settings, sub="police.prizren.duty", agency="police", municipality="prizren",
                            roles=["reporter"])
-        opts = dict(duration=DURATION, warmup=WARMUP, concurrency=CONCURRENCY)
+        opts = dict(duration=duration, warmup=warmup, concurrency=concurrency)
         bodies = intake_bodies(20000)
-        rounds = []
+        results = []
         base_pid, intake_pid = procs[0].pid, procs[1].pid
 
         server_cpu = _pid_cpu
@@ -233,18 +227,18 @@ async def main() -> None:
             result["pg_ms"] = (pg_cpu() - p0) * 1000 / total
             return result
 
-        for i in range(ROUNDS):
+        for i in range(rounds):
             b = await measured(base_pid, base_port, "/cases", [BASELINE_BODY], {}, **opts)
-            o = await measured(intake_pid, intake_port, "/v1/identifications", bodies[i::ROUNDS],
+            o = await measured(intake_pid, intake_port, "/v1/identifications", bodies[i::rounds],
                                {"Authorization": f"Bearer {token}"}, **opts)
-            rounds.append((b, o))
-            print(f"round {i + 1}: baseline {b['rps']:.0f} req/s p99 {b['p99_ms']:.0f} ms "
-                  f"cpu/req server {b['server_ms']:.2f} ms pg {b['pg_ms']:.2f} ms | intake {o['rps']:.0f} req/s "
-                  f"p99 {o['p99_ms']:.0f} ms cpu/req server {o['server_ms']:.2f} ms pg {o['pg_ms']:.2f} ms "
-                  f"| ratio {o['rps'] / b['rps']:.2f}", flush=True)
-        ratios = sorted(o["rps"] / b["rps"] for b, o in rounds)
-        mid = sorted(range(ROUNDS), key=lambda k: rounds[k][1]["rps"] / rounds[k][0]["rps"])[ROUNDS // 2]
-        base, ours = rounds[mid]
+            results.append((b, o))
+            log(f"intake round {i + 1}: baseline {b['rps']:.0f} req/s p99 {b['p99_ms']:.0f} ms "
+                f"cpu/req server {b['server_ms']:.2f} ms pg {b['pg_ms']:.2f} ms | intake {o['rps']:.0f} req/s "
+                f"p99 {o['p99_ms']:.0f} ms cpu/req server {o['server_ms']:.2f} ms pg {o['pg_ms']:.2f} ms "
+                f"| ratio {o['rps'] / b['rps']:.2f}")
+        ratios = sorted(o["rps"] / b["rps"] for b, o in results)
+        mid = sorted(range(rounds), key=lambda k: results[k][1]["rps"] / results[k][0]["rps"])[rounds // 2]
+        base, ours = results[mid]
 
         conn = await asyncpg.connect(intake_db)
         try:
@@ -255,17 +249,8 @@ async def main() -> None:
             backlog = await conn.fetchval("select count(*) from intake.outbox where published_at is null")
         finally:
             await conn.close()
-
-        print(f"\n{CONCURRENCY} concurrent clients, {ROUNDS} alternating rounds of {DURATION:.0f} s "
-              f"(after {WARMUP:.0f} s warm-up); the median round:")
-        print(f"{'':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}")
-        for name, r in (("baseline", base), ("intake", ours)):
-            print(f"{name:10} {r['rps']:9.0f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {sum(r['errors'].values()):8d}")
-        ratio = statistics.median(ratios)
-        print(f"intake_over_baseline_ratio={ratio:.2f} (target >= 0.7), intake p99={ours['p99_ms']:.1f} ms "
-              f"(target < 100), outbox rows still unpublished 30 s later: {backlog}")
-        if ours["errors"] or base["errors"]:
-            print(f"non-201 answers: baseline {base['errors']}, intake {ours['errors']}")
+        return {"baseline": base, "intake": ours, "ratio": statistics.median(ratios), "rounds": rounds,
+                "duration_s": duration, "concurrency": concurrency, "outbox_backlog_after_30s": backlog}
     finally:
         for p in procs:
             p.terminate()
@@ -274,9 +259,27 @@ async def main() -> None:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
-        for c in reversed(cleanup):
-            c()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def main() -> None:
+    from bench.stack import start_stack
+
+    stack = start_stack()
+    try:
+        r = await run(stack, log=lambda s: print(s, flush=True))
+        base, ours = r["baseline"], r["intake"]
+        print(f"\n{CONCURRENCY} concurrent clients, {ROUNDS} alternating rounds of {DURATION:.0f} s "
+              f"(after {WARMUP:.0f} s warm-up); the median round:")
+        print(f"{'':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}")
+        for name, x in (("baseline", base), ("intake", ours)):
+            print(f"{name:10} {x['rps']:9.0f} {x['p50_ms']:8.1f} {x['p99_ms']:8.1f} {sum(x['errors'].values()):8d}")
+        print(f"intake_over_baseline_ratio={r['ratio']:.2f} (target >= 0.7), intake p99={ours['p99_ms']:.1f} ms "
+              f"(target < 100), outbox rows still unpublished 30 s later: {r['outbox_backlog_after_30s']}")
+        if ours["errors"] or base["errors"]:
+            print(f"non-201 answers: baseline {base['errors']}, intake {ours['errors']}")
+    finally:
+        stack.close()
 
 
 if __name__ == "__main__":

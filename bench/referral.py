@@ -19,7 +19,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +26,6 @@ from pathlib import Path
 import asyncpg
 
 from services.referral.app import create_app
-from shared.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from shared.kafka import ensure_topics, make_producer
 from shared.settings import Settings
 from shared.topics import Topics
@@ -91,51 +89,32 @@ def baseline_rate(bootstrap: str, n: int) -> float:
     return float(m.group(1))
 
 
-async def new_database(admin_url: str) -> str:
-    name = "bench_" + uuid.uuid4().hex[:10]
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'create database "{name}"')
-    finally:
-        await conn.close()
-    return admin_url.rsplit("/", 1)[0] + "/" + name
+async def run(stack, *, n: int = 3000, baseline_n: int = 10000) -> dict:  # noqa: ANN001
+    """The referral worker on `stack` (a bench.stack.Stack) for n preloaded case events, then the
+    bare faust baseline for baseline_n events on the same broker."""
+    settings = Settings(_env_file=None, KAFKA_BOOTSTRAP_SERVERS=stack.bootstrap,
+                        DATABASE_URL=await stack.new_database(),
+                        CLMS_TOPIC_PREFIX=f"bench{uuid.uuid4().hex[:6]}.", CLMS_ENV="test",
+                        KAFKA_FETCH_MAX_WAIT_MS=stack.fetch_wait_ms,
+                        KAFKA_REBALANCE_TIMEOUT_S="2", LOG_JSON="false", LOG_LEVEL="WARNING",
+                        REFERRAL_DEADLINE_POLL_S="1")
+    ours = await referral_rate(settings, n)
+    base = await asyncio.to_thread(baseline_rate, stack.bootstrap, baseline_n)
+    return {"referral_events_per_s": ours, "baseline_events_per_s": base, "ratio": ours / base,
+            "n": n, "baseline_n": baseline_n}
 
 
 async def main() -> None:
-    n = int(os.environ.get("N", "3000"))
-    baseline_n = int(os.environ.get("BASELINE_N", "10000"))
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    admin_db = os.environ.get("DATABASE_URL")
-    tmp = Path(tempfile.mkdtemp(prefix="clms-bench-"))
-    stops = []
+    from bench.stack import start_stack
+
+    stack = start_stack(durable_postgres=False)
     try:
-        if not bootstrap:
-            broker = EmbeddedBroker(free_port(), tmp / "tansu.log").start()
-            stops.append(broker.stop)
-            bootstrap = broker.bootstrap
-        if not admin_db:
-            pg = EmbeddedPostgres(tmp / "pgdata", free_port(), durable=False).start()
-            stops.append(pg.stop)
-            admin_db = pg.url
-        tansu = "KAFKA_BOOTSTRAP_SERVERS" not in os.environ
-        settings = Settings(_env_file=None, KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-                            DATABASE_URL=await new_database(admin_db),
-                            CLMS_TOPIC_PREFIX=f"bench{uuid.uuid4().hex[:6]}.", CLMS_ENV="test",
-                            KAFKA_FETCH_MAX_WAIT_MS="20" if tansu else "100",
-                            KAFKA_REBALANCE_TIMEOUT_S="2", LOG_JSON="false", LOG_LEVEL="WARNING",
-                            REFERRAL_DEADLINE_POLL_S="1")
-        ours = await referral_rate(settings, n)
-        base = await asyncio.to_thread(baseline_rate, bootstrap, baseline_n)
-        print(f"referral_events_per_s={ours:.0f}")
-        print(f"faust_baseline_events_per_s={base:.0f}")
-        print(f"ratio={ours / base:.2f} (target >= 0.5)")
+        r = await run(stack, n=int(os.environ.get("N", "3000")), baseline_n=int(os.environ.get("BASELINE_N", "10000")))
+        print(f"referral_events_per_s={r['referral_events_per_s']:.0f}")
+        print(f"faust_baseline_events_per_s={r['baseline_events_per_s']:.0f}")
+        print(f"ratio={r['ratio']:.2f} (target >= 0.5)")
     finally:
-        for stop in reversed(stops):
-            try:
-                stop()
-            except Exception:  # noqa: BLE001
-                pass
-        shutil.rmtree(tmp, ignore_errors=True)
+        stack.close()
 
 
 if __name__ == "__main__":
