@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaProducer
 from shared.events import Envelope
 from shared.metrics import PRODUCED
 from shared.topics import Topic, Topics
+from shared.wakeup import Wakeup
 
 log = logging.getLogger("clms.outbox")
 
@@ -84,12 +85,12 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.on_published = on_published
         self.send_timeout_s = send_timeout_s
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self.published_total = 0
 
     def wake(self) -> None:
         """Tell the relay new rows are committed (saves waiting for the next poll)."""
-        self._wake.set()
+        self._wake.ring()
 
     async def run(self) -> None:
         """Run forever: hold the schema's relay lock, publish batches, back off on errors."""
@@ -118,14 +119,7 @@ class OutboxRelay:
                 backoff = min(5.0, backoff * 2)
 
     async def _sleep(self) -> None:
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
-        # arrives as the inner wait completes, and the relay task then never stops.
-        try:
-            async with asyncio.timeout(self.poll_interval_s):
-                await self._wake.wait()
-        except TimeoutError:
-            pass
-        self._wake.clear()
+        await self._wake.wait(self.poll_interval_s)
 
     async def publish_batch(self) -> int:
         async with self.pool.acquire() as conn:

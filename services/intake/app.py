@@ -39,6 +39,8 @@ DB_UNAVAILABLE = (
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,
@@ -87,9 +89,9 @@ async def _run_relay(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, r
 
 
 async def _stop_tasks(tasks: list[asyncio.Task]) -> None:
-    """Cancel background tasks and wait for them. Python 3.11's asyncio.wait_for can swallow a
-    cancellation that races with its own timeout (the relay polls with wait_for), so a task that
-    is still running after a second is cancelled again."""
+    """Cancel background tasks and wait for them; a task still running after a second is
+    cancelled again (a library waiting with Python 3.11's asyncio.wait_for can swallow a
+    cancellation; our own loops use shared.wakeup.Wakeup, which cannot)."""
     for t in tasks:
         for attempt in range(30):
             if attempt:
@@ -168,6 +170,34 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
 
     for exc_type in DB_UNAVAILABLE:
         app.add_exception_handler(exc_type, _db_down)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Anything else: if the database is away right now, that is the likely cause (a closed
+        # transport surfaces as odd errors while PostgreSQL shuts down): say 503, retry later.
+        pool = state.get("pool")
+        try:
+            async with asyncio.timeout(1.0):
+                async with pool.acquire() as conn:  # type: ignore[union-attr]
+                    await conn.fetchval("select 1")
+        except Exception:  # noqa: BLE001 - any failure here means the database is away
+            return await _db_down(request, exc)
+        log.error("unexpected error %s while handling %s %s", type(exc).__name__, request.method,
+                  request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "Something unexpected went wrong. Retry with the same Idempotency-Key "
+                                       "(it is never recorded twice); operators find the error in the intake log."},
+                            status_code=500)
+
+    @app.exception_handler(asyncpg.PostgresError)
+    async def _postgres(request: Request, exc: asyncpg.PostgresError) -> JSONResponse:
+        # connection exceptions (08), insufficient resources (53) and operator intervention (57:
+        # shutting down, starting up) mean the database is away, not that the request was wrong
+        if str(getattr(exc, "sqlstate", "") or "")[:2] in ("08", "53", "57"):
+            return await _db_down(request, exc)
+        log.error("unexpected database error %s (sqlstate %s)", type(exc).__name__, getattr(exc, "sqlstate", "?"))
+        return JSONResponse({"detail": "The case database rejected the request unexpectedly; nothing was "
+                                       "recorded. Operators can find the error class in the intake log."},
+                            status_code=500)
 
     @app.exception_handler(DecryptionError)
     async def _decrypt(request: Request, exc: DecryptionError) -> JSONResponse:

@@ -37,6 +37,7 @@ from shared.events import (
 )
 from shared.kafka import DeadLetter, dead_letter
 from shared.settings import Settings
+from shared.wakeup import Wakeup
 from shared.topics import Topic, Topics
 
 log = logging.getLogger("clms.notifications")
@@ -418,10 +419,10 @@ class DeliveryLoop:
         self.batch_size = batch_size
         self.lease_s = lease_s
         self.metrics = metrics
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._wake.ring()
 
     async def run(self) -> None:
         backoff = 0.5
@@ -431,11 +432,7 @@ class DeliveryLoop:
                 await self.dead_letter_failed()
                 backoff = 0.5
                 if n < self.batch_size:
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), self.settings.notify_poll_interval_s)
-                    except asyncio.TimeoutError:
-                        pass
-                    self._wake.clear()
+                    await self._wake.wait(self.settings.notify_poll_interval_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - database or broker away: try again later

@@ -82,6 +82,12 @@ async def running_system(data_dir: Path | None = None, *, services: tuple[str, .
         sup.start_services()
         sup.wait_ready(timeout_s=120)
         yield System(sup, sup.settings)
+    except BaseException:
+        # keep the services' logs of a failed run where CI and people can read them
+        keep = Path(__file__).resolve().parents[1] / "artifacts" / f"logs-{own_dir.name}"
+        with contextlib.suppress(OSError):
+            shutil.copytree(sup.log_dir, keep, dirs_exist_ok=True)
+        raise
     finally:
         sup.stop()
         shutil.rmtree(own_dir, ignore_errors=True)
