@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
-import statistics
 import time
 import uuid
 
@@ -28,9 +28,10 @@ from shared.auth import mint_token
 
 
 def _q(values: list[float], p: int) -> float:
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100)[p - 1]
+    """Nearest-rank percentile of sorted values (inf-safe)."""
+    if not values:
+        return float("nan")
+    return values[max(0, math.ceil(p / 100 * len(values)) - 1)]
 
 
 async def _post(reader, writer, head: bytes, body: bytes) -> tuple[int, bytes]:  # noqa: ANN001
@@ -95,31 +96,163 @@ async def steady_load(port: int, token: str, *, rate: float, seconds: float, con
             "achieved_rate": total / elapsed, "late_starts": late}
 
 
-async def alert_latencies(database_url: str, answered: dict[str, float], *, timeout_s: float = 120) -> dict:
+async def alert_latencies(database_url: str, answered: dict[str, float], *, timeout_s: float = 120,
+                          stall_s: float = 30) -> dict:
+    """Wait for every case's alert (up to timeout_s, or until no new alert for stall_s)."""
     conn = await asyncpg.connect(database_url)
     try:
         deadline = time.time() + timeout_s
         rows: list = []
-        while time.time() < deadline:
+        seen, progressed = -1, time.time()
+        while time.time() < deadline and time.time() - progressed < stall_s:
             rows = await conn.fetch(
                 "select case_id::text as case_id, min(created_at) as at from notifications.alerts "
                 "where recipient like 'csw.%' and event_type = 'referral.created' group by case_id")
-            if sum(1 for r in rows if r["case_id"] in answered) >= len(answered):
+            done = sum(1 for r in rows if r["case_id"] in answered)
+            if done >= len(answered):
                 break
+            if done > seen:
+                seen, progressed = done, time.time()
             await asyncio.sleep(1)
     finally:
         await conn.close()
     lat = sorted((r["at"].timestamp() - answered[r["case_id"]]) * 1000 for r in rows if r["case_id"] in answered)
-    return {"alerts": len(lat), "missing": len(answered) - len(lat), "ms": lat}
+    missing = len(answered) - len(lat)
+    # An alert still missing at the deadline took longer than any seen: counted as +inf, so a
+    # percentile that lands on one shows as inf (the system did not keep up).
+    return {"alerts": len(lat), "missing": missing, "ms": lat + [float("inf")] * missing}
 
 
-async def run(stack, *, rate: float = 100, seconds: float = 60, log=print) -> dict:  # noqa: ANN001
+HOPS_SQL = """
+select io.key as case_id,
+       extract(epoch from io.created_at) as intake_tx,
+       extract(epoch from io.published_at) as intake_published,
+       extract(epoch from ri.applied_at) as referral_applied,
+       extract(epoch from ro.published_at) as referral_published,
+       extract(epoch from ni.applied_at) as notifications_applied,
+       extract(epoch from a.created_at) as alert
+from intake.outbox io
+join referral.inbox ri on ri.event_id = io.event_id
+join referral.outbox ro on ro.key = io.key and ro.event_type = 'referral.created'
+                        and ro.envelope->'data'->>'agency' = 'csw'
+join notifications.inbox ni on ni.event_id = ro.event_id
+join notifications.alerts a on a.case_id::text = io.key and a.event_type = 'referral.created'
+                            and a.recipient like 'csw.%'
+where io.event_type = 'case.identified'
+"""
+HOPS = ("intake_tx", "intake_published", "referral_applied", "referral_published", "notifications_applied", "alert")
+
+
+async def hop_breakdown(database_url: str, answered: dict[str, float]) -> dict:
+    """Median and p99 of each hop (ms): where the end-to-end time goes."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = [r for r in await conn.fetch(HOPS_SQL) if r["case_id"] in answered]
+    except asyncpg.PostgresError as exc:
+        return {"error": str(exc)}
+    finally:
+        await conn.close()
+    out = {}
+    for a, b in zip(HOPS, HOPS[1:]):
+        d = sorted((float(r[b]) - float(r[a])) * 1000 for r in rows if r[a] is not None and r[b] is not None)
+        out[f"{a}->{b}"] = {"p50_ms": round(_q(d, 50), 1), "p99_ms": round(_q(d, 99), 1)}
+    d = sorted((float(r["intake_tx"]) - answered[r["case_id"]]) * 1000 for r in rows)
+    out["response->intake_tx (negative: tx began before the response)"] = {"p50_ms": round(_q(d, 50), 1),
+                                                                         "p99_ms": round(_q(d, 99), 1)}
+    return out
+
+
+async def handler_times(system) -> dict:  # noqa: ANN001
+    """Mean handler time per event (ms) from each service's clms_event_processing_seconds."""
+    import httpx
+
+    out: dict[str, dict] = {}
+    async with httpx.AsyncClient(timeout=5) as c:
+        for name in ("referral", "notifications", "analytics", "intake"):
+            try:
+                text = (await c.get(f"{system.url(name)}/metrics")).text
+            except httpx.HTTPError:
+                continue
+            sums: dict[str, float] = {}
+            counts: dict[str, float] = {}
+            for line in text.splitlines():
+                if not line.startswith("clms_event_processing_seconds_"):
+                    continue
+                metric, value = line.rsplit(" ", 1)
+                etype = metric.split('type="', 1)[1].split('"', 1)[0] if 'type="' in metric else "?"
+                if metric.startswith("clms_event_processing_seconds_sum"):
+                    sums[etype] = sums.get(etype, 0) + float(value)
+                elif metric.startswith("clms_event_processing_seconds_count"):
+                    counts[etype] = counts.get(etype, 0) + float(value)
+            out[name] = {t: {"n": int(counts[t]), "mean_ms": round(sums[t] * 1000 / counts[t], 2)}
+                         for t in counts if counts[t]}
+    return out
+
+
+def _cpu(pid: int) -> float:
+    from bench.intake import _pid_cpu
+
+    return _pid_cpu(pid)
+
+
+async def _phase(system, database_url: str, token: str, *, rate: float, seconds: float, drain_s: float,
+                 log) -> dict:  # noqa: ANN001
+    from bench.intake import cpu_seconds
+
+    pids = {c.name: c.proc.pid for c in system.sup.children}
+    cpu0 = {n: _cpu(p) for n, p in pids.items()}
+    pg0 = cpu_seconds(lambda cmd: cmd.startswith("postgres"))
+    tansu0 = cpu_seconds(lambda cmd: "tansu" in cmd)
+    load = await steady_load(system.settings.intake_port, token, rate=rate, seconds=seconds)
+    log(f"e2e: {len(load['answered'])} of {load['sent']} identifications accepted at "
+        f"{load['achieved_rate']:.0f}/s; waiting for their alerts")
+    alerts = await alert_latencies(database_url, load["answered"], timeout_s=drain_s)
+    n = max(1, len(load["answered"]))
+    cpu = {name: round((_cpu(pid) - cpu0[name]) * 1000 / n, 2) for name, pid in pids.items()}
+    cpu["postgres (all)"] = round((cpu_seconds(lambda cmd: cmd.startswith("postgres")) - pg0) * 1000 / n, 2)
+    cpu["tansu (all)"] = round((cpu_seconds(lambda cmd: "tansu" in cmd) - tansu0) * 1000 / n, 2)
+    hops = await hop_breakdown(database_url, load["answered"])
+    ms, post = alerts["ms"], load["post_ms"]
+    r = {"rate": rate, "seconds": seconds, "achieved_rate": load["achieved_rate"], "sent": load["sent"],
+         "accepted": len(load["answered"]), "errors": load["errors"], "alerts": alerts["alerts"],
+         "missing_alerts": alerts["missing"], "p50_ms": _q(ms, 50), "p99_ms": _q(ms, 99),
+         "max_ms": ms[-1] if ms else float("nan"), "post_p50_ms": _q(post, 50), "post_p99_ms": _q(post, 99),
+         "hops": hops, "cpu_ms_per_identification": cpu,
+         "cpu_ms_per_identification_total": round(sum(cpu.values()), 1)}
+    log(f"e2e at {rate:.0f}/s: alert p50 {r['p50_ms']:.0f} ms p99 {r['p99_ms']:.0f} ms, "
+        f"{alerts['missing']} alerts missing after the drain; POST p99 {r['post_p99_ms']:.0f} ms")
+    log(f"e2e at {rate:.0f}/s: CPU ms per identification by process: {cpu} "
+        f"(total {r['cpu_ms_per_identification_total']})")
+    for hop, v in hops.items():
+        log(f"e2e at {rate:.0f}/s: hop {hop}: {v}")
+    return r
+
+
+async def idle_cpu(system, *, seconds: float) -> dict[str, float]:  # noqa: ANN001
+    """CPU cores each process burns with no load at all (polling: fetch waits, relay and
+    delivery polls, faust's timers)."""
+    from bench.intake import cpu_seconds
+
+    pids = {c.name: c.proc.pid for c in system.sup.children}
+    cpu0 = {n: _cpu(p) for n, p in pids.items()}
+    pg0 = cpu_seconds(lambda cmd: cmd.startswith("postgres"))
+    tansu0 = cpu_seconds(lambda cmd: "tansu" in cmd)
+    await asyncio.sleep(seconds)
+    out = {name: round((_cpu(pid) - cpu0[name]) / seconds, 3) for name, pid in pids.items()}
+    out["postgres (all)"] = round((cpu_seconds(lambda cmd: cmd.startswith("postgres")) - pg0) / seconds, 3)
+    out["tansu (all)"] = round((cpu_seconds(lambda cmd: "tansu" in cmd) - tansu0) / seconds, 3)
+    return out
+
+
+async def run(stack, *, phases: list[tuple[float, float]] = ((10, 20), (100, 60)), drain_s: float = 180,
+              idle_s: float = 10, extra_env: dict[str, str] | None = None, log=print) -> dict:  # noqa: ANN001
+    """One system; a steady load per (rate/s, seconds) phase, each drained before the next."""
     from tests.e2e.harness import running_system
 
     database_url = await stack.new_database("bench_e2e")
     extra = {"KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap, "DATABASE_URL": database_url,
              "CLMS_TOPIC_PREFIX": f"e2e{uuid.uuid4().hex[:6]}.", "KAFKA_FETCH_MAX_WAIT_MS": stack.fetch_wait_ms,
-             "LOG_JSON": "true", "LOG_LEVEL": "WARNING"}
+             "LOG_JSON": "true", "LOG_LEVEL": "WARNING", **(extra_env or {})}
     async with running_system(extra_env=extra) as system:
         log("e2e: system ready")
         token = mint_token(system.settings, sub="police.prizren.duty", agency="police", municipality="prizren",
@@ -127,17 +260,16 @@ async def run(stack, *, rate: float = 100, seconds: float = 60, log=print) -> di
         # Warm-up: a few identifications through every hop (first-use costs out of the figure).
         warm = await steady_load(system.settings.intake_port, token, rate=10, seconds=2)
         await alert_latencies(database_url, warm["answered"], timeout_s=60)
-        load = await steady_load(system.settings.intake_port, token, rate=rate, seconds=seconds)
-        log(f"e2e: {len(load['answered'])} of {load['sent']} identifications accepted at "
-            f"{load['achieved_rate']:.0f}/s; waiting for their alerts")
-        alerts = await alert_latencies(database_url, load["answered"])
+        idle = await idle_cpu(system, seconds=idle_s)
+        log(f"e2e: idle CPU (cores) by process with no load for {idle_s:.0f} s: {idle} "
+            f"(total {sum(idle.values()):.2f})")
+        results = [await _phase(system, database_url, token, rate=rate, seconds=seconds, drain_s=drain_s, log=log)
+                   for rate, seconds in phases]
+        handlers = await handler_times(system)
+        log(f"e2e: mean handler ms per event (whole run): {handlers}")
         rss = {c.name: peak_rss_mb(c.proc.pid) for c in system.sup.children if c.name != "mail-sink"}
-    ms, post = alerts["ms"], load["post_ms"]
-    return {"rate": rate, "seconds": seconds, "achieved_rate": load["achieved_rate"], "sent": load["sent"],
-            "accepted": len(load["answered"]), "errors": load["errors"], "alerts": alerts["alerts"],
-            "missing_alerts": alerts["missing"], "p50_ms": _q(ms, 50), "p99_ms": _q(ms, 99),
-            "max_ms": ms[-1] if ms else float("nan"), "post_p50_ms": _q(post, 50), "post_p99_ms": _q(post, 99),
-            "peak_rss_mb": rss}
+    return {"phases": results, "handler_ms": handlers, "peak_rss_mb": rss, "idle_cpu_cores": idle,
+            "idle_cpu_cores_total": round(sum(idle.values()), 2)}
 
 
 async def main() -> None:
@@ -145,8 +277,11 @@ async def main() -> None:
 
     stack = start_stack(durable_postgres=True)
     try:
-        r = await run(stack, rate=float(os.environ.get("RATE", "100")), seconds=float(os.environ.get("SECONDS", "60")))
-        print(json.dumps(r, indent=2))
+        r = await run(stack, phases=[(float(os.environ.get("RATE", "100")), float(os.environ.get("SECONDS", "60")))],
+                      drain_s=float(os.environ.get("DRAIN", "120")), log=lambda m: print(m, flush=True),
+                      extra_env={k: v for k, v in os.environ.items() if k.startswith("E2E_ENV_")} and
+                      {k[8:]: v for k, v in os.environ.items() if k.startswith("E2E_ENV_")})
+        print(json.dumps(r, indent=2, default=str))
     finally:
         stack.close()
 

@@ -66,8 +66,9 @@ def create_app(settings: Settings) -> FastAPI:
                                poll_interval_s=settings.outbox_poll_interval_s,
                                batch_size=settings.outbox_batch_size)
         sms = SmsWebhookSender(settings)
+        email = EmailSender(settings)
         st.delivery = service.DeliveryLoop(
-            pool=st.pool, settings=settings, senders={"email": EmailSender(settings), "sms": sms},
+            pool=st.pool, settings=settings, senders={"email": email, "sms": sms},
             producer=producer, topics=topics, relay=st.relay, metrics=deliveries)
 
         def fan_out(alerts: list[dict]) -> None:
@@ -112,6 +113,8 @@ def create_app(settings: Settings) -> FastAPI:
             await asyncio.gather(*st.tasks, return_exceptions=True)
             st.tasks = []
             await sms.aclose()
+            with contextlib.suppress(Exception):
+                await email.aclose()
             with contextlib.suppress(Exception):
                 await producer.stop()
             await st.pool.close()

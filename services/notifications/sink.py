@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import weakref
 import html
 import logging
 import signal
@@ -68,6 +69,7 @@ class Sink:
         self.changed = asyncio.Event()
         self._seq = 0
         self._smtp: asyncio.base_events.Server | None = None
+        self._sessions: weakref.WeakSet = weakref.WeakSet()
         self._http: asyncio.base_events.Server | None = None
 
     async def start(self) -> "Sink":
@@ -78,10 +80,12 @@ class Sink:
     async def start_smtp(self) -> None:
         loop = asyncio.get_running_loop()
         handler = _Handler(self)
-        self._smtp = await loop.create_server(
-            lambda: SMTP(handler, hostname="clms-sink", data_size_limit=1_000_000, loop=loop),
-            self.host, self.smtp_port, reuse_address=True,
-        )
+        def session() -> SMTP:
+            proto = SMTP(handler, hostname="clms-sink", data_size_limit=1_000_000, loop=loop)
+            self._sessions.add(proto)
+            return proto
+
+        self._smtp = await loop.create_server(session, self.host, self.smtp_port, reuse_address=True)
 
     async def stop_smtp(self) -> None:
         """Stop accepting mail (tests use it to simulate an SMTP outage)."""
@@ -89,6 +93,12 @@ class Sink:
             self._smtp.close()
             await self._smtp.wait_closed()
             self._smtp = None
+        # An outage drops open connections too (senders keep one open between messages).
+        for proto in list(self._sessions):
+            transport = getattr(proto, "transport", None)
+            if transport is not None:
+                transport.close()
+        self._sessions.clear()
 
     async def stop(self) -> None:
         await self.stop_smtp()
