@@ -153,6 +153,31 @@ def _notification_envelope(model: type, row: dict[str, Any] | asyncpg.Record, **
                          correlationid=row["correlation_id"], causationid=row["event_id"])
 
 
+_INSERT_NOTIFICATION = f"""
+    insert into {S}.notifications(
+        notification_id, event_id, event_type, cause_event_type, referral_id, case_id,
+        recipient, channel, language, subject, body, link, status, attempts, max_attempts,
+        sent_at, correlation_id, cause_topic, cause_partition, cause_offset, cause_key, cause_value)
+    values($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+           case when $13 = 'sent' then now() end, $16, $17, $18, $19, $20, $21)
+    on conflict (notification_id) do nothing"""
+
+# $22 priority, $23-$27 the outbox row (columns of shared.outbox.append), $28-$29 pg_notify.
+_INSERT_INAPP = f"""
+    with n as ({_INSERT_NOTIFICATION}
+        returning notification_id, recipient, event_type, referral_id, case_id),
+    a as (
+        insert into {S}.alerts(alert_id, recipient, event_type, referral_id, case_id, priority, subject, body, link)
+        select notification_id, recipient, event_type, referral_id, case_id, $22, $10, $11, $12 from n
+        returning *),
+    d as (
+        insert into {S}.delivery_attempts(notification_id, attempt, ok) select notification_id, 1, true from n),
+    o as (
+        insert into {S}.outbox(event_id, topic, key, event_type, envelope)
+        select $23, $24, $25, $26, $27::jsonb from n)
+    select a.*, pg_notify($28, $29) as notified from a"""
+
+
 async def _create_notifications(
     conn: asyncpg.Connection, *, settings: Settings, planned: list[policy.Planned], event_id: uuid.UUID,
     template: str, cause_event_type: str, facts: dict[str, Any], correlation_id: str,
@@ -164,15 +189,7 @@ async def _create_notifications(
     for p in planned:
         msg = render(template, p.language, facts, base_url=settings.public_base_url)
         inapp = p.channel == "inapp"
-        row = await conn.fetchrow(
-            f"""insert into {S}.notifications(
-                    notification_id, event_id, event_type, cause_event_type, referral_id, case_id,
-                    recipient, channel, language, subject, body, link, status, attempts, max_attempts,
-                    sent_at, correlation_id, cause_topic, cause_partition, cause_offset, cause_key, cause_value)
-                values($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                       case when $13 = 'sent' then now() end, $16, $17, $18, $19, $20, $21)
-                on conflict (notification_id) do nothing
-                returning *""",
+        args = (
             p.notification_id, event_id, template, cause_event_type, facts.get("referral_id"),
             facts.get("case_id"), p.recipient, p.channel, p.language, msg.subject, msg.body, msg.link,
             "sent" if inapp else "pending", 1 if inapp else 0, settings.notify_max_attempts,
@@ -181,22 +198,23 @@ async def _create_notifications(
             cause.key.decode(errors="replace") if cause and cause.key else None,
             cause.value if cause else None,
         )
-        if row is None:
-            continue  # this (event, recipient, channel) was recorded before
-        if inapp:
-            alert = await conn.fetchrow(
-                f"""insert into {S}.alerts(alert_id, recipient, event_type, referral_id, case_id, priority,
-                                           subject, body, link)
-                    values($1, $2, $3, $4, $5, $6, $7, $8, $9) returning *""",
-                p.notification_id, p.recipient, template, facts.get("referral_id"), facts.get("case_id"),
-                facts.get("priority"), msg.subject, msg.body, msg.link)
-            await conn.execute(f"insert into {S}.delivery_attempts(notification_id, attempt, ok) values($1, 1, true)",
-                               p.notification_id)
-            await outbox.append(conn, schema=S, topic=Topic.notification_events,
-                                envelope=_notification_envelope(NotificationSent, row, attempt=1))
-            # delivered to LISTENers of every replica when this transaction commits
-            await conn.execute("select pg_notify($1, $2)", NOTIFY_CHANNEL,
-                               orjson.dumps({"alert_id": str(p.notification_id), "recipient": p.recipient}).decode())
+        if not inapp:
+            await conn.execute(_INSERT_NOTIFICATION, *args)  # delivered later by the DeliveryLoop
+            continue
+        # In-app: notification, inbox alert, delivery attempt, outbox row and the NOTIFY for other
+        # replicas' streams in ONE statement (one round trip instead of five; the agent is
+        # latency-bound on round trips: bench/README.md, Performance). Nothing but the
+        # notification is written when it existed already (every step selects from its insert).
+        sent = Envelope.wrap(
+            NotificationSent(notification_id=p.notification_id, referral_id=facts.get("referral_id"),
+                             case_id=facts.get("case_id"), recipient=p.recipient, channel=Channel.inapp,
+                             cause_event_type=cause_event_type, attempt=1),
+            source=SOURCE, subject=str(facts.get("case_id")), correlationid=correlation_id, causationid=event_id)
+        alert = await conn.fetchrow(
+            _INSERT_INAPP, *args, facts.get("priority"), sent.id, Topic.notification_events.value, sent.subject,
+            sent.type, sent.to_json_bytes().decode(), NOTIFY_CHANNEL,
+            orjson.dumps({"alert_id": str(p.notification_id), "recipient": p.recipient}).decode())
+        if alert is not None:
             alerts.append(alert_dict(alert))
     return alerts
 
