@@ -133,9 +133,14 @@ async def rebuild(settings: Settings, *, app_id: str | None = None) -> RebuildRe
                 await admin.close()
             futures = []
             cl = changelog_topic(settings, app_id)
+            cases = sum(len(t) for t in states)
             for partition, table in enumerate(states):
-                for key, state in table.items():
+                while table:  # written states are dropped, and at most 5,000 sends are in flight:
+                    key, state = table.popitem()  # peak memory is the fold's, not fold + changelog
                     futures.append(await producer.send(cl, state.to_bytes(), key=key, partition=partition))
+                    if len(futures) >= 5000:
+                        await asyncio.gather(*futures)
+                        futures.clear()
             await asyncio.gather(*futures)
             # Tansu 0.6.0 answers ListOffsets(latest) with the last *batch*'s base offset + 1, and
             # faust's recovery stops at that "highwater", dropping the rest of the last batch. So
@@ -153,7 +158,7 @@ async def rebuild(settings: Settings, *, app_id: str | None = None) -> RebuildRe
     finally:
         await committer.stop()
     result = RebuildResult(app_id=app_id, events=events, applied=applied, dead_lettered=dead,
-                           cases=sum(len(t) for t in states), seconds=time.perf_counter() - t0)
+                           cases=cases, seconds=time.perf_counter() - t0)
     log.info("analytics rebuild done for %s: %d events, %d cases, %d dead-lettered, %.1fs",
              result.app_id, result.events, result.cases, result.dead_lettered, result.seconds)
     return result
