@@ -279,30 +279,13 @@ async def identify(
                 await _audit(conn, actor=actor, action="case.create", outcome="replayed", case_id=previous.case_id)
                 return Identified(previous, replayed=True)
 
-        child = request.child
-        data = CaseIdentified(
-            case_id=case_id, municipality=request.municipality, child_ref=ref, linked_case_id=linked,
-            identified_on=request.identified_on, reporter_agency=actor.agency,
-            report_source=request.report_source, reported_by=actor.sub, age_band=rules.age_band(age),
-            compulsory_school_age=rules.is_compulsory_school_age(age), sex=child.sex,
-            community=child.community, school_status=child.school_status, sector=request.work.sector,
-            activity=request.work.activity, hazardous=request.work.hazardous, worst_form=worst,
-            employer_involved=request.work.employer_involved,
-        )
-        envelope = Envelope.wrap(data, source=actor.source, subject=case_id,
-                                 correlationid=correlationid, causationid=causationid)
+        envelope = _identified_event(actor=actor, request=request, case_id=case_id, ref=ref, linked=linked,
+                                     age=age, worst=worst, correlationid=correlationid, causationid=causationid)
         # One statement, one round trip: case, wrapped key, history, audit and outbox rows
         # (the outbox columns are those of shared.outbox.append).
-        await conn.execute(
-            _INSERT_CASE,
-            case_id, ref, linked, request.municipality, request.identified_on, request.report_source.value,
-            actor.agency.value, actor.municipality, actor.sub, actor.channel, age,
-            rules.age_band(age).value, rules.is_compulsory_school_age(age), child.sex.value,
-            child.community.value, child.school_status.value, request.work.sector.value,
-            request.work.activity, request.work.hazardous, worst, request.work.employer_involved,
-            sealed.ciphertext, sealed.wrapped_key, sealed.master_key_id,
-            envelope.id, envelope.type, actor.client_addr, Topic.case_events.value, envelope.to_json_bytes().decode(),
-        )
+        await conn.execute(_INSERT_CASE, *_case_args(actor=actor, request=request, case_id=case_id, ref=ref,
+                                                     linked=linked, age=age, worst=worst, sealed=sealed,
+                                                     envelope=envelope))
     intake.on_commit()
     return Identified(answer)
 
@@ -310,31 +293,48 @@ async def identify(
 async def _identify_one_statement(intake: Intake, *, actor: Actor, request: IdentificationRequest,
                                   case_id: uuid.UUID, ref: str, age: int, worst: bool, sealed: Any,
                                   correlationid: str | None, causationid: str | None) -> Identified:
+    # linked_case_id is set by the statement, from the lookup under the child's lock
+    envelope = _identified_event(actor=actor, request=request, case_id=case_id, ref=ref, linked=None,
+                                 age=age, worst=worst, correlationid=correlationid, causationid=causationid)
+    async with intake.pool.acquire() as conn:
+        linked = await conn.fetchval(_IDENTIFY_ONE_STATEMENT, *_case_args(
+            actor=actor, request=request, case_id=case_id, ref=ref, linked=None, age=age, worst=worst,
+            sealed=sealed, envelope=envelope))
+    intake.on_commit()
+    return Identified(IdentificationAccepted(case_id=case_id, child_ref=ref, linked_case_id=linked))
+
+
+def _identified_event(*, actor: Actor, request: IdentificationRequest, case_id: uuid.UUID, ref: str,
+                      linked: uuid.UUID | None, age: int, worst: bool, correlationid: str | None,
+                      causationid: str | None) -> Envelope:
+    """The published `case.identified`: pseudonym and categories only."""
     child = request.child
     data = CaseIdentified(
-        case_id=case_id, municipality=request.municipality, child_ref=ref, linked_case_id=None,
+        case_id=case_id, municipality=request.municipality, child_ref=ref, linked_case_id=linked,
         identified_on=request.identified_on, reporter_agency=actor.agency,
         report_source=request.report_source, reported_by=actor.sub, age_band=rules.age_band(age),
         compulsory_school_age=rules.is_compulsory_school_age(age), sex=child.sex,
         community=child.community, school_status=child.school_status, sector=request.work.sector,
         activity=request.work.activity, hazardous=request.work.hazardous, worst_form=worst,
         employer_involved=request.work.employer_involved,
-    )  # linked_case_id is set by the statement, from the lookup under the child's lock
-    envelope = Envelope.wrap(data, source=actor.source, subject=case_id,
-                             correlationid=correlationid, causationid=causationid)
-    async with intake.pool.acquire() as conn:
-        linked = await conn.fetchval(
-            _IDENTIFY_ONE_STATEMENT,
-            case_id, ref, None, request.municipality, request.identified_on, request.report_source.value,
-            actor.agency.value, actor.municipality, actor.sub, actor.channel, age,
-            rules.age_band(age).value, rules.is_compulsory_school_age(age), child.sex.value,
-            child.community.value, child.school_status.value, request.work.sector.value,
-            request.work.activity, request.work.hazardous, worst, request.work.employer_involved,
-            sealed.ciphertext, sealed.wrapped_key, sealed.master_key_id,
-            envelope.id, envelope.type, actor.client_addr, Topic.case_events.value, envelope.to_json_bytes().decode(),
-        )
-    intake.on_commit()
-    return Identified(IdentificationAccepted(case_id=case_id, child_ref=ref, linked_case_id=linked))
+    )
+    return Envelope.wrap(data, source=actor.source, subject=case_id,
+                         correlationid=correlationid, causationid=causationid)
+
+
+def _case_args(*, actor: Actor, request: IdentificationRequest, case_id: uuid.UUID, ref: str,
+               linked: uuid.UUID | None, age: int, worst: bool, sealed: Any, envelope: Envelope) -> tuple:
+    """Arguments $1.. of `_INSERT_CASE` and `_IDENTIFY_ONE_STATEMENT` (the same columns)."""
+    child = request.child
+    return (
+        case_id, ref, linked, request.municipality, request.identified_on, request.report_source.value,
+        actor.agency.value, actor.municipality, actor.sub, actor.channel, age,
+        rules.age_band(age).value, rules.is_compulsory_school_age(age), child.sex.value,
+        child.community.value, child.school_status.value, request.work.sector.value,
+        request.work.activity, request.work.hazardous, worst, request.work.employer_involved,
+        sealed.ciphertext, sealed.wrapped_key, sealed.master_key_id,
+        envelope.id, envelope.type, actor.client_addr, Topic.case_events.value, envelope.to_json_bytes().decode(),
+    )
 
 
 # --- reading ------------------------------------------------------------------------------------------
