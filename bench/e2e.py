@@ -22,7 +22,7 @@ import uuid
 
 import asyncpg
 
-from bench.intake import intake_bodies
+from bench.intake import intake_bodies, post
 from bench.stack import peak_rss_mb
 from shared.auth import mint_token
 
@@ -32,21 +32,6 @@ def _q(values: list[float], p: int) -> float:
     if not values:
         return float("nan")
     return values[max(0, math.ceil(p / 100 * len(values)) - 1)]
-
-
-async def _post(reader, writer, head: bytes, body: bytes) -> tuple[int, bytes]:  # noqa: ANN001
-    writer.write(head + str(len(body)).encode() + b"\r\n\r\n" + body)
-    await writer.drain()
-    status_line = await reader.readline()
-    length = 0
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b""):
-            break
-        if line[:15].lower() == b"content-length:":
-            length = int(line[15:].strip())
-    payload = await reader.readexactly(length) if length else b""
-    return int(status_line.split()[1]), payload
 
 
 async def steady_load(port: int, token: str, *, rate: float, seconds: float, connections: int = 32) -> dict:
@@ -67,7 +52,7 @@ async def steady_load(port: int, token: str, *, rate: float, seconds: float, con
         reader, writer = await pool.get()
         try:
             t0 = time.perf_counter()
-            status, payload = await _post(reader, writer, head, bodies[i])
+            status, payload = await post(reader, writer, head, bodies[i])
             t1 = time.perf_counter()
             now = time.time()
         finally:

@@ -71,7 +71,8 @@ def intake_bodies(n: int) -> list[bytes]:
 BASELINE_BODY = b'{"municipality":"prishtine","age":12,"sex":"F","form":"street_work"}'
 
 
-async def _request(reader, writer, head: bytes, body: bytes) -> int:
+async def post(reader, writer, head: bytes, body: bytes) -> tuple[int, bytes]:  # noqa: ANN001
+    """One HTTP/1.1 POST on a kept-alive connection: (status, body)."""
     writer.write(head + str(len(body)).encode() + b"\r\n\r\n" + body)
     await writer.drain()
     status_line = await reader.readline()
@@ -82,9 +83,8 @@ async def _request(reader, writer, head: bytes, body: bytes) -> int:
             break
         if line[:15].lower() == b"content-length:":
             length = int(line[15:].strip())
-    if length:
-        await reader.readexactly(length)
-    return int(status_line.split()[1])
+    payload = await reader.readexactly(length) if length else b""
+    return int(status_line.split()[1]), payload
 
 
 async def load(port: int, path: str, bodies: list[bytes], headers: dict[str, str], *, duration: float,
@@ -104,7 +104,7 @@ async def load(port: int, path: str, bodies: list[bytes], headers: dict[str, str
                 t0 = time.perf_counter()
                 if t0 >= stop_at:
                     return
-                status = await _request(reader, writer, head, bodies[next(counter) % len(bodies)])
+                status, _ = await post(reader, writer, head, bodies[next(counter) % len(bodies)])
                 t1 = time.perf_counter()
                 if status != 201:
                     errors[status] = errors.get(status, 0) + 1
