@@ -1,7 +1,8 @@
 """`clms dev` (what `make run` calls): a supervisor over the embedded infrastructure and the
 services, each started exactly as in production: `python -m services.<name>`.
 
-1. Start the Tansu broker and PostgreSQL unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are set.
+1. Start the broker (Apache Kafka where java and mvn answer, else Tansu: CLMS_BROKER) and
+   PostgreSQL, unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are set.
 2. Declare every topic; apply every service's migrations.
 3. If the broker is empty but Postgres has history, replay the outbox rows (the durable event
    log) in order, so yesterday's cases, referrals and counts come back.
@@ -26,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.embedded import EmbeddedBroker, EmbeddedPostgres, _die_with_parent, port_open, wait_for
+from shared.kafka_broker import EmbeddedKafka, choose_broker, kafka_version
 from shared.settings import Settings
 
 console = Console(stderr=True)
@@ -59,7 +61,7 @@ class Supervisor:
     def __init__(self, settings: Settings, *, services: tuple[str, ...] = SERVICES):
         self.settings = settings
         self.wanted = [s for s in services if service_exists(s)]
-        self.broker: EmbeddedBroker | None = None
+        self.broker: EmbeddedBroker | EmbeddedKafka | None = None
         self.postgres: EmbeddedPostgres | None = None
         self.children: list[Child] = []
         self.env = dict(os.environ)
@@ -72,11 +74,20 @@ class Supervisor:
         if s.kafka_bootstrap_servers:
             console.print(f"[cyan]broker[/]    using KAFKA_BOOTSTRAP_SERVERS={s.kafka_bootstrap_servers}")
         else:
-            with console.status("starting the embedded Kafka-protocol broker (Tansu)..."):
-                self.broker = EmbeddedBroker(s.embedded_kafka_port, self.log_dir / "tansu.log").start()
+            kind, why = choose_broker()
+            if kind == "kafka":
+                console.print(f"[cyan]broker[/]    Apache Kafka {kafka_version()} (CLMS_BROKER=auto|kafka|tansu: "
+                              f"kafka, because {why}); log in {s.data_dir / 'kafka'}")
+                with console.status("starting Apache Kafka (KRaft, one node)..."):
+                    self.broker = EmbeddedKafka(s.embedded_kafka_port, s.data_dir / "kafka").start(
+                        progress=console.print)
+            else:
+                console.print(f"[cyan]broker[/]    Tansu (CLMS_BROKER=auto|kafka|tansu: tansu, because {why}); "
+                              "it keeps nothing across restarts, the outbox is replayed into it")
+                with console.status("starting the embedded Kafka-protocol broker (Tansu)..."):
+                    self.broker = EmbeddedBroker(s.embedded_kafka_port, self.log_dir / "tansu.log").start()
             self.env["KAFKA_BOOTSTRAP_SERVERS"] = self.broker.bootstrap
-            # Tansu does not wake a waiting fetch: keep the wait short (README, broker limits).
-            self.env.setdefault("KAFKA_FETCH_MAX_WAIT_MS", "20")
+            self.env["CLMS_BROKER_KIND"] = kind
         if s.database_url:
             console.print("[cyan]database[/]  using DATABASE_URL")
         else:
@@ -86,7 +97,7 @@ class Supervisor:
         self.settings = self.settings.model_copy(update={
             "kafka_bootstrap_servers": self.env["KAFKA_BOOTSTRAP_SERVERS"],
             "database_url": self.env["DATABASE_URL"],
-            "kafka_fetch_max_wait_ms": int(self.env.get("KAFKA_FETCH_MAX_WAIT_MS", s.kafka_fetch_max_wait_ms)),
+            "kafka_broker_kind": self.env.get("CLMS_BROKER_KIND", s.kafka_broker_kind),
         })
 
     async def prepare(self) -> dict[str, int]:
@@ -215,7 +226,12 @@ class Supervisor:
         t = Table(title="CLMS referral services (development)", show_lines=False)
         t.add_column("what")
         t.add_column("where")
-        t.add_row("Kafka broker", self.env["KAFKA_BOOTSTRAP_SERVERS"] + (" (embedded Tansu)" if self.broker else ""))
+        embedded = ""
+        if isinstance(self.broker, EmbeddedKafka):
+            embedded = f" (embedded Apache Kafka {kafka_version()}, log in {self.broker.data_dir})"
+        elif self.broker:
+            embedded = " (embedded Tansu, memory only)"
+        t.add_row("Kafka broker", self.env["KAFKA_BOOTSTRAP_SERVERS"] + embedded)
         t.add_row("PostgreSQL", self.env["DATABASE_URL"] + (f" (data in {self.settings.data_dir}/pgdata)"
                                                             if self.postgres else ""))
         for c in self.children:

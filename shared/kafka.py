@@ -15,6 +15,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from shared import tansu
 from shared.events import Envelope
 from shared.settings import Settings
 from shared.topics import Topics, declare_topics
@@ -38,8 +39,8 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
-    """A producer that waits for all in-sync replicas. Idempotence is a setting because
-    Tansu 0.6.0 rejects InitProducerId v0 (see README, embedded broker limits)."""
+    """A producer that waits for all in-sync replicas; idempotent (no duplicate from a retried
+    send) except on Tansu, which rejects it (shared/tansu.py)."""
     kwargs: dict[str, Any] = {
         **connection_kwargs(settings),
         "acks": "all",
@@ -112,12 +113,7 @@ class PartitionLag:
     partition: int
     committed: int | None
     end: int
-
-    @property
-    def lag(self) -> int:
-        # Clamped: Tansu 0.6.0 can report a log end offset below a committed offset after
-        # multi-record batches (README, embedded broker limits).
-        return max(0, self.end - (self.committed or 0))
+    lag: int  # exact on Apache Kafka; clamped at 0 on Tansu (shared/tansu.py)
 
 
 async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[PartitionLag]:
@@ -151,7 +147,8 @@ async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[Pa
                 consumed = {tp.topic for tp, c in found if c is not None}
                 for tp, committed in found:
                     if tp.topic in consumed:
-                        rows.append(PartitionLag(group, tp.topic, tp.partition, committed, ends[tp]))
+                        rows.append(PartitionLag(group, tp.topic, tp.partition, committed, ends[tp],
+                                                 tansu.clamp_lag(settings, ends[tp], committed)))
             finally:
                 with contextlib.suppress(asyncio.CancelledError):
                     await member.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,11 +30,14 @@ class Settings(BaseSettings):
     # --- infrastructure -------------------------------------------------------------------
     kafka_bootstrap_servers: str | None = Field(None, alias="KAFKA_BOOTSTRAP_SERVERS")
     database_url: str | None = Field(None, alias="DATABASE_URL")
-    # Tansu does not wake a waiting fetch when data arrives: a consumer waits its full
-    # fetch_max_wait_ms. Small on the embedded broker; Kafka's default (500) on real Kafka.
-    kafka_fetch_max_wait_ms: int = Field(500, alias="KAFKA_FETCH_MAX_WAIT_MS", ge=1, le=10_000)
-    # Tansu 0.6.0 rejects InitProducerId v0, so the idempotent producer must be off there.
-    kafka_enable_idempotence: bool = Field(False, alias="KAFKA_ENABLE_IDEMPOTENCE")
+    # Which broker answers: "kafka" (Apache Kafka, production) or "tansu" (the Java-less
+    # development fallback). Every Tansu workaround keys off this, in shared/tansu.py.
+    kafka_broker_kind: Literal["kafka", "tansu"] = Field("kafka", alias="CLMS_BROKER_KIND")
+    # Consumer long-poll wait. Apache Kafka answers a waiting fetch as soon as data arrives, so
+    # Kafka's default (500) costs no latency there; unset = 500 on Kafka, 20 on Tansu.
+    kafka_fetch_max_wait_ms_override: int | None = Field(None, alias="KAFKA_FETCH_MAX_WAIT_MS", ge=1, le=10_000)
+    # Idempotent producer (no duplicates from producer retries); unset = on, except on Tansu.
+    kafka_enable_idempotence_override: bool | None = Field(None, alias="KAFKA_ENABLE_IDEMPOTENCE")
     kafka_security_protocol: str = Field("PLAINTEXT", alias="KAFKA_SECURITY_PROTOCOL")
     kafka_sasl_mechanism: str | None = Field(None, alias="KAFKA_SASL_MECHANISM")
     kafka_sasl_username: str | None = Field(None, alias="KAFKA_SASL_USERNAME")
@@ -130,6 +134,20 @@ class Settings(BaseSettings):
         return self
 
     # --- derived ----------------------------------------------------------------------------
+    @property
+    def kafka_fetch_max_wait_ms(self) -> int:
+        from shared import tansu
+
+        return self.kafka_fetch_max_wait_ms_override or tansu.fetch_max_wait_ms(self)
+
+    @property
+    def kafka_enable_idempotence(self) -> bool:
+        from shared import tansu
+
+        if self.kafka_enable_idempotence_override is not None:
+            return self.kafka_enable_idempotence_override
+        return tansu.idempotence_supported(self)
+
     def require_kafka(self) -> str:
         if not self.kafka_bootstrap_servers:
             raise RuntimeError(

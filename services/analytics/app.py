@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from services.analytics.counting import Aggregate
 from services.analytics.service import Live
 from services.analytics.views import STATIC_DIR, router
+from services.analytics.rebuild import declare_changelog
 from services.analytics.worker import Worker, build_worker
 from shared.auth import Verifier
 from shared.settings import Settings
@@ -42,6 +43,7 @@ def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI
         worker.on_change.append(live.changed)
         state["worker"] = worker
         app.state.worker = worker
+        await declare_changelog(settings, settings.analytics_app_id)
         await worker.app.start()
         log.info("analytics worker started")
         try:

@@ -60,6 +60,21 @@ class RebuildResult:
     seconds: float
 
 
+async def declare_changelog(settings: Settings, app_id: str) -> None:
+    """Create the cases table's changelog (compacted, co-partitioned with the source topics)
+    before faust starts, as the production topic-init job does: faust checks the partition
+    count against its metadata, which must already hold the topic."""
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(changelog_topic(settings, app_id), PARTITIONS, 1,
+                                            topic_configs={"cleanup.policy": "compact"})])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        await admin.close()
+
+
 def changelog_topic(settings: Settings, app_id: str) -> str:
     # faust names a table's changelog "<app id>-<table name>-changelog"
     return f"{settings.group_id(app_id)}-{CASES_TABLE}-changelog"
@@ -122,15 +137,7 @@ async def rebuild(settings: Settings, *, app_id: str | None = None) -> RebuildRe
                         pending.discard(tp)
 
             log.info("rebuild: folded %d events in %.1fs", events, time.perf_counter() - t0)
-            admin = make_admin(settings)
-            await admin.start()
-            try:
-                await admin.create_topics([NewTopic(changelog_topic(settings, app_id), PARTITIONS, 1,
-                                                    topic_configs={"cleanup.policy": "compact"})])
-            except TopicAlreadyExistsError:
-                pass
-            finally:
-                await admin.close()
+            await declare_changelog(settings, app_id)
             futures = []
             cl = changelog_topic(settings, app_id)
             cases = sum(len(t) for t in states)

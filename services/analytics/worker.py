@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.analytics.counting import Aggregate, CaseState, apply_event
 from services.analytics.tables import declare_tables
+from shared import tansu
 from shared.events import Envelope
 from shared.settings import Settings
 from shared.streams import EnvelopeSchema, StreamProcessor, make_faust_app
@@ -41,12 +42,11 @@ class Worker:
 
 def build_worker(settings: Settings, *, aggregate: Aggregate, registry: CollectorRegistry,
                  name: str = "analytics") -> Worker:
-    # producer_max_batch_size=1: one changelog record per batch. Tansu 0.6.0 answers
-    # ListOffsets(latest) with the last batch's base offset + 1, so faust's table recovery stops
-    # early and drops the rest of a multi-record batch (seen in tests: a restarted worker lost
-    # cases). Single-record batches cost little here (one small record per event) and keep the
-    # changelog recoverable on any broker.
-    app = make_faust_app(settings, name, store=settings.analytics_store, producer_max_batch_size=1)
+    # On Tansu, one changelog record per batch (shared/tansu.py: faust's table recovery would
+    # otherwise stop early and drop the rest of a multi-record batch).
+    batch = tansu.changelog_batch_size(settings)
+    extra = {"producer_max_batch_size": batch} if batch else {}
+    app = make_faust_app(settings, name, store=settings.analytics_store, **extra)
     table = declare_tables(app)
     topics = Topics(settings.topic_prefix)
     worker = Worker(app=app, table=table, aggregate=aggregate)
