@@ -110,14 +110,22 @@ class PartitionLag:
     group: str
     topic: str
     partition: int
-    committed: int | None
+    committed: int | None  # None: the group has committed nothing on this partition yet
     end: int
+    lag: int  # see partition_lag
 
-    @property
-    def lag(self) -> int:
-        # Clamped: Tansu 0.6.0 can report a log end offset below a committed offset after
-        # multi-record batches (README, embedded broker limits).
-        return max(0, self.end - (self.committed or 0))
+
+def partition_lag(settings: Settings, *, end: int, committed: int | None) -> int:
+    """Messages a group has not consumed: the log end offset minus its committed offset (from 0
+    when it has committed nothing on the partition). Exact on Apache Kafka.
+
+    The one Tansu workaround for lag lives here: Tansu 0.6.0 can report a log end offset below a
+    committed offset after multi-record batches ("committed 6, end 5"), so with
+    CLMS_BROKER_KIND=tansu a negative lag is shown as 0."""
+    lag = end - (committed or 0)
+    if settings.kafka_broker_kind == "tansu":
+        return max(0, lag)
+    return lag
 
 
 async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[PartitionLag]:
@@ -151,7 +159,8 @@ async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[Pa
                 consumed = {tp.topic for tp, c in found if c is not None}
                 for tp, committed in found:
                     if tp.topic in consumed:
-                        rows.append(PartitionLag(group, tp.topic, tp.partition, committed, ends[tp]))
+                        rows.append(PartitionLag(group, tp.topic, tp.partition, committed, ends[tp],
+                                                 partition_lag(settings, end=ends[tp], committed=committed)))
             finally:
                 with contextlib.suppress(asyncio.CancelledError):
                     await member.stop()

@@ -61,6 +61,7 @@ class Infra:
             "DATABASE_URL": db_url,
             "CLMS_TOPIC_PREFIX": prefix,
             "CLMS_ENV": "test",
+            "CLMS_BROKER_KIND": "tansu" if self.is_tansu else "kafka",
             "KAFKA_FETCH_MAX_WAIT_MS": "20" if self.is_tansu else "100",
             "KAFKA_REBALANCE_TIMEOUT_S": "2",
             "KAFKA_SESSION_TIMEOUT_S": "6",
