@@ -5,6 +5,7 @@ Each command runs in its own process with stdout piped, against the real broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -77,7 +78,7 @@ async def story(env):
         member.assign([tp])
         await member.commit({tp: first.offset + 1})  # the submission consumed, 2 behind
     finally:
-        with __import__("contextlib").suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError):
             await member.stop()
     return {"inbound": topics.agency_inbound, "case_id": str(case.subject), "submission_id": submission_id,
             "partition": first.partition, "offset": first.offset, "group": env.group_id("opsclitest")}
@@ -86,7 +87,9 @@ async def story(env):
 def plain_rows(text: str, header_first: str) -> list[dict[str, str]]:
     """The rows of the tab-separated section whose header starts with `header_first`."""
     lines = text.splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.split("\t")[0] == header_first)
+    starts = [i for i, ln in enumerate(lines) if ln.split("\t")[0] == header_first]
+    assert starts, f"no tab-separated section with a {header_first!r} column in:\n{text}"
+    start = starts[0]
     header = lines[start].split("\t")
     rows = []
     for ln in lines[start + 1:]:
