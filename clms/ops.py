@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import orjson
@@ -309,13 +308,3 @@ async def _inbound_submissions(settings: Settings, event_ids: set[str]) -> list[
             replayed=any(h[0] == REPLAY_HEADER for h in (r.headers or ())),
         ))
     return found
-
-
-def fmt_ms(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def as_rows(items: Iterable[Any]) -> list[Any]:
-    return list(items)
