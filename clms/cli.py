@@ -92,17 +92,23 @@ def token(
         fail(f"{'.'.join(map(str, first['loc']))}: {first['msg'].removeprefix('Value error, ')}")
 
 
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document (for scripts)")]
+
+
 @app.command()
 def topics(
     create: Annotated[bool, typer.Option("--create", help="Declare missing topics first")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """List every topic with its partitions and end offsets (`--create` declares missing ones)."""
+    from clms.output import emit
+    from clms.reports import TopicInfo, topics_report
     from shared.kafka import ensure_topics, make_admin, make_consumer
     from shared.topics import REGISTRY, Topics
 
     settings = cli_settings()
 
-    async def run() -> Table:
+    async def run() -> list[TopicInfo]:
         names = Topics(settings.topic_prefix)
         if create:
             try:
@@ -122,16 +128,14 @@ def topics(
             await admin.close()
         consumer = make_consumer(settings, group=None)
         await consumer.start()
-        table = Table(title=f"topics on {settings.kafka_bootstrap_servers}")
-        for col in ("topic", "partitions", "end offsets", "messages", "key"):
-            table.add_column(col)
+        found = []
         try:
             from aiokafka import TopicPartition
 
             for spec in REGISTRY:
                 name = names.name(spec.topic)
                 if name not in existing:
-                    table.add_row(name, "[red]missing[/]", "", "", spec.key)
+                    found.append(TopicInfo(name, spec.key))
                     continue
                 parts = consumer.partitions_for_topic(name) or set()
                 if not parts:
@@ -139,13 +143,13 @@ def topics(
                     parts = consumer.partitions_for_topic(name) or set()
                 tps = [TopicPartition(name, p) for p in sorted(parts)]
                 ends = await consumer.end_offsets(tps) if tps else {}
-                offs = [ends[tp] for tp in tps]
-                table.add_row(name, str(len(tps)), " ".join(map(str, offs)), str(sum(offs)), spec.key)
+                found.append(TopicInfo(name, spec.key, len(tps), tuple(ends[tp] for tp in tps)))
         finally:
             await stop_quietly(consumer)
-        return table
+        return found
 
-    console.print(asyncio.run(run()))
+    sections, document = topics_report(settings.kafka_bootstrap_servers or "", asyncio.run(run()))
+    emit(sections, document=document, as_json=as_json, console=console)
 
 
 @app.command()
@@ -178,26 +182,17 @@ def _broker_or_fail(settings: Settings, what):  # noqa: ANN001, ANN202
 @dlq_app.command("list")
 def dlq_list(
     show: Annotated[int, typer.Option(help="Also list the newest N dead letters")] = 0,
+    as_json: JsonOption = False,
 ) -> None:
     """Dead letters by reason: count, oldest, original topics."""
-    from clms.ops import dead_letters, fmt_ms, summarise
+    from clms.ops import dead_letters, summarise
+    from clms.output import emit
+    from clms.reports import dlq_report
 
     settings = cli_settings()
     letters = _broker_or_fail(settings, dead_letters(settings))
-    table = Table(title=f"dead letters ({len(letters)})")
-    for col in ("reason", "count", "oldest", "from topics"):
-        table.add_column(col)
-    for s in summarise(letters):
-        table.add_row(s.reason, str(s.count), fmt_ms(s.oldest_ms), ", ".join(sorted(s.topics)))
-    console.print(table)
-    if show:
-        detail = Table(title=f"newest {show}")
-        for col in ("id", "time", "origin", "group", "reason", "error"):
-            detail.add_column(col)
-        for d in letters[-show:]:
-            detail.add_row(d.id, fmt_ms(d.timestamp_ms), f"{d.letter.topic}[{d.letter.partition}]@{d.letter.offset}",
-                           d.letter.group, d.letter.reason, d.letter.error[:120])
-        console.print(detail)
+    sections, document = dlq_report(letters, summarise(letters), show=max(0, show))
+    emit(sections, document=document, as_json=as_json, console=console)
 
 
 @dlq_app.command("replay")
@@ -229,27 +224,28 @@ def dlq_replay(
 
 
 @app.command()
-def lag() -> None:
+def lag(as_json: JsonOption = False) -> None:
     """Consumer lag per consumer group and partition."""
     from clms.ops import consumer_lag
+    from clms.output import emit
+    from clms.reports import lag_report
 
     settings = cli_settings()
-    rows = _broker_or_fail(settings, consumer_lag(settings))
-    table = Table(title="consumer lag")
-    for col in ("group", "topic", "partition", "committed", "end", "lag"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r.group, r.topic, str(r.partition), "-" if r.committed is None else str(r.committed),
-                      str(r.end), str(r.lag))
-    console.print(table)
+    sections, document = lag_report(_broker_or_fail(settings, consumer_lag(settings)))
+    emit(sections, document=document, as_json=as_json, console=console)
 
 
 @app.command()
-def trace(case_id: Annotated[str, typer.Argument(help="The case id")]) -> None:
+def trace(
+    case_id: Annotated[str, typer.Argument(help="The case id")],
+    as_json: JsonOption = False,
+) -> None:
     """The story of one case across every topic: events in order and the service behind each."""
     import uuid as _uuid
 
     from clms.ops import trace_case
+    from clms.output import emit
+    from clms.reports import trace_report
 
     try:
         _uuid.UUID(case_id)
@@ -259,13 +255,8 @@ def trace(case_id: Annotated[str, typer.Argument(help="The case id")]) -> None:
     lines = _broker_or_fail(settings, trace_case(settings, case_id))
     if not lines:
         fail(f"no events found for case {case_id}")
-    table = Table(title=f"case {case_id}")
-    for col in ("time", "event", "by (source)", "topic", "event id", "caused by"):
-        table.add_column(col)
-    for ln in lines:
-        table.add_row(ln.time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], ln.type, ln.source, ln.topic,
-                      ln.event_id[:8], (ln.causation_id or "")[:8])
-    console.print(table)
+    sections, document = trace_report(case_id, lines)
+    emit(sections, document=document, as_json=as_json, console=console)
 
 
 @app.command()
@@ -305,33 +296,35 @@ def demo(
 
 
 @app.command()
-def status() -> None:
+def status(as_json: JsonOption = False) -> None:
     """One screen: every service's health, consumer lag, dead letters and outbox backlog."""
     import httpx
 
     from clms.dev import SERVICE_SCHEMAS, SERVICES
     from clms.ops import consumer_lag, dead_letters
+    from clms.output import emit
+    from clms.reports import OutboxBacklog, ServiceHealth, status_report
 
     settings = cli_settings()
 
-    async def gather() -> tuple[list, list, list, dict]:
+    async def gather() -> tuple[list, list, list, list]:
         health = []
         async with httpx.AsyncClient(timeout=2) as client:
             for name in SERVICES:
                 url = f"http://{settings.host}:{getattr(settings, f'{name}_port')}"
                 try:
                     r = await client.get(f"{url}/readyz")
-                    detail = r.json().get("checks", {})
-                    health.append((name, url, "ready" if r.status_code == 200 else "not ready",
-                                   ", ".join(f"{k}: {v}" for k, v in detail.items() if v != "ok")))
-                except httpx.HTTPError as exc:
-                    health.append((name, url, "down", type(exc).__name__))
+                    checks = r.json().get("checks", {})
+                    health.append(ServiceHealth(name, url, "ready" if r.status_code == 200 else "not ready",
+                                                checks={k: str(v) for k, v in checks.items()}))
+                except (httpx.HTTPError, ValueError) as exc:
+                    health.append(ServiceHealth(name, url, "down", error=type(exc).__name__))
         try:
             lag = await consumer_lag(settings)
             dlq = await dead_letters(settings)
         except Exception as exc:  # noqa: BLE001
             fail(f"cannot reach the broker at {settings.kafka_bootstrap_servers} ({type(exc).__name__})")
-        backlog: dict[str, str] = {}
+        backlog: list[OutboxBacklog] = []
         try:
             import asyncpg
 
@@ -342,35 +335,18 @@ def status() -> None:
                 for schema in SERVICE_SCHEMAS.values():
                     try:
                         b = await outbox_backlog(conn, schema=schema)
-                        backlog[schema] = f"{b['rows']} rows, oldest {b['oldest_age_s']:.1f} s"
+                        backlog.append(OutboxBacklog(schema, b["rows"], b["oldest_age_s"]))
                     except asyncpg.UndefinedTableError:
-                        backlog[schema] = "no schema yet"
+                        backlog.append(OutboxBacklog(schema, error="no schema yet"))
             finally:
                 await conn.close()
         except Exception as exc:  # noqa: BLE001
-            backlog["database"] = f"unreachable ({type(exc).__name__})"
+            backlog.append(OutboxBacklog("database", error=f"unreachable ({type(exc).__name__})"))
         return health, lag, dlq, backlog
 
     health, lag, dlq, backlog = asyncio.run(gather())
-    t = Table(title="services")
-    for col in ("service", "url", "state", "detail"):
-        t.add_column(col)
-    for name, url, state, detail in health:
-        colour = {"ready": "green", "not ready": "yellow", "down": "red"}[state]
-        t.add_row(name, url, f"[{colour}]{state}[/]", detail)
-    console.print(t)
-    lt = Table(title="consumer lag")
-    lt.add_column("group")
-    lt.add_column("lag")
-    by_group: dict[str, int] = {}
-    for r in lag:
-        by_group[r.group] = by_group.get(r.group, 0) + r.lag
-    for g, n in sorted(by_group.items()):
-        lt.add_row(g, str(n))
-    console.print(lt)
-    console.print(f"dead letters: {len(dlq)}" + (" (see `clms dlq list`)" if dlq else ""))
-    for schema, text in backlog.items():
-        console.print(f"outbox {schema}: {text}")
+    sections, document = status_report(health, lag, len(dlq), backlog)
+    emit(sections, document=document, as_json=as_json, console=console)
 
 
 # --- service operator commands (each service owns its own; registered here) ----------------------

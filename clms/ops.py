@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import orjson
@@ -244,7 +243,8 @@ class TraceLine:
 
 
 async def trace_case(settings: Settings, case_id: uuid.UUID | str) -> list[TraceLine]:
-    """Every event about one case on every event topic, in time order."""
+    """Every event about one case on every event topic, in time order, starting with the agency
+    submission on clms.agency-inbound when the case came from one."""
     topics = Topics(settings.topic_prefix)
     key = str(case_id).encode()
     lines: list[TraceLine] = []
@@ -263,6 +263,9 @@ async def trace_case(settings: Settings, case_id: uuid.UUID | str) -> list[Trace
                 causation_id=env.causationid,
                 replayed=any(h[0] == REPLAY_HEADER for h in (r.headers or ())),
             ))
+    causes = {ln.causation_id for ln in lines if ln.type == "case.identified" and ln.causation_id}
+    if causes:
+        lines += await _inbound_submissions(settings, causes)
     # the first copy of an event id is the story; later copies are at-least-once duplicates
     seen: set[str] = set()
     story = []
@@ -274,11 +277,34 @@ async def trace_case(settings: Settings, case_id: uuid.UUID | str) -> list[Trace
     return story
 
 
-def fmt_ms(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+async def _inbound_submissions(settings: Settings, event_ids: set[str]) -> list[TraceLine]:
+    """The agency submissions on clms.agency-inbound that cases began with (a case.identified
+    names one as its cause). Only the envelope's id, type, source and time are read: the rest
+    carries identity. Skipped where this operator may not read the inbound topic (ACLs)."""
+    from aiokafka.errors import KafkaError
 
-
-def as_rows(items: Iterable[Any]) -> list[Any]:
-    return list(items)
+    topic = Topics(settings.topic_prefix).agency_inbound
+    try:
+        records = await read_topic(settings, topic)
+    except KafkaError:
+        return []
+    found = []
+    for r in records:
+        try:
+            doc = orjson.loads(r.value or b"null")
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(doc, dict) or str(doc.get("id")) not in event_ids:
+            continue
+        try:
+            when = datetime.fromisoformat(str(doc.get("time")))
+            when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        except ValueError:
+            when = datetime.fromtimestamp(r.timestamp / 1000, tz=timezone.utc)
+        found.append(TraceLine(
+            time=when, topic=topic, partition=r.partition, offset=r.offset, type=str(doc.get("type", "")),
+            source=str(doc.get("source", "")), event_id=str(doc["id"]),
+            correlation_id=str(doc.get("correlationid") or ""), causation_id=None,
+            replayed=any(h[0] == REPLAY_HEADER for h in (r.headers or ())),
+        ))
+    return found

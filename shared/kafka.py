@@ -111,9 +111,19 @@ class PartitionLag:
     group: str
     topic: str
     partition: int
-    committed: int | None
+    committed: int | None  # None: the group has committed nothing on this partition yet
     end: int
-    lag: int  # exact on Apache Kafka; clamped at 0 on Tansu (shared/tansu.py)
+    lag: int  # see partition_lag
+
+
+def partition_lag(settings: Settings, *, end: int, committed: int | None) -> int:
+    """Messages a group has not consumed: the log end offset minus its committed offset (from 0
+    when it has committed nothing on the partition). Exact on Apache Kafka.
+
+    The one Tansu workaround for lag lives here: Tansu 0.6.0 can report a log end offset below a
+    committed offset after multi-record batches ("committed 6, end 5"), so with
+    CLMS_BROKER_KIND=tansu a negative lag is shown as 0."""
+    return tansu.clamp_lag(settings, end, committed)
 
 
 async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[PartitionLag]:
@@ -148,7 +158,7 @@ async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[Pa
                 for tp, committed in found:
                     if tp.topic in consumed:
                         rows.append(PartitionLag(group, tp.topic, tp.partition, committed, ends[tp],
-                                                 tansu.clamp_lag(settings, ends[tp], committed)))
+                                                 partition_lag(settings, end=ends[tp], committed=committed)))
             finally:
                 with contextlib.suppress(asyncio.CancelledError):
                     await member.stop()

@@ -7,6 +7,7 @@ dashboard covers them all:
 - `clms_dead_letters_total{group,topic,reason}`
 - `clms_outbox_backlog_rows{schema}`, `clms_outbox_oldest_age_seconds{schema}`
 - `clms_consumer_lag{group,topic,partition}` (broker end offset minus the group's committed offset)
+- `clms_retention_removed_total{table}` (rows the retention task removed, e.g. table="intake.outbox")
 
 They live in one process-wide registry (`STREAMS`), which `shared.web.ops_router` serves next to
 the service's own registry; samplers refresh the gauges when `/metrics` is scraped (throttled).
@@ -39,6 +40,9 @@ OUTBOX_AGE = Gauge("clms_outbox_oldest_age_seconds", "Age of the oldest unpublis
                    ["schema"], registry=STREAMS)
 LAG = Gauge("clms_consumer_lag", "Messages not yet consumed (end offset - committed offset)",
             ["group", "topic", "partition"], registry=STREAMS)
+RETENTION_REMOVED = Counter("clms_retention_removed_total",
+                            "Rows removed by retention (published outbox rows and inbox dedupe rows past "
+                            "their window), by schema-qualified table", ["table"], registry=STREAMS)
 
 Sampler = Callable[[], Awaitable[None]]
 

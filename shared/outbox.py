@@ -8,6 +8,10 @@
   consumer dedupes on the event id.
 - `claim(conn, ...)` records an applied event id in `<schema>.inbox` in the consumer's
   transaction; it returns False when the event was applied before.
+- `run_retention(...)`, started by every service that owns an outbox and an inbox, removes
+  published outbox rows older than OUTBOX_RETENTION_HOURS and inbox rows older than
+  INBOX_RETENTION_HOURS, in batches, then sleeps RETENTION_INTERVAL_S. Unpublished outbox rows
+  are never removed. (Why the inbox window must be the longer one: `Settings`, README.)
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -23,7 +28,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from shared.events import Envelope
-from shared.metrics import PRODUCED
+from shared.metrics import PRODUCED, RETENTION_REMOVED
+from shared.settings import Settings
 from shared.topics import Topic, Topics
 from shared.wakeup import Wakeup
 
@@ -186,3 +192,66 @@ async def backlog(conn: asyncpg.Connection, *, schema: str) -> dict[str, Any]:
     )
     return {"rows": row["n"], "oldest_age_s": float(row["age"] or 0.0)}
 
+
+
+# --- retention -------------------------------------------------------------------------------------
+
+# One statement per batch, each its own transaction. Rows are taken from the start of the table's
+# sequence (the oldest first, through its existing index), and `skip locked` lets two replicas
+# run retention at once without waiting on each other.
+_EXPIRED = {
+    "outbox": ("delete from {schema}.outbox where seq in (select seq from {schema}.outbox "
+               "where published_at is not null and published_at < now() - $1::interval "
+               "order by seq limit $2 for update skip locked)"),
+    "inbox": ("delete from {schema}.inbox where applied_seq in (select applied_seq from {schema}.inbox "
+              "where applied_at < now() - $1::interval "
+              "order by applied_seq limit $2 for update skip locked)"),
+}
+
+
+async def remove_expired(pool: asyncpg.Pool, *, schema: str, table: str, older_than: timedelta,
+                         batch_size: int = 1000) -> AsyncIterator[int]:
+    """Remove rows of `<schema>.<table>` (outbox: published rows only) older than `older_than`,
+    `batch_size` rows per statement until none is left; yield each batch's count."""
+    sql = _EXPIRED[table].format(schema=schema)
+    label = f"{schema}.{table}"
+    while True:
+        async with pool.acquire() as conn:
+            status = await conn.execute(sql, older_than, batch_size)
+        n = int(status.split()[-1])  # "DELETE <n>"
+        if n:
+            RETENTION_REMOVED.labels(label).inc(n)
+            yield n
+        if n < batch_size:
+            return
+
+
+async def apply_retention(pool: asyncpg.Pool, *, schema: str, settings: Settings) -> dict[str, int]:
+    """One retention round over a schema's outbox and inbox; rows removed per table."""
+    windows = {"outbox": settings.outbox_retention_hours, "inbox": settings.inbox_retention_hours}
+    removed: dict[str, int] = {}
+    for table, hours in windows.items():
+        if hours <= 0:
+            continue  # 0: kept forever
+        removed[table] = 0
+        async for n in remove_expired(pool, schema=schema, table=table, older_than=timedelta(hours=hours),
+                                      batch_size=settings.retention_batch_size):
+            removed[table] += n
+    return removed
+
+
+async def run_retention(pool: asyncpg.Pool, *, schema: str, settings: Settings) -> None:
+    """Run forever: a retention round, then RETENTION_INTERVAL_S of sleep. A database that is away
+    only delays the next round."""
+    while True:
+        try:
+            removed = await apply_retention(pool, schema=schema, settings=settings)
+            if any(removed.values()):
+                log.info("retention removed %s from schema %s",
+                         ", ".join(f"{n} {t} rows" for t, n in removed.items() if n), schema)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - database away: the next round tries again
+            log.warning("retention round for %s failed (%s); next round in %.0fs", schema,
+                        type(exc).__name__, settings.retention_interval_s)
+        await asyncio.sleep(settings.retention_interval_s)

@@ -14,6 +14,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_PLACEHOLDER = "dev-only-change-me"
+# The inbox keeps dedupe rows at least this much longer than the outbox keeps events.
+RETENTION_MARGIN_HOURS = 1.0
 
 
 class Environment(StrEnum):
@@ -45,6 +47,9 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str | None = Field(None, alias="KAFKA_SSL_CAFILE")
     kafka_rebalance_timeout_s: float = Field(3.0, alias="KAFKA_REBALANCE_TIMEOUT_S", gt=0)
     kafka_session_timeout_s: float = Field(10.0, alias="KAFKA_SESSION_TIMEOUT_S", gt=0)
+    # retention.ms of the event topics on the broker, in hours, when it is finite; unset means
+    # kept forever (the registry's retention.ms=-1). Known, it bounds INBOX_RETENTION_HOURS below.
+    kafka_topic_retention_hours: float | None = Field(None, alias="KAFKA_TOPIC_RETENTION_HOURS", gt=0)
     # Prefix prepended to every topic and consumer-group name (tests isolate themselves with it).
     topic_prefix: str = Field("", alias="CLMS_TOPIC_PREFIX")
     db_pool_min: int = Field(2, alias="DB_POOL_MIN", ge=1)
@@ -87,6 +92,14 @@ class Settings(BaseSettings):
     # --- behaviour --------------------------------------------------------------------------
     outbox_poll_interval_s: float = Field(0.05, alias="OUTBOX_POLL_INTERVAL_S", gt=0)
     outbox_batch_size: int = Field(500, alias="OUTBOX_BATCH_SIZE", ge=1)
+    # Retention (shared.outbox.run_retention): published outbox rows and inbox dedupe rows older
+    # than these windows are removed; 0 keeps them forever. Unpublished outbox rows are never
+    # removed. The inbox window must outlast every way an event can be delivered again (see
+    # _retention_windows_are_safe and the README, "Outbox and inbox retention").
+    outbox_retention_hours: float = Field(168.0, alias="OUTBOX_RETENTION_HOURS", ge=0)
+    inbox_retention_hours: float = Field(192.0, alias="INBOX_RETENTION_HOURS", ge=0)
+    retention_interval_s: float = Field(3600.0, alias="RETENTION_INTERVAL_S", gt=0)
+    retention_batch_size: int = Field(1000, alias="RETENTION_BATCH_SIZE", ge=1, le=100_000)
     log_level: str = Field("INFO", alias="LOG_LEVEL")
     log_json: bool = Field(True, alias="LOG_JSON")
 
@@ -120,6 +133,40 @@ class Settings(BaseSettings):
         if v and not all(c.isalnum() or c in "._-" for c in v):
             raise ValueError("CLMS_TOPIC_PREFIX may contain only letters, digits, '.', '_' and '-'")
         return v
+
+    @model_validator(mode="after")
+    def _retention_windows_are_safe(self) -> "Settings":
+        """A consumer must never see an event again after its dedupe (inbox) row is gone.
+
+        Events come again (1) when an empty broker is refilled from the outbox (`make run` on
+        Tansu replays the outbox rows still kept), so the inbox must keep its rows at least an
+        hour longer than the outbox keeps its own (the hour covers an event applied just before
+        its outbox row was marked published, and clock skew between databases); (2) when a
+        group's offsets go back to the start of a topic, so with a finite topic retention the
+        inbox must keep its rows longer than the broker keeps the events."""
+        inbox, outbox = self.inbox_retention_hours, self.outbox_retention_hours
+        if inbox == 0:
+            return self  # dedupe rows kept forever: always safe
+        if outbox == 0:
+            raise ValueError(
+                "INBOX_RETENTION_HOURS must be 0 (keep forever) when OUTBOX_RETENTION_HOURS is 0: every "
+                "outbox row can be replayed into an empty broker, so every dedupe row must be kept; "
+                f"set OUTBOX_RETENTION_HOURS to at most {inbox - RETENTION_MARGIN_HOURS:g} or INBOX_RETENTION_HOURS=0"
+            )
+        if inbox < outbox + RETENTION_MARGIN_HOURS:
+            raise ValueError(
+                f"INBOX_RETENTION_HOURS ({inbox:g}) must be at least OUTBOX_RETENTION_HOURS ({outbox:g}) + "
+                f"{RETENTION_MARGIN_HOURS:g}: events replayed from the outbox need their dedupe rows; "
+                f"set INBOX_RETENTION_HOURS={outbox + RETENTION_MARGIN_HOURS:g} or more"
+            )
+        topic = self.kafka_topic_retention_hours
+        if topic is not None and inbox <= topic:
+            raise ValueError(
+                f"INBOX_RETENTION_HOURS ({inbox:g}) must be longer than the broker's topic retention "
+                f"(KAFKA_TOPIC_RETENTION_HOURS={topic:g}): a consumer reset to the start of a topic would "
+                f"apply events again whose dedupe rows are gone; set INBOX_RETENTION_HOURS above {topic:g}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _no_placeholder_secrets_in_production(self) -> "Settings":

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from shared.auth import Verifier
 from shared.db import create_pool, migrate
 from shared.kafka import make_producer
-from shared.outbox import OutboxRelay, backlog
+from shared.outbox import OutboxRelay, backlog, run_retention
 from shared.settings import Settings
 from shared.topics import Topics
 from shared.metrics import lag_sampler, outbox_sampler
@@ -141,6 +141,7 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
             tasks.append(asyncio.create_task(_run_relay(settings, pool, metrics, relay_box), name="intake-relay"))
         if run_consumer:
             tasks.append(asyncio.create_task(consumer.run(), name="intake-consumer"))
+        tasks.append(asyncio.create_task(run_retention(pool, schema=service.SCHEMA, settings=settings), name="intake-retention"))
         state.update(pool=pool, relay_box=relay_box, consumer=consumer, tasks=tasks)
         try:
             yield

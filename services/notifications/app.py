@@ -21,7 +21,7 @@ from services.notifications.worker import register
 from shared.db import create_pool, migrate
 from shared.events import Envelope
 from shared.kafka import make_producer
-from shared.outbox import OutboxRelay
+from shared.outbox import OutboxRelay, run_retention
 from shared.settings import Settings
 from shared.streams import make_faust_app
 from shared.topics import Topics
@@ -98,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
         register(st.faust, topics=topics, group=settings.group_id("notifications"), handle=handle)
         st.tasks = [
             asyncio.create_task(st.relay.run(), name="outbox-relay"),
+            asyncio.create_task(run_retention(st.pool, schema=service.SCHEMA, settings=settings), name="retention"),
             asyncio.create_task(st.delivery.run(), name="delivery"),
             asyncio.create_task(realert_loop(), name="realert"),
             asyncio.create_task(service.listen_for_alerts(settings, st.pool, st.hub), name="alert-listener"),

@@ -19,7 +19,7 @@ from services.referral.worker import build_worker, deadline_loop
 from shared.auth import Verifier
 from shared.db import create_pool, migrate
 from shared.kafka import DeadLetter, make_producer
-from shared.outbox import OutboxRelay, backlog
+from shared.outbox import OutboxRelay, backlog, run_retention
 from shared.settings import Settings
 from shared.topics import Topics
 from shared.kafka import broker_ready
@@ -125,6 +125,7 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
             tasks["relay"] = asyncio.create_task(relay.run(), name="referral-outbox-relay")
             tasks["deadlines"] = asyncio.create_task(
                 deadline_loop(deps, interval_s=settings.referral_deadline_poll_s), name="referral-deadlines")
+            tasks["retention"] = asyncio.create_task(run_retention(pool, schema=service.SCHEMA, settings=settings), name="referral-retention")
             state["tasks"] = tasks
             worker = build_worker(settings, deps, on_dead_letter=on_dead_letter)
             state["worker"] = worker

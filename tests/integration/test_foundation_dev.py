@@ -76,9 +76,10 @@ async def test_clms_dev_starts_the_stack_keeps_data_and_stops_cleanly(tmp_path):
         topics = subprocess.run([CLMS, "topics"], env=env, capture_output=True, text=True, timeout=60)
         assert topics.returncode == 0, topics.stderr
         for spec in REGISTRY:
-            line = next((ln for ln in topics.stdout.splitlines() if spec.topic.value in ln), None)
-            assert line is not None, f"{spec.topic.value} missing from:\n{topics.stdout}"
-            assert f" {spec.partitions} " in line, line
+            # piped: tab-separated, topic then partitions
+            row = next((ln.split("\t") for ln in topics.stdout.splitlines() if ln.startswith(spec.topic.value)), None)
+            assert row is not None, f"{spec.topic.value} missing from:\n{topics.stdout}"
+            assert row[:2] == [spec.topic.value, str(spec.partitions)], row
         conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{pg_port}/postgres")
         await conn.execute("create table yesterday(note text); insert into yesterday values ('kept')")
         await conn.close()
