@@ -223,10 +223,10 @@ async def test_clms_trace_tells_the_story_of_the_prizren_case(system):
     assert case_id, "runs after the Prizren journey"
     out = clms(system, "trace", case_id)
     assert out.returncode == 0, out.stderr
-    lines = [ln for ln in out.stdout.splitlines() if "│" in ln and ("case." in ln or "referral." in ln
-                                                                    or "notification." in ln)]
-    types = [next(t for t in ln.split("│") if "." in t and t.strip().split(".")[0] in
-                  ("case", "referral", "notification")).strip() for ln in lines]
+    assert "clms.case-events" in out.stdout, "piped output names whole topics"
+    story = json.loads(clms(system, "trace", case_id, "--json").stdout)
+    rows = story.get("events", story) if isinstance(story, dict) else story
+    types = [r["type"] for r in rows if r["type"].split(".")[0] in ("case", "referral", "notification")]
     assert types[0] == "case.identified", out.stdout
     for later in ("referral.created", "notification.sent", "referral.acknowledged", "referral.accepted",
                   "referral.completed"):
@@ -252,14 +252,12 @@ async def test_clms_lag_and_status_while_a_worker_is_down_and_after(system):
                 assert r.status_code == 201, r.text
 
         def notifications_lag() -> int:
-            out = clms(system, "lag")
+            out = clms(system, "lag", "--json")
             assert out.returncode == 0, out.stderr
-            total = 0
-            for ln in out.stdout.splitlines():
-                cells = [c.strip() for c in ln.split("│")]
-                if len(cells) >= 7 and cells[1].endswith("notifications") and "referral-events" in cells[2]:
-                    total += int(cells[6])
-            return total
+            rows = json.loads(out.stdout)
+            rows = rows.get("lag", rows) if isinstance(rows, dict) else rows
+            return sum(r["lag"] for r in rows
+                       if r["group"].endswith("notifications") and r["topic"].endswith("referral-events"))
 
         behind = await wait_until(notifications_lag, timeout_s=60, what="notifications lag to show", interval_s=1)
         assert behind > 0
