@@ -65,6 +65,8 @@ class Supervisor:
         self.postgres: EmbeddedPostgres | None = None
         self.children: list[Child] = []
         self.env = dict(os.environ)
+        # per-service environment on top of self.env, e.g. each service's own Kafka principal
+        self.service_env: dict[str, dict[str, str]] = {}
         self.log_dir = settings.data_dir / "logs"
 
     # --- infrastructure ------------------------------------------------------------------
@@ -168,6 +170,7 @@ class Supervisor:
         port = port or service_port(self.settings, name)
         env = dict(self.env)
         env[f"{name.upper()}_PORT"] = str(port)
+        env.update(self.service_env.get(name, {}))
         log = open(self.log_dir / f"{label}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"], env=env,

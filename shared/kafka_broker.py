@@ -292,7 +292,10 @@ class EmbeddedKafka:
         for tool, main in (("kafka-configs.sh", "kafka.admin.ConfigCommand"),
                            ("kafka-acls.sh", "kafka.admin.AclCommand")):
             path = bindir / tool
-            java = " ".join(f"'{a}'" for a in self._java(main, cp=cp))
+            # a short-lived command-line tool: start fast, small heap
+            java = " ".join(f"'{a}'" for a in [
+                "java", "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto",
+                f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}", "-cp", cp, main])
             path.write_text(f"#!/bin/sh\nexec {java} \"$@\"\n")
             path.chmod(0o755)
         env = {**os.environ, "KAFKA_BOOTSTRAP": self.bootstrap, "KAFKA_BIN": str(bindir),

@@ -55,7 +55,8 @@ class System:
 
 @contextlib.asynccontextmanager
 async def running_system(data_dir: Path | None = None, *, services: tuple[str, ...] = SERVICES,
-                         extra_env: dict[str, str] | None = None) -> AsyncIterator[System]:
+                         extra_env: dict[str, str] | None = None,
+                         service_env: dict[str, dict[str, str]] | None = None) -> AsyncIterator[System]:
     # Not under pytest's tmp folder: a pytest session starting elsewhere resets its permissions to
     # 0700, which locks out the unprivileged user PostgreSQL runs as when tests run as root.
     own_dir = Path(tempfile.mkdtemp(prefix="clms-sys-"))
@@ -76,6 +77,7 @@ async def running_system(data_dir: Path | None = None, *, services: tuple[str, .
     for k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "SMTP_HOST", "SMTP_PORT"):
         sup.env.pop(k, None)
     sup.env.update(env)
+    sup.service_env.update(service_env or {})
     try:
         sup.start_infrastructure()
         await sup.prepare()
