@@ -17,8 +17,12 @@ venv: $(STAMP)
 run: $(STAMP)
 	@$(VENV)/bin/clms dev
 
+# The whole suite on the broker CLMS_BROKER picks (Apache Kafka where java and mvn answer), then
+# the smoke set on Tansu so the Java-less path keeps working.
 test: $(STAMP)
 	@$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	@echo "--- smoke set on Tansu (the Java-less fallback broker) ---"
+	@CLMS_BROKER=tansu $(PY) -m pytest -q -ra -m smoke $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	@$(PY) -m pytest -q tests/unit

@@ -86,6 +86,7 @@ async def referrals_of(client: httpx.AsyncClient, system: System, *, municipalit
     return r.json()["items"]
 
 
+@pytest.mark.smoke
 async def test_police_identification_in_prizren_reaches_both_agencies_their_officers_and_the_counts(system):
     async with httpx.AsyncClient(timeout=20) as client:
         before = await prizren_numbers(client, system)

@@ -17,7 +17,7 @@ from tests import builders
 from tests.infra import wait_until
 from tests.kafka_helpers import produce, read_all
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
 
 @contextlib.asynccontextmanager

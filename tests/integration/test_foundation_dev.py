@@ -1,5 +1,7 @@
-"""`clms dev` (what `make run` runs): starts the embedded broker and PostgreSQL, declares the
-topics, keeps Postgres data across restarts, and leaves no process behind on SIGTERM."""
+"""`clms dev` (what `make run` runs): starts the embedded broker (Apache Kafka where java and mvn
+answer, else Tansu; it says which and why) and PostgreSQL, declares the topics, keeps Postgres
+data and the Apache Kafka log across restarts, and leaves no process behind on SIGTERM. The
+Tansu smoke run of `make test` (CLMS_BROKER=tansu) runs it on the Java-less path."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import asyncpg
 import pytest
 
 from shared.embedded import free_port
-from shared.topics import REGISTRY
+from shared.kafka_broker import choose_broker
+from shared.topics import REGISTRY, Topic
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
 CLMS = str(Path(sys.executable).with_name("clms"))
 
@@ -67,7 +70,8 @@ async def test_clms_dev_starts_the_stack_keeps_data_and_stops_cleanly(tmp_path):
     data_dir = tmp_path / "clms-data"
     kafka_port, pg_port = free_port(), free_port()
     env = _env(data_dir, kafka_port, pg_port)
-    needles = (f"127.0.0.1:{kafka_port}", str(data_dir / "pgdata"))
+    needles = (f"127.0.0.1:{kafka_port}", str(data_dir / "pgdata"), str(data_dir / "kafka"))
+    broker_kind, _why = choose_broker()
 
     proc = _start(env, tmp_path / "dev1.log")
     try:
@@ -80,9 +84,11 @@ async def test_clms_dev_starts_the_stack_keeps_data_and_stops_cleanly(tmp_path):
             row = next((ln.split("\t") for ln in topics.stdout.splitlines() if ln.startswith(spec.topic.value)), None)
             assert row is not None, f"{spec.topic.value} missing from:\n{topics.stdout}"
             assert row[:2] == [spec.topic.value, str(spec.partitions)], row
+        assert ("Apache Kafka" if broker_kind == "kafka" else "Tansu") in out, "says which broker and why"
         conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{pg_port}/postgres")
         await conn.execute("create table yesterday(note text); insert into yesterday values ('kept')")
         await conn.close()
+        await _send_marker(kafka_port)
     finally:
         _stop(proc, tmp_path / "dev1.log")
     assert _processes_mentioning(*needles) == []
@@ -92,6 +98,39 @@ async def test_clms_dev_starts_the_stack_keeps_data_and_stops_cleanly(tmp_path):
         conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{pg_port}/postgres")
         assert await conn.fetchval("select note from yesterday") == "kept"
         await conn.close()
+        if broker_kind == "kafka":  # Apache Kafka keeps its log under CLMS_DATA_DIR
+            assert await _marker_still_there(kafka_port), "yesterday's event is still in the broker"
     finally:
         _stop(proc, tmp_path / "dev2.log")
     assert _processes_mentioning(*needles) == []
+
+
+MARKER = b"clms-dev-marker"
+
+
+async def _send_marker(port: int) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{port}")
+    await producer.start()
+    try:
+        await producer.send_and_wait(Topic.dead_letters.value, MARKER, key=b"marker")
+    finally:
+        await producer.stop()
+
+
+async def _marker_still_there(port: int) -> bool:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(Topic.dead_letters.value, bootstrap_servers=f"127.0.0.1:{port}",
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=1000)
+            if any(m.value == MARKER for msgs in batches.values() for m in msgs):
+                return True
+        return False
+    finally:
+        await consumer.stop()
