@@ -271,13 +271,26 @@ def form_field(api_field: str, message: str) -> str | None:
     return name if name in FORM_FIELDS else None
 
 
-def field_errors(errors: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]:
-    """Intake's 422 `errors` -> (messages per form field, messages without a field)."""
+# pydantic error types whose English message is not words for a person: said in the user's language
+_TYPE_WORDS = {"missing": "required", "date_from_datetime_parsing": "date_format", "date_parsing": "date_format",
+               "string_too_long": "too_long", "int_parsing": "whole_number"}
+
+
+def field_errors(errors: list[dict[str, Any]], words: Words | None = None) -> tuple[dict[str, str], list[str]]:
+    """Intake's 422 `errors` -> (messages per form field, messages without a field). Intake's own
+    sentences stay as they are; a bare pydantic message (a regular expression, 'Field required')
+    becomes a sentence in the user's language."""
+    words = words or Words("en")
     per_field: dict[str, str] = {}
     general: list[str] = []
     for err in errors:
         message = str(err.get("message") or err.get("msg") or "invalid")
         name = form_field(str(err.get("field") or ""), message)
+        kind = str(err.get("type") or "")
+        if name == "child.guardian.phone" and kind == "string_pattern_mismatch":
+            message = words.t("phone_format")
+        elif kind in _TYPE_WORDS:
+            message = words.t(_TYPE_WORDS[kind])
         message = _PREFIX.sub("", message)
         if name:
             per_field.setdefault(name, message[:1].upper() + message[1:])

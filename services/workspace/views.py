@@ -430,7 +430,7 @@ async def report(request: Request) -> Response:
         errors: dict[str, str] = {}
         message = problem(words, exc)
         if exc.status == 422:
-            errors, general = models.field_errors(exc.errors)
+            errors, general = models.field_errors(exc.errors, words)
             message = words.t("fix_fields") + (" " + " ".join(general) if general else "")
         return _report_form(request, s, values=values, errors=errors, message=message,
                             status_code=status_of(exc))
