@@ -226,7 +226,7 @@ async def signout(request: Request) -> Response:
     if form is None:
         return csrf_refused(request, s)
     _sessions(request).sign_out(s)
-    session_of(request)
+    request.state.session = _sessions(request).new(language=s.language)
     return redirect(request, "/signin")
 
 

@@ -304,3 +304,38 @@ def test_the_referral_page_offers_the_actions_the_api_allows():
         assert f'action="/referrals/{rid}/accept"' in r.text and f'action="/referrals/{rid}/decline"' in r.text
         assert f'action="/referrals/{rid}/acknowledge"' not in r.text
         assert '<label for="reason">Reason for declining</label>' in r.text
+
+
+def test_sessions_end_when_idle_or_when_the_token_expires():
+    from services.workspace.sessions import Sessions
+    from shared.auth import Claims
+
+    store = Sessions(idle_s=0.0)
+    s = store.new(language="en")
+    assert store.get(s.id) is None, "idle longer than allowed"
+    store = Sessions()
+    claims = Claims(sub="csw.prizren.duty", agency="csw", municipality="prizren", roles=("duty_officer",))
+    s = store.sign_in(store.new(language="en"), token="t", claims=claims, expires_at=0.0)
+    assert store.get(s.id) is s and not s.signed_in, "an expired token is signed out"
+
+
+def test_pages_are_not_cached_and_send_no_referrer():
+    with TestClient(create_app(settings())) as client:
+        r = client.get("/signin")
+        assert r.headers["cache-control"] == "no-store"
+        assert r.headers["referrer-policy"] == "no-referrer"
+
+
+def test_the_chosen_language_is_kept_for_the_user_across_sign_ins():
+    app = create_app(settings())
+    with TestClient(app) as client:
+        csrf = signed_in(client)
+        client.post("/language", data={"csrf": csrf, "language": "sr", "next": "/report"})
+        assert '<html lang="sr-Latn">' in client.get("/report").text
+        client.post("/signout", data={"csrf": csrf_of(client.get("/report").text)})
+        assert '<html lang="sr-Latn">' in client.get("/signin").text
+    with TestClient(app) as other_browser:  # the same officer elsewhere, an English browser
+        page = other_browser.get("/signin", headers={"accept-language": "en"})
+        assert '<html lang="en">' in page.text
+        other_browser.post("/signin", data={"csrf": csrf_of(page.text), "sub": "police.prizren.duty"})
+        assert '<html lang="sr-Latn">' in other_browser.get("/report").text
