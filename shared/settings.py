@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     jwt_issuer: str = Field("clms-dev", alias="JWT_ISSUER")
     jwt_audience: str = Field("clms", alias="JWT_AUDIENCE")
     oidc_jwks_url: str | None = Field(None, alias="OIDC_JWKS_URL")
+    # Workspace sign-in (OpenID Connect authorization code + PKCE); on when issuer and client id are set.
+    oidc_issuer: str | None = Field(None, alias="OIDC_ISSUER")
+    oidc_client_id: str | None = Field(None, alias="OIDC_CLIENT_ID")
+    oidc_client_secret: SecretStr | None = Field(None, alias="OIDC_CLIENT_SECRET")
+    oidc_scope: str = Field("openid", alias="OIDC_SCOPE")
     # Keyed HMAC for child_ref pseudonyms; the same key must be used by every intake replica.
     child_ref_key: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-child-ref-key"), alias="CHILD_REF_KEY")
     # Master key (urlsafe base64, 32 bytes) wrapping the per-case data keys.

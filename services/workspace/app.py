@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.workspace import service
 from services.workspace.sessions import Sessions
 from services.workspace.views import STATIC_DIR, SignInRequired, finish, router
+from shared.auth import Verifier
 from shared.settings import Settings
 from shared.web import install_error_handlers, ops_router
 
@@ -57,7 +58,9 @@ def create_app(settings: Settings, *, api_timeout_s: float = 10.0) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=api_timeout_s) as client:
+        # every open inbox holds one relayed stream: room for many beside the page requests
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=100)
+        async with httpx.AsyncClient(timeout=api_timeout_s, limits=limits) as client:
             app.state.backend = service.Backend(settings=settings, client=client)
             yield
 
@@ -65,6 +68,7 @@ def create_app(settings: Settings, *, api_timeout_s: float = 10.0) -> FastAPI:
                   summary="Pages for caseworkers, duty officers and coordinators over the public APIs")
     app.state.settings = settings
     app.state.sessions = Sessions()
+    app.state.verifier = Verifier(settings)  # checks OIDC access tokens exactly as the services do
     install_error_handlers(app)
 
     @app.exception_handler(SignInRequired)

@@ -26,6 +26,7 @@ class Session:
     expires_at: float = 0.0  # the token's expiry (epoch seconds); 0 while signed out
     last_seen: float = field(default_factory=time.monotonic)
     flash: str | None = None  # one sentence shown on the next page (e.g. "Accepted.")
+    oidc_pending: object | None = None  # state, nonce and PKCE verifier of a sign-in under way
 
     @property
     def signed_in(self) -> bool:

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sse_starlette.sse import EventSourceResponse
 
-from services.workspace import models, service
+from services.workspace import models, oidc, service
 from services.workspace.models import LANGUAGE_NAMES, LANGUAGES, Words
 from services.workspace.service import ApiError
 from services.workspace.sessions import COOKIE, Session, Sessions, same
@@ -188,9 +189,51 @@ async def signin_page(request: Request, municipality: str = "prizren", next: str
     if municipality not in municipalities():
         municipality = "prizren"
     dev = _dev_sign_in_allowed(_settings(request))
-    return page(request, s, "signin.html", dev=dev, next=safe_next(next), municipality=municipality,
+    return page(request, s, "signin.html", dev=dev, oidc=oidc.enabled(_settings(request)),
+                next=safe_next(next), municipality=municipality,
                 municipalities=list(municipalities().values()),
                 officers=models.officers_of(municipality) if dev else [])
+
+
+@router.get("/signin/oidc")
+async def signin_oidc(request: Request, next: str = "/") -> Response:
+    """Start the OpenID Connect sign-in: to the identity provider, with a PKCE challenge."""
+    s = session_of(request)
+    words = Words(s.language)
+    settings = _settings(request)
+    if not oidc.enabled(settings):
+        return page(request, s, "message.html", status_code=404, title=words.t("sign_in_title"),
+                    message=words.t("oidc_not_configured"))
+    try:
+        url, pending = await oidc.start(_backend(request).client, settings=settings, next_path=safe_next(next))
+    except oidc.SignInFailed as exc:
+        return page(request, s, "message.html", status_code=503, title=words.t("sign_in_title"),
+                    message=f"{words.t('sign_in_failed')} {exc}")
+    s.oidc_pending = pending
+    return redirect(request, url)
+
+
+@router.get("/signin/callback")
+async def signin_callback(request: Request, code: str | None = None, state: str | None = None,
+                          error: str | None = None) -> Response:
+    """The identity provider sends the browser back here with the authorization code."""
+    s = session_of(request)
+    words = Words(s.language)
+    pending = s.oidc_pending if isinstance(s.oidc_pending, oidc.Pending) else None
+    s.oidc_pending = None  # one use
+    try:
+        done = await oidc.finish(_backend(request).client, settings=_settings(request),
+                                 verifier=request.app.state.verifier, pending=pending, state=state,
+                                 code=code, error=error)
+    except oidc.SignInFailed as exc:
+        return page(request, s, "message.html", status_code=403, title=words.t("sign_in_title"),
+                    message=f"{words.t('sign_in_failed')} {exc}")
+    new = _sessions(request).sign_in(s, token=done.token, claims=done.claims, expires_at=done.expires_at)
+    request.state.session = new
+    nxt = pending.next_path if pending else "/"
+    if nxt == "/":
+        nxt = "/coordinator" if done.claims.is_coordinator else "/inbox"
+    return redirect(request, nxt)
 
 
 @router.post("/signin")
@@ -202,7 +245,7 @@ async def signin(request: Request) -> Response:
     settings = _settings(request)
     if not _dev_sign_in_allowed(settings):
         return page(request, s, "message.html", status_code=403, title=Words(s.language).t("sign_in_title"),
-                    message=Words(s.language).t("oidc_not_done"))
+                    message=Words(s.language).t("oidc_not_configured"))
     officer = models.officer(form.get("sub", ""))
     if officer is None:
         return page(request, s, "message.html", status_code=422, title=Words(s.language).t("sign_in_title"),
@@ -275,8 +318,8 @@ async def inbox_stream(request: Request) -> Response:
                     html = templates.get_template("_alert.html").render(
                         alert=alert, t=words.t, label=words.label, csrf=s.csrf, live=True)
                     yield {"event": "alert", "id": alert.get("id"), "data": html}
-        except ApiError:
-            return
+        except (ApiError, httpx.HTTPError):
+            return  # the browser's EventSource reconnects by itself
 
     return EventSourceResponse(events(), ping=15, headers={"Cache-Control": "no-store"})
 

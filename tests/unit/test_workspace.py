@@ -205,7 +205,7 @@ def test_production_cookie_is_secure_and_the_development_sign_in_is_off():
     with TestClient(create_app(prod), base_url="https://testserver") as client:
         page = client.get("/signin", headers={"accept-language": "en"})
         assert "Secure" in page.headers["set-cookie"]
-        assert "not built yet" in page.text and 'name="sub"' not in page.text
+        assert "not configured" in page.text and 'name="sub"' not in page.text
         r = client.post("/signin", data={"csrf": csrf_of(page.text), "sub": "csw.prizren.duty"})
         assert r.status_code == 403
 
