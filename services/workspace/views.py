@@ -101,11 +101,13 @@ def finish(request: Request, response: Response) -> Response:
     return response
 
 
+_LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9/_.~%?=&-]*")
+
+
 def safe_next(value: str | None) -> str:
-    """Only a path of this site (never //host or a scheme) is a place to go back to."""
-    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
-        return value
-    return "/"
+    """Only a path of this site is a place to go back to: never //host, a scheme, a backslash or
+    a control character a browser would strip (`/\t/evil.example` is `//evil.example` to it)."""
+    return value if value and _LOCAL_PATH.fullmatch(value) else "/"
 
 
 def redirect(request: Request, to: str) -> Response:
@@ -134,10 +136,10 @@ def page(request: Request, s: Session, name: str, status_code: int = 200, **kw: 
     return finish(request, response)
 
 
-def problem(words: Words, exc: ApiError) -> str:
+def problem(words: Words, exc: ApiError, *, form: bool = False) -> str:
     """An API refusal as one sentence for a person."""
     if exc.status == service.UNAVAILABLE:
-        return words.t("try_again_shortly")
+        return words.t("try_again_shortly" if form else "try_again_shortly_page")
     prefix = {403: "not_allowed", 404: "not_found", 409: "conflict", 422: "not_valid"}.get(exc.status)
     return f"{words.t(prefix)} {exc.detail}" if prefix else exc.detail
 
@@ -471,7 +473,7 @@ async def report(request: Request) -> Response:
         if exc.status == 401:
             return api_refused(request, s, exc, title=words.t("report_title"))
         errors: dict[str, str] = {}
-        message = problem(words, exc)
+        message = problem(words, exc, form=True)
         if exc.status == 422:
             errors, general = models.field_errors(exc.errors, words)
             message = words.t("fix_fields") + (" " + " ".join(general) if general else "")

@@ -33,6 +33,7 @@ if CHROMIUM is None:
     print(f"SKIPPED tests/e2e/test_workspace_browser.py: {REASON}", file=sys.stderr)
     pytest.skip(REASON, allow_module_level=True)
 
+pytest.importorskip("playwright.async_api", reason="the `playwright` package is missing: `make venv` installs the test extras")
 from playwright.async_api import async_playwright, expect  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

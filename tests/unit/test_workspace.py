@@ -219,6 +219,16 @@ def test_a_post_without_the_sessions_csrf_token_is_refused():
         assert r.status_code == 403
 
 
+@pytest.mark.parametrize("given, kept", [
+    ("/referrals/1?x=2", "/referrals/1?x=2"), ("//evil.example", "/"), ("/\\evil.example", "/"),
+    ("/\t/evil.example", "/"), ("https://evil.example", "/"), ("", "/"), (None, "/"),
+])
+def test_only_a_path_of_this_site_is_a_place_to_return_to(given, kept):
+    from services.workspace.views import safe_next
+
+    assert safe_next(given) == kept
+
+
 def test_pages_need_a_signed_in_user():
     with TestClient(create_app(settings())) as client:
         r = client.get("/referrals", follow_redirects=False)
