@@ -6,7 +6,8 @@ screen, reports a 12-year-old collecting scrap metal through the form (first wit
 come back next to their fields); the alert appears in the CSW inbox without a reload; the officer
 opens the referral from the link in the e-mail the SMTP sink received, acknowledges and accepts;
 the coordinator of Prizren sees the case, and that education has not acknowledged; the case page
-shows the child's name to the CSW officer and refuses the education officer of Gjakova. Every
+shows the child's name to the CSW officer (who records that the child was withdrawn from work)
+and refuses the education officer of Gjakova; the CSW officer switches to Serbian. Every
 page passes axe-core with no serious or critical violation and is photographed at 360 and 1280 px
 into tests/artifacts/workspace/.
 
@@ -192,6 +193,11 @@ async def test_report_alert_act_coordinate_and_read_the_case_in_the_browser(syst
     await csw.goto(f"{ws}/cases/{case_id}")
     await expect(csw.locator("#child-name")).to_have_text(f"{GIVEN} {FAMILY}")
     await check_page(csw, "case", a11y)
+    # a follow-up: the child was withdrawn from work (intake records it; the history shows it)
+    await csw.get_by_label("Event").select_option("child_withdrawn")
+    await csw.get_by_role("button", name="Record").click()
+    await expect(csw.get_by_role("status")).to_have_text("Recorded.")
+    await expect(csw.locator("ol.history")).to_contain_text("child withdrawn from work")
 
     edu_ctx, edu = await sign_in(browser, ws, "education.gjakove.duty")
     response = await edu.goto(f"{ws}/cases/{case_id}")
