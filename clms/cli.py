@@ -44,7 +44,7 @@ def fail(message: str) -> None:
 
 @app.command()
 def dev(
-    services: Annotated[str, typer.Option(help="Comma-separated services to start")] = "intake,referral,notifications,analytics",
+    services: Annotated[str, typer.Option(help="Comma-separated services to start")] = "intake,referral,notifications,analytics,workspace",
 ) -> None:
     """Start the embedded broker and database and every service (what `make run` does)."""
     from clms.dev import run_dev
@@ -54,7 +54,7 @@ def dev(
 
 @app.command()
 def serve(
-    service: Annotated[str, typer.Argument(help="intake, referral, notifications or analytics")],
+    service: Annotated[str, typer.Argument(help="intake, referral, notifications, analytics or workspace")],
 ) -> None:
     """Run one service (its API and, where it has one, its worker) in this process: the container entrypoint."""
     import importlib.util

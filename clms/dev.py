@@ -32,7 +32,7 @@ from shared.settings import Settings
 
 console = Console(stderr=True)
 
-SERVICES = ("intake", "referral", "notifications", "analytics")
+SERVICES = ("intake", "referral", "notifications", "analytics", "workspace")
 SERVICE_SCHEMAS = {"intake": "intake", "referral": "referral", "notifications": "notifications"}
 
 

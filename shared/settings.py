@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     referral_port: int = Field(8002, alias="REFERRAL_PORT")
     notifications_port: int = Field(8003, alias="NOTIFICATIONS_PORT")
     analytics_port: int = Field(8004, alias="ANALYTICS_PORT")
+    workspace_port: int = Field(8005, alias="WORKSPACE_PORT")
+    # Where people open the workspace (links in alert e-mails and SMS); unset: http://host:port.
+    workspace_url_override: str | None = Field(None, alias="WORKSPACE_URL")
+    # The public APIs the workspace calls with the signed-in user's token; unset: host and port.
+    workspace_intake_url: str | None = Field(None, alias="WORKSPACE_INTAKE_URL")
+    workspace_referral_url: str | None = Field(None, alias="WORKSPACE_REFERRAL_URL")
+    workspace_notifications_url: str | None = Field(None, alias="WORKSPACE_NOTIFICATIONS_URL")
+    workspace_analytics_url: str | None = Field(None, alias="WORKSPACE_ANALYTICS_URL")
     public_base_url: str = Field("http://127.0.0.1", alias="CLMS_PUBLIC_BASE_URL")
     # faust table store of the analytics service: "memory://" (rebuilt from the changelog at
     # start) or "rocksdb://" (needs the rocksdict package, not installed by default).
@@ -81,6 +89,11 @@ class Settings(BaseSettings):
     jwt_issuer: str = Field("clms-dev", alias="JWT_ISSUER")
     jwt_audience: str = Field("clms", alias="JWT_AUDIENCE")
     oidc_jwks_url: str | None = Field(None, alias="OIDC_JWKS_URL")
+    # Workspace sign-in (OpenID Connect authorization code + PKCE); on when issuer and client id are set.
+    oidc_issuer: str | None = Field(None, alias="OIDC_ISSUER")
+    oidc_client_id: str | None = Field(None, alias="OIDC_CLIENT_ID")
+    oidc_client_secret: SecretStr | None = Field(None, alias="OIDC_CLIENT_SECRET")
+    oidc_scope: str = Field("openid", alias="OIDC_SCOPE")
     # Keyed HMAC for child_ref pseudonyms; the same key must be used by every intake replica.
     child_ref_key: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-child-ref-key"), alias="CHILD_REF_KEY")
     # Master key (urlsafe base64, 32 bytes) wrapping the per-case data keys.
@@ -213,6 +226,16 @@ class Settings(BaseSettings):
 
     def group_id(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
+
+    @property
+    def workspace_url(self) -> str:
+        return (self.workspace_url_override or f"http://{self.host}:{self.workspace_port}").rstrip("/")
+
+    def api_url(self, service: str) -> str:
+        """Base URL of a public API (intake, referral, notifications, analytics) as the workspace
+        calls it."""
+        given = getattr(self, f"workspace_{service}_url")
+        return (given or f"http://{self.host}:{getattr(self, f'{service}_port')}").rstrip("/")
 
     @property
     def smtp_port(self) -> int:

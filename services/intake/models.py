@@ -277,6 +277,9 @@ class CaseView(BaseModel):
     erased_at: datetime | None = None
     personal: PersonalView | None = Field(description="Decrypted personal data; null once erased")
     history: list[CaseHistoryItem]
+    referred_to: list[str] = Field(default_factory=list, description=(
+        "Agency offices holding a referral for the case (e.g. csw.prizren), as far as intake has "
+        "learnt them from clms.referral-events"))
 
 
 # --- inbound CloudEvent (clms.agency-inbound) -------------------------------------------------

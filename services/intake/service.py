@@ -375,6 +375,8 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
             history = await conn.fetch(
                 f"select event_id, event_type, at, actor, agency from {SCHEMA}.case_events "
                 "where case_id = $1 order by at, event_id", case_id)
+            offices = await conn.fetch(f"select distinct office_id from {SCHEMA}.case_access "
+                                       "where case_id = $1 order by office_id", case_id)
             await _audit(conn, actor=actor, action="case.read", outcome="ok", case_id=case_id)
     if case is None:
         raise CaseNotFound(f"no case {case_id}")
@@ -397,6 +399,7 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
         personal=personal,
         history=[CaseHistoryItem(event_id=h["event_id"], type=h["event_type"], at=h["at"], by=h["actor"],
                                  agency=h["agency"]) for h in history],
+        referred_to=[r["office_id"] for r in offices if r["office_id"]],
     )
 
 

@@ -67,8 +67,9 @@ def format_deadline(value: Any) -> str:
     return dt.astimezone(LOCAL_TZ).strftime("%Y-%m-%d %H:%M %Z")
 
 
-def referral_link(base_url: str, *, case_id: Any, agency: str) -> str:
-    return f"{base_url.rstrip('/')}/v1/referrals?case_id={case_id}&agency={agency}"
+def referral_link(base_url: str, *, referral_id: Any) -> str:
+    """The referral's page in the workspace (`WORKSPACE_URL`), which the officer opens signed in."""
+    return f"{base_url.rstrip('/')}/referrals/{referral_id}"
 
 
 def context(facts: dict[str, Any], *, language: str, base_url: str) -> dict[str, Any]:
@@ -92,7 +93,7 @@ def context(facts: dict[str, Any], *, language: str, base_url: str) -> dict[str,
         "reason": str(f.get("reason") or "–").replace("_", " "),
         "outcome": str(f.get("outcome") or "–").replace("_", " "),
         "within_deadline": f.get("within_deadline"),
-        "link": referral_link(base_url, case_id=f.get("case_id"), agency=agency),
+        "link": referral_link(base_url, referral_id=f.get("referral_id")),
     }
 
 

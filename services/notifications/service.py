@@ -187,7 +187,7 @@ async def _create_notifications(
     Returns the new alerts (for the SSE fan-out after commit)."""
     alerts: list[dict[str, Any]] = []
     for p in planned:
-        msg = render(template, p.language, facts, base_url=settings.public_base_url)
+        msg = render(template, p.language, facts, base_url=settings.workspace_url)
         inapp = p.channel == "inapp"
         args = (
             p.notification_id, event_id, template, cause_event_type, facts.get("referral_id"),

@@ -65,7 +65,7 @@ async def running_system(data_dir: Path | None = None, *, services: tuple[str, .
         "CLMS_KAFKA_PORT": free_port(), "CLMS_POSTGRES_PORT": free_port(),
         "CLMS_SMTP_SINK_PORT": free_port(), "CLMS_SMTP_SINK_HTTP_PORT": free_port(),
         "INTAKE_PORT": free_port(), "REFERRAL_PORT": free_port(),
-        "NOTIFICATIONS_PORT": free_port(), "ANALYTICS_PORT": free_port(),
+        "NOTIFICATIONS_PORT": free_port(), "ANALYTICS_PORT": free_port(), "WORKSPACE_PORT": free_port(),
     }
     env = {k: str(v) for k, v in ports.items()}
     env.update({"CLMS_DATA_DIR": str(data_dir), "CLMS_TOPIC_PREFIX": "", "CLMS_ENV": "test",

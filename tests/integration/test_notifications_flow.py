@@ -69,7 +69,7 @@ async def sink_and_settings(env, **extra):
     settings = env.model_copy(update={
         "smtp_port_override": sink.smtp_port,
         "sms_webhook_url_override": f"http://127.0.0.1:{sink.http_port}/sms",
-        "public_base_url": "https://clms.example.org",
+        "workspace_url_override": "https://clms.example.org",
         "notify_poll_interval_s": 0.1,
         **extra,
     })
@@ -153,7 +153,7 @@ async def test_referral_alerts_reach_the_right_officers_on_every_channel(env):
             phone = next(o.phone for o in seed_officers() if o.officer_id == "csw.prizren.duty")
             sms = await wait_until(lambda: [s for s in sink.sms if s["to"] == phone], timeout_s=10,
                                    what="the signed SMS webhook (urgent referral)")
-            assert "URGJENT" in sms[0]["text"] and "https://clms.example.org/v1/referrals?case_id=" in sms[0]["text"]
+            assert "URGJENT" in sms[0]["text"] and f"https://clms.example.org/referrals/{first.data.referral_id}" in sms[0]["text"]
 
             serb = created(municipality="zvecan")
             await publish(settings, serb)

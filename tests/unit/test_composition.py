@@ -10,7 +10,7 @@ import pytest
 from shared.settings import Settings
 
 
-@pytest.mark.parametrize("name", ["intake", "referral", "notifications", "analytics"])
+@pytest.mark.parametrize("name", ["intake", "referral", "notifications", "analytics", "workspace"])
 def test_create_app_builds_without_io(name):
     module = importlib.import_module(f"services.{name}.app")
     app = module.create_app(Settings(_env_file=None))

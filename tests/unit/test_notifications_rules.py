@@ -183,7 +183,7 @@ def test_every_template_renders_in_every_language(event_type, language):
     msg = render(event_type, language, facts, base_url="https://clms.example.org")
     assert msg.subject and "\n" not in msg.subject and len(msg.subject) < 200
     assert str(facts["case_id"]) in msg.body
-    assert msg.link == f"https://clms.example.org/v1/referrals?case_id={facts['case_id']}&agency=csw"
+    assert msg.link == f"https://clms.example.org/referrals/{facts['referral_id']}"  # the workspace page
     assert msg.link in msg.body
     assert "Prizren" in msg.subject + msg.body
     assert "{{" not in msg.body and "@@" not in msg.body
