@@ -25,7 +25,7 @@ from shared.db import migrate
 from shared.events import EnvelopeError, parse_envelope
 from shared.kafka import DeadLetter, PartitionLag, group_lag, make_admin, make_consumer, make_producer
 from shared.settings import Settings
-from shared.topics import Topic, Topics
+from shared.topics import Topic, Topics, consumed_by
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 REPLAY_HEADER = "dlq_replay_of"
@@ -222,6 +222,9 @@ async def consumer_lag(settings: Settings, groups: Iterable[str] = ()) -> list[P
         finally:
             await admin.close()
         wanted = {g for g in listed if g.startswith(settings.topic_prefix)}
+        # the services' own groups always, also when one has not committed yet (a group whose
+        # only member died before its first commit is gone from the broker's list)
+        wanted |= {settings.group_id(g) for g in consumed_by()}
     return await group_lag(settings, wanted)
 
 

@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from shared import tansu
 from shared.events import Envelope
 from shared.settings import Settings
-from shared.topics import Topics, declare_topics
+from shared.topics import Topics, consumed_by, declare_topics
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
@@ -135,6 +135,8 @@ async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[Pa
 
     from aiokafka import TopicPartition
 
+    topics = Topics(settings.topic_prefix)
+    known = {settings.group_id(g): {topics.name(t) for t in ts} for g, ts in consumed_by().items()}
     rows: list[PartitionLag] = []
     reader = make_consumer(settings, group=None)
     await reader.start()
@@ -152,9 +154,9 @@ async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[Pa
             await member.start()
             try:
                 found = [(tp, await member.committed(tp)) for tp in tps]
-                # a topic the group consumes is one where it committed somewhere; its partitions
-                # without a commit yet count from offset 0
-                consumed = {tp.topic for tp, c in found if c is not None}
+                # a topic the group consumes: one the registry says it reads, or one where it
+                # committed somewhere; its partitions without a commit yet count from offset 0
+                consumed = {tp.topic for tp, c in found if c is not None} | known.get(group, set())
                 for tp, committed in found:
                     if tp.topic in consumed:
                         rows.append(PartitionLag(group, tp.topic, tp.partition, committed, ends[tp],

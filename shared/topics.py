@@ -29,6 +29,8 @@ class TopicSpec:
     description: str
     value: str = "CloudEvents 1.0 JSON envelope (shared.events.Envelope)"
     retention_ms: int = -1  # keep forever: the topics are the system's event log
+    # the consumer groups (service names, before the topic prefix) that read this topic
+    consumers: tuple[str, ...] = ()
 
 
 # Same partition count on every event topic, so faust tables fed by several topics
@@ -37,13 +39,17 @@ PARTITIONS = 6
 
 REGISTRY: tuple[TopicSpec, ...] = (
     TopicSpec(Topic.agency_inbound, PARTITIONS, "case id (or any id the agency uses)",
-              "Raw identifications published by agency systems; validated by intake"),
+              "Raw identifications published by agency systems; validated by intake",
+              consumers=("intake",)),
     TopicSpec(Topic.case_events, PARTITIONS, "case id",
-              "case.* facts published by intake through its outbox"),
+              "case.* facts published by intake through its outbox",
+              consumers=("referral", "analytics")),
     TopicSpec(Topic.referral_events, PARTITIONS, "case id",
-              "referral.* facts published by the referral service through its outbox"),
+              "referral.* facts published by the referral service through its outbox",
+              consumers=("intake", "notifications", "analytics")),
     TopicSpec(Topic.notification_events, PARTITIONS, "case id",
-              "notification.* facts published by the notifications service"),
+              "notification.* facts published by the notifications service",
+              consumers=("analytics",)),
     TopicSpec(Topic.dead_letters, PARTITIONS, "original key",
               "Messages a consumer could not process, with headers naming the original topic, "
               "partition, offset, consumer group and the error",
@@ -51,6 +57,15 @@ REGISTRY: tuple[TopicSpec, ...] = (
 )
 
 SPECS: dict[Topic, TopicSpec] = {s.topic: s for s in REGISTRY}
+
+
+def consumed_by() -> dict[str, set[Topic]]:
+    """Service consumer group -> the registry topics it reads."""
+    groups: dict[str, set[Topic]] = {}
+    for spec in REGISTRY:
+        for group in spec.consumers:
+            groups.setdefault(group, set()).add(spec.topic)
+    return groups
 
 
 class Topics:

@@ -12,10 +12,15 @@ from tests.infra import Infra, create_database, drop_database, start_infra
 
 
 @pytest.fixture(scope="session")
-def infra():
+def infra(request):
     infra: Infra = start_infra()
-    print(f"\n[infra] {infra.kind}: broker {infra.describe()} at {infra.bootstrap}, "
-          f"postgres={infra.admin_db_url}", flush=True)
+    line = f"[infra] {infra.kind}: broker {infra.describe()} at {infra.bootstrap}, postgres={infra.admin_db_url}"
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # shown in the run's log even with -q and output capture
+        reporter.write_line("")
+        reporter.write_line(line)
+    else:
+        print(line, flush=True)
     yield infra
     infra.close()
 

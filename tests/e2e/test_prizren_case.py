@@ -238,6 +238,9 @@ async def test_clms_trace_tells_the_story_of_the_prizren_case(system):
     print(f"\n[e2e] clms trace: {len(types)} events, {types[0]} -> {types[-1]}")
 
 
+LAST_LAG: list = []
+
+
 async def test_clms_lag_and_status_while_a_worker_is_down_and_after(system):
     status = clms(system, "status")
     assert status.returncode == 0, status.stderr
@@ -257,10 +260,14 @@ async def test_clms_lag_and_status_while_a_worker_is_down_and_after(system):
             assert out.returncode == 0, out.stderr
             rows = json.loads(out.stdout)
             rows = rows.get("lag", rows) if isinstance(rows, dict) else rows
+            LAST_LAG[:] = rows
             return sum(r["lag"] for r in rows
                        if r["group"].endswith("notifications") and r["topic"].endswith("referral-events"))
 
-        behind = await wait_until(notifications_lag, timeout_s=60, what="notifications lag to show", interval_s=1)
+        try:
+            behind = await wait_until(notifications_lag, timeout_s=60, interval_s=1, what="notifications lag to show")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; clms lag --json said: {LAST_LAG}") from None
         assert behind > 0
     finally:
         system.restart("notifications")

@@ -17,6 +17,7 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 
+from clms.dev import SERVICES
 from shared.embedded import free_port
 from shared.events import IDENTIFICATION_SUBMITTED
 from shared.kafka import DeadLetter, dead_letter, make_consumer, make_producer, send_envelope
@@ -169,7 +170,7 @@ async def test_status_piped_and_json(env, story):
     text = await clms(env, "status")
     assert "# consumer lag" in text
     assert {"group": story["group"], "topic": story["inbound"], "lag": "2"} in plain_rows(text, "group")
-    assert [r["state"] for r in plain_rows(text, "service")] == ["down"] * 4
+    assert [r["state"] for r in plain_rows(text, "service")] == ["down"] * len(SERVICES)
 
     doc = json.loads(await clms(env, "status", "--json"))
     assert set(doc) == {"services", "consumer_lag", "dead_letters", "outbox"}
