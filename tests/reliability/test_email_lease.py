@@ -107,3 +107,65 @@ async def test_two_replicas_and_a_slow_smtp_server_send_each_email_exactly_once(
     print(f"\n[reliability] {len(emails)} e-mails through a {SMTP_DELAY_S}s SMTP server, lease {LEASE_S}s, "
           f"2 replicas: each delivered once; sends cancelled for a lost lease: "
           f"{[r.lost_leases for r in replicas]}")
+
+
+async def test_a_replica_whose_lease_was_taken_over_cancels_its_send(env):
+    """A replica's claim is taken over while its e-mail is still on the wire (the test plays the
+    other replica: it writes its own lease token, as a claim after an expired lease does). At its
+    next renewal the first replica finds the lease gone and cuts the SMTP transaction before the
+    server's answer; when the row is free again it is sent, and the mail arrives once."""
+    sink = await Sink(smtp_port=free_port(), http_port=free_port(), delay_s=3.0,
+                      webhook_secret=env.webhook_secret.get_secret_value()).start()
+    settings = env.model_copy(update={
+        "smtp_port_override": sink.smtp_port,
+        "sms_webhook_url_override": f"http://127.0.0.1:{sink.http_port}/sms",
+        "notify_poll_interval_s": 0.05,
+        "notify_lease_s": LEASE_S,
+    })
+    pool = await create_pool(settings)
+    producer = make_producer(settings)
+    await producer.start()
+    email, text = EmailSender(settings), SmsWebhookSender(settings)
+    replica = service.DeliveryLoop(pool=pool, settings=settings, senders={"email": email, "sms": text},
+                                   producer=producer, topics=Topics(settings.topic_prefix))
+    task = None
+    S = service.SCHEMA
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, schema=S, folder=service.MIGRATIONS)
+            await service.seed_if_empty(conn)
+            async with conn.transaction():
+                await service.record_event(conn, envelope=created("csw", "prizren"), settings=settings)
+            nid = await conn.fetchval(f"select notification_id from {S}.notifications where channel = 'email'")
+            # only the e-mail is due; the SMS waits, so the replica's claim is this one row
+            await conn.execute(f"update {S}.notifications set next_attempt_at = now() + interval '1 hour' "
+                               "where channel = 'sms'")
+        task = asyncio.create_task(replica.run())
+        await wait_until(lambda: pool.fetchval(f"select lease_token is not null from {S}.notifications "
+                                               "where notification_id = $1", nid),
+                         timeout_s=20, what="the replica to claim the e-mail")
+        # the other replica takes it over (and holds it for a minute)
+        await pool.execute(f"update {S}.notifications set lease_token = $2, next_attempt_at = now() + "
+                           "interval '1 minute' where notification_id = $1", nid, uuid.uuid4())
+        await wait_until(lambda: replica.lost_leases == 1, timeout_s=10,
+                         what="the replica to find its lease taken over and cancel its send")
+        assert await pool.fetchval(f"select attempts from {S}.notifications where notification_id = $1", nid) == 0, \
+            "a replica that lost the lease records no attempt"
+        # the other replica goes away without sending: the row is due again
+        await pool.execute(f"update {S}.notifications set next_attempt_at = now() where notification_id = $1", nid)
+        await wait_until(lambda: pool.fetchval(f"select status = 'sent' from {S}.notifications "
+                                               "where notification_id = $1", nid),
+                         timeout_s=30, what="the e-mail to be sent once the row is free")
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for s in (email, text):
+            with contextlib.suppress(Exception):
+                await s.aclose()
+        await producer.stop()
+        await pool.close()
+        await sink.stop()
+
+    assert [m["notification_id"] for m in sink.messages] == [str(nid)], \
+        "the cancelled send delivered nothing; the later one delivered the e-mail once"
