@@ -5,6 +5,8 @@ dashboard covers them all:
 - `clms_event_processing_seconds{group,topic,type}` (histogram, handler time)
 - `clms_events_produced_total{schema,topic,type}` (outbox relays)
 - `clms_dead_letters_total{group,topic,reason}`
+- `clms_dead_letter_send_failures_total{group}` (a dead letter the broker did not take; retried)
+- `clms_stream_blocked{group}` (1 while a partition waits on a dead letter it cannot send)
 - `clms_outbox_backlog_rows{schema}`, `clms_outbox_oldest_age_seconds{schema}`
 - `clms_consumer_lag{group,topic,partition}` (broker end offset minus the group's committed offset)
 - `clms_retention_removed_total{table}` (rows the retention task removed, e.g. table="intake.outbox")
@@ -35,6 +37,11 @@ PRODUCED = Counter("clms_events_produced_total", "Events an outbox relay publish
                    ["schema", "topic", "type"], registry=STREAMS)
 DEAD_LETTERS = Counter("clms_dead_letters_total", "Messages sent to clms.dead-letters, by reason",
                        ["group", "topic", "reason"], registry=STREAMS)
+DEAD_LETTER_SEND_FAILURES = Counter("clms_dead_letter_send_failures_total",
+                                    "Dead-letter sends that failed and are retried (the partition waits)",
+                                    ["group"], registry=STREAMS)
+STREAM_BLOCKED = Gauge("clms_stream_blocked", "1 while a consumer's partition waits on a dead letter "
+                       "it cannot send", ["group"], registry=STREAMS)
 OUTBOX_BACKLOG = Gauge("clms_outbox_backlog_rows", "Unpublished outbox rows", ["schema"], registry=STREAMS)
 OUTBOX_AGE = Gauge("clms_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row",
                    ["schema"], registry=STREAMS)

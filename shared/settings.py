@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     notify_backoff_base_s: float = Field(1.0, alias="NOTIFY_BACKOFF_BASE_S", gt=0)
     notify_backoff_max_s: float = Field(300.0, alias="NOTIFY_BACKOFF_MAX_S", gt=0)
     notify_poll_interval_s: float = Field(0.5, alias="NOTIFY_POLL_INTERVAL_S", gt=0)
+    # How long a replica holds an e-mail/SMS it is delivering before another replica may take it;
+    # renewed every third of it while the delivery is in flight, so a slow server never lets a
+    # second replica send the same message. A replica that dies frees its deliveries after this.
+    notify_lease_s: float = Field(30.0, alias="NOTIFY_LEASE_S", ge=0.3)
     # An unacknowledged referral.created alert is re-sent once, to the office supervisor, after this.
     realert_after_s: float = Field(900.0, alias="REALERT_AFTER_S", gt=0)
 

@@ -2,8 +2,19 @@
 stream processor uses (decode -> handle -> dead-letter on a permanent error -> move on).
 
 Rules learned the hard way (README, "faust-streaming rules"): agents run with concurrency=1,
-`processing_guarantee="at_least_once"`, no pickle, `web_tables_enabled=False`, and an exception
-inside an agent acknowledges the event, so the loop here catches everything itself.
+`processing_guarantee="at_least_once"`, no pickle, `web_tables_enabled=False`.
+
+Acks. faust acks an event in a `finally` of its stream iterator (and `take_events()` acks every
+buffered event in a `finally`), so an event whose handler raised or was cancelled (a worker
+stopped during a rolling deploy, in the middle of a database retry or of a batch) is acked and
+then committed although it was never applied. The loops here therefore turn faust's automatic
+acks off (`unacked_events`, `Stream.noack_take`) and ack an event themselves once it has been
+applied or dead-lettered; anything else stays unacked, the committed offset stops before it, and
+the next owner of the partition gets it again (consumers are idempotent on the event id).
+
+A dead letter that cannot be sent (broker away) is retried with backoff until it is sent: the
+partition waits, the worker stays up and reports itself not ready (`StreamProcessor.blocked`,
+metric `clms_stream_blocked`), and the event is acked only after its dead letter is on the topic.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from faust.serializers.schemas import Schema
 from shared.events import Envelope, EnvelopeError, parse_envelope
 from shared.kafka import DeadLetter, classify_error
 from shared.logs import bound_to_envelope
-from shared.metrics import CONSUMED, DEAD_LETTERS, PROCESSING
+from shared.metrics import CONSUMED, DEAD_LETTER_SEND_FAILURES, DEAD_LETTERS, PROCESSING, STREAM_BLOCKED
 from shared.settings import Settings
 from shared.topics import Topic, Topics
 
@@ -159,13 +170,29 @@ def is_transient(exc: BaseException) -> bool:
 Handler = Callable[[Envelope], Awaitable[None]]
 
 
+async def unacked_events(stream: Any) -> Any:
+    """`stream.events()` without faust's automatic ack.
+
+    faust acks the current event in a `finally` when the loop body asks for the next one, and
+    also when the body raised or was cancelled. Here nothing is acked: the caller acks with
+    `await stream.ack(event)` once the event was applied or dead-lettered.
+    """
+    stream.enable_acks = False
+    async for event in stream.events():
+        yield event
+
+
 class StreamProcessor:
     """Runs `handler` for each event of a faust stream with the system's failure policy:
 
     - undecodable message -> dead letter with the field-naming reason, move on;
     - transient error (database down) -> retry with backoff until it works (the partition
       waits rather than losing the event);
-    - any other exception -> dead letter with reason `handler_error`, move on.
+    - any other exception -> dead letter with reason `handler_error`, move on;
+    - a dead letter that cannot be sent -> retried with backoff until it is sent (the partition
+      waits; `blocked` says why, for readiness);
+    - an event is acked only after it was applied or dead-lettered (`run`; batch loops call
+      `process` and ack themselves).
     """
 
     def __init__(self, *, app: faust.App, topics: Topics, group: str,
@@ -176,21 +203,57 @@ class StreamProcessor:
         self.dlq = raw_topic(app, topics, Topic.dead_letters)
         self.on_dead_letter = on_dead_letter
         self.max_backoff_s = max_backoff_s
+        self.blocked: str | None = None  # why the partition waits (None: it does not)
 
     async def dead_letter(self, letter: DeadLetter) -> None:
-        fut = await self.dlq.send(key=letter.key, value=letter.value or b"", headers=letter.headers())
-        await fut
+        """Send `letter` to clms.dead-letters; returns only once the broker took it.
+
+        While the send fails the partition waits (the caller has not acked the event), the
+        failure is counted and `blocked` names it; cancellation (the worker stopping) leaves
+        the event unacked, so it comes again after a restart."""
+        backoff = 0.1
+        failures = 0
+        try:
+            while True:
+                try:
+                    await self._send_dead_letter(letter)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - broker away: the partition waits
+                    failures += 1
+                    DEAD_LETTER_SEND_FAILURES.labels(self.group).inc()
+                    STREAM_BLOCKED.labels(self.group).set(1)
+                    self.blocked = (f"cannot send a dead letter for {letter.topic}[{letter.partition}]@"
+                                    f"{letter.offset} ({type(exc).__name__}: {str(exc)[:200]}); the partition "
+                                    f"waits and the send is retried (attempt {failures}); check the broker")
+                    log.warning("dead letter for %s[%d]@%d not sent (%s), retrying in %.1fs",
+                                letter.topic, letter.partition, letter.offset, type(exc).__name__, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(self.max_backoff_s, backoff * 2)
+        finally:
+            if failures:
+                self.blocked = None
+                STREAM_BLOCKED.labels(self.group).set(0)
         log.warning(
             "dead-lettered message from %s[%d]@%d: %s",
             letter.topic, letter.partition, letter.offset, letter.reason,
         )
         DEAD_LETTERS.labels(self.group, letter.topic, letter.reason).inc()
         if self.on_dead_letter:
-            self.on_dead_letter(letter)
+            try:
+                self.on_dead_letter(letter)
+            except Exception:  # noqa: BLE001 - a metrics callback must not undo the dead letter
+                log.exception("on_dead_letter callback failed")
+
+    async def _send_dead_letter(self, letter: DeadLetter) -> None:
+        fut = await self.dlq.send(key=letter.key, value=letter.value or b"", headers=letter.headers())
+        await fut
 
     async def run(self, stream: Any, handler: Handler) -> None:
-        async for event in stream.events():
+        async for event in unacked_events(stream):
             await self.process(event, handler)
+            await stream.ack(event)  # applied or dead-lettered: only now
 
     async def process(self, event: Any, handler: Handler) -> None:
         msg = event.message

@@ -58,6 +58,8 @@ def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI
             return "worker not started"
         if not w.recovered:
             return "tables still recovering from their changelog"
+        if w.processor is not None and w.processor.blocked:
+            return w.processor.blocked
         return None
 
     app = FastAPI(

@@ -33,6 +33,7 @@ class Worker:
     table: faust.Table
     aggregate: Aggregate
     recovered: bool = False
+    processor: StreamProcessor | None = None
     on_change: list[Callable[[], None]] = field(default_factory=list)
 
     def changed(self) -> None:
@@ -61,6 +62,7 @@ def build_worker(settings: Settings, *, aggregate: Aggregate, registry: Collecto
 
     processor = StreamProcessor(app=app, topics=topics, group=settings.group_id(name),
                                 on_dead_letter=lambda letter: dead.labels(letter.reason).inc())
+    worker.processor = processor
     source = app.topic(*(topics.name(t) for t in SOURCE_TOPICS), schema=EnvelopeSchema(),
                        partitions=PARTITIONS)
 

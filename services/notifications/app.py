@@ -51,7 +51,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def check_tasks() -> str | None:
         dead = [t.get_name() for t in st.tasks if t.done()]
-        return f"stopped: {', '.join(dead)}" if dead else None
+        if dead:
+            return f"stopped: {', '.join(dead)}"
+        processor = getattr(st, "processor", None)
+        return processor.blocked if processor is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -95,7 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await asyncio.sleep(interval)
 
         st.faust = make_faust_app(settings, "notifications")
-        register(st.faust, topics=topics, group=settings.group_id("notifications"), handle=handle)
+        st.processor = register(st.faust, topics=topics, group=settings.group_id("notifications"), handle=handle)
         st.tasks = [
             asyncio.create_task(st.relay.run(), name="outbox-relay"),
             asyncio.create_task(run_retention(st.pool, schema=service.SCHEMA, settings=settings), name="retention"),

@@ -9,7 +9,7 @@ import collections
 import logging
 import random
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -419,15 +419,36 @@ async def listen_for_alerts(settings: Settings, pool: asyncpg.Pool, hub: AlertHu
 # --- delivery ------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Lease:
+    """One claim of the delivery loop: its token and when it ends on this replica's clock."""
+
+    token: uuid.UUID
+    valid_until: float  # loop.time()
+    lost: set[uuid.UUID] = field(default_factory=set)  # rows whose send was cancelled
+    recording: set[uuid.UUID] = field(default_factory=set)  # rows past their send
+
+
 class DeliveryLoop:
     """Delivers pending e-mail/SMS notifications from the database, so retries survive restarts
-    and never hold a partition. Each attempt leases its rows (next_attempt_at moves ahead), so
-    replicas share the work; failures back off exponentially with jitter up to
-    NOTIFY_MAX_ATTEMPTS, then `notification.failed` and a dead letter."""
+    and never hold a partition; failures back off exponentially with jitter up to
+    NOTIFY_MAX_ATTEMPTS, then `notification.failed` and a dead letter.
+
+    Leases. A replica claims due rows under a fresh lease token for `lease_s` seconds
+    (NOTIFY_LEASE_S; `next_attempt_at` is the end of the lease, so replicas share the work with
+    `FOR UPDATE SKIP LOCKED`). While any of them is still waiting for the channel or being sent,
+    the lease of those rows is renewed every third of `lease_s`, so a slow SMTP server never lets
+    another replica take and send them again. The holder never sends past its lease: a row whose
+    renewal finds another token (or none), or whose lease runs out because renewals could not
+    reach the database, has its send cancelled before the lease ends (its local deadline is
+    measured from before each claim/renewal statement, so it ends before the database's). A failed
+    attempt is recorded only under the holder's token; a success is recorded by whoever sent it.
+    What remains is the at-least-once window of any SMTP client: a send cancelled (or a process
+    killed) after the server took the message and before it answered."""
 
     def __init__(self, *, pool: asyncpg.Pool, settings: Settings, senders: dict[str, ChannelSender],
                  producer: AIOKafkaProducer, topics: Topics, relay: outbox.OutboxRelay | None = None,
-                 batch_size: int = 20, lease_s: float = 120.0, metrics: Any = None):
+                 batch_size: int = 20, lease_s: float | None = None, metrics: Any = None):
         self.pool = pool
         self.settings = settings
         self.senders = senders
@@ -435,8 +456,9 @@ class DeliveryLoop:
         self.topics = topics
         self.relay = relay
         self.batch_size = batch_size
-        self.lease_s = lease_s
+        self.lease_s = lease_s if lease_s is not None else settings.notify_lease_s
         self.metrics = metrics
+        self.lost_leases = 0  # sends cancelled because this replica no longer held the lease
         self._wake = Wakeup()
 
     def wake(self) -> None:
@@ -459,9 +481,13 @@ class DeliveryLoop:
                 backoff = min(10.0, backoff * 2)
 
     async def run_once(self) -> int:
+        loop = asyncio.get_running_loop()
+        token = uuid.uuid4()
+        claimed_at = loop.time()  # before the statement: the local lease ends before the database's
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                f"""update {S}.notifications n set next_attempt_at = now() + make_interval(secs => $2)
+                f"""update {S}.notifications n set next_attempt_at = now() + make_interval(secs => $2),
+                        lease_token = $3
                     from (select notification_id from {S}.notifications
                           where status = 'pending' and next_attempt_at <= now()
                           order by next_attempt_at limit $1 for update skip locked) due
@@ -469,14 +495,63 @@ class DeliveryLoop:
                     returning n.*,
                         (select email from {S}.officers o where o.officer_id = n.recipient) as email,
                         (select phone from {S}.officers o where o.officer_id = n.recipient) as phone""",
-                self.batch_size, self.lease_s)
+                self.batch_size, self.lease_s, token)
         if rows:
-            await asyncio.gather(*(self._deliver(r) for r in rows))
+            lease = _Lease(token=token, valid_until=claimed_at + self.lease_s)
+            tasks = {r["notification_id"]: asyncio.create_task(self._deliver(r, lease)) for r in rows}
+            keeper = asyncio.create_task(self._keep_lease(lease, tasks))
+            try:
+                await asyncio.wait(tasks.values())
+            finally:
+                keeper.cancel()
+                for t in tasks.values():
+                    t.cancel()  # only when run_once itself is cancelled: they are done otherwise
+                await asyncio.gather(keeper, *tasks.values(), return_exceptions=True)
             if self.relay:
                 self.relay.wake()
         return len(rows)
 
-    async def _deliver(self, r: asyncpg.Record) -> None:
+    async def _keep_lease(self, lease: "_Lease", tasks: dict[uuid.UUID, asyncio.Task]) -> None:
+        """Renew the lease of the rows still in flight every third of the lease; cancel the send
+        of a row this replica no longer holds, or of every row when the lease is about to end
+        without a renewal (database away)."""
+        loop = asyncio.get_running_loop()
+        every = self.lease_s / 3
+        margin = min(self.lease_s / 6, 5.0)
+        while True:
+            await asyncio.sleep(max(0.0, min(every, lease.valid_until - margin - loop.time())))
+            in_flight = [nid for nid, t in tasks.items() if not t.done() and nid not in lease.recording]
+            if not in_flight:
+                return  # every row is sent (or being recorded): nothing left to hold
+            if loop.time() >= lease.valid_until - margin:
+                self._give_up(in_flight, tasks, lease, "the lease could not be renewed in time")
+                continue
+            asked_at = loop.time()
+            try:
+                async with self.pool.acquire() as conn:
+                    kept = {r["notification_id"] for r in await conn.fetch(
+                        f"""update {S}.notifications set next_attempt_at = now() + make_interval(secs => $3)
+                            where notification_id = any($1::uuid[]) and lease_token = $2 and status = 'pending'
+                            returning notification_id""", in_flight, lease.token, self.lease_s)}
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - database away: try again before the lease ends
+                log.warning("delivery lease not renewed (%s); retrying", type(exc).__name__)
+                continue
+            lease.valid_until = asked_at + self.lease_s
+            lost = [nid for nid in in_flight if nid not in kept and nid not in lease.recording]
+            if lost:
+                self._give_up(lost, tasks, lease, "another replica holds it now")
+
+    def _give_up(self, ids: list[uuid.UUID], tasks: dict[uuid.UUID, asyncio.Task], lease: "_Lease",
+                 why: str) -> None:
+        for nid in ids:
+            lease.lost.add(nid)
+            tasks[nid].cancel()
+            self.lost_leases += 1
+            log.warning("delivery of notification %s cancelled: %s", nid, why)
+
+    async def _deliver(self, r: asyncpg.Record, lease: "_Lease") -> None:
         sender = self.senders.get(r["channel"])
         message = OutgoingMessage(
             notification_id=str(r["notification_id"]), recipient=r["recipient"], channel=r["channel"],
@@ -488,14 +563,27 @@ class DeliveryLoop:
             if sender is None:
                 raise PermanentDeliveryError(f"no sender for channel {r['channel']!r}")
             await sender.send(message)
+        except asyncio.CancelledError:
+            if r["notification_id"] in lease.lost:
+                return  # not ours any more: the holder of the lease records the attempt
+            raise
         except PermanentDeliveryError as exc:
             error, permanent = str(exc), True
         except DeliveryError as exc:
             error = str(exc)
         except Exception as exc:  # noqa: BLE001 - an unexpected sender bug must not stop the loop
             error = f"{type(exc).__name__}: {exc}"[:300]
+        lease.recording.add(r["notification_id"])  # from here on the keeper leaves this row alone
         attempt = r["attempts"] + 1
+        # A failure is recorded only under this replica's lease token; a success always (the
+        # message went out, no one may send it again).
         async with self.pool.acquire() as conn, conn.transaction():
+            if error is not None and not await conn.fetchval(
+                    f"select true from {S}.notifications where notification_id = $1 and status = 'pending' "
+                    "and lease_token = $2 for update", r["notification_id"], lease.token):
+                log.info("notification %s attempt not recorded: the lease moved to another replica",
+                         r["notification_id"])
+                return
             await conn.execute(
                 f"insert into {S}.delivery_attempts(notification_id, attempt, ok, error) values($1, $2, $3, $4) "
                 "on conflict do nothing", r["notification_id"], attempt, error is None, error)

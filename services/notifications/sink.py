@@ -35,6 +35,8 @@ class _Handler:
         self.sink = sink
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        if self.sink.delay_s:
+            await asyncio.sleep(self.sink.delay_s)  # a slow server: it answers the DATA this late
         mail = message_from_bytes(envelope.content, policy=policy.default)
         body = mail.get_body(preferencelist=("plain", "html"))
         self.sink._seq += 1
@@ -58,8 +60,9 @@ class Sink:
     """SMTP + HTTP sink on the running event loop (`await start()`, `await stop()`)."""
 
     def __init__(self, *, smtp_port: int, http_port: int, webhook_secret: str | None,
-                 host: str = "127.0.0.1", keep: int = 1000):
+                 host: str = "127.0.0.1", keep: int = 1000, delay_s: float = 0.0):
         self.host = host
+        self.delay_s = delay_s  # tests: seconds before each mail is accepted (a slow SMTP server)
         self.smtp_port = smtp_port
         self.http_port = http_port
         self.webhook_secret = webhook_secret

@@ -94,6 +94,9 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
         worker = state.get("worker")
         if worker is None or not worker.started:
             return "worker not started"
+        processor = state.get("processor")
+        if processor is not None and processor.blocked:
+            return processor.blocked
         return None
 
     @contextlib.asynccontextmanager
@@ -127,7 +130,7 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
                 deadline_loop(deps, interval_s=settings.referral_deadline_poll_s), name="referral-deadlines")
             tasks["retention"] = asyncio.create_task(run_retention(pool, schema=service.SCHEMA, settings=settings), name="referral-retention")
             state["tasks"] = tasks
-            worker = build_worker(settings, deps, on_dead_letter=on_dead_letter)
+            worker, state["processor"] = build_worker(settings, deps, on_dead_letter=on_dead_letter)
             state["worker"] = worker
             await worker.start()
             log.info("referral service started (rules version %d, %d rules)", ruleset.version,

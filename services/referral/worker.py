@@ -1,17 +1,23 @@
 """The faust worker: clms.case-events -> referrals (through `StreamProcessor`), and the
 deadline scanner that runs next to it.
 
-Events are taken in small batches (`take_events`: faust acks them only after the batch is
-handled) and applied in one transaction; if that fails, the batch is handled again one event at
-a time through `StreamProcessor`, so a transient error is retried and only a bad event is
-dead-lettered. Undecodable messages never enter a batch.
+Events are taken in small batches and applied in one transaction; if that fails, the batch is
+handled again one event at a time through `StreamProcessor`, so a transient error is retried and
+only a bad event is dead-lettered. Undecodable messages never enter a batch.
+
+Acks: the batches come from faust's `noack_take`, and each event is acked here only once it was
+applied (its batch committed, or it was applied on its own) or dead-lettered. faust's
+`take_events` would ack every event of a batch in a `finally`, also when the worker was stopped
+or failed in the middle of the batch, so events never applied would be committed and lost. An
+event that is not acked keeps the committed offset before it, so after a restart (or on the
+replica that takes the partition over) it comes again; the inbox makes that redelivery harmless.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import faust
 
@@ -29,7 +35,8 @@ BATCH_WITHIN_S = 0.01  # how long a batch waits to fill up (the latency a quiet 
 
 
 def build_worker(settings: Settings, deps: service.Deps,
-                 on_dead_letter: Callable[[DeadLetter], None] | None = None) -> faust.App:
+                 on_dead_letter: Callable[[DeadLetter], None] | None = None
+                 ) -> tuple[faust.App, StreamProcessor]:
     app = make_faust_app(settings, service.SERVICE)
     topics = Topics(settings.topic_prefix)
     proc = StreamProcessor(app=app, topics=topics, group=settings.group_id(service.SERVICE),
@@ -41,7 +48,10 @@ def build_worker(settings: Settings, deps: service.Deps,
             log.info("opened %d referrals for case %s (event %s)", len(opened), envelope.subject,
                      envelope.id)
 
-    async def handle_batch(events: list) -> None:
+    async def handle_batch(events: list, ack: Callable[[object], Awaitable[object]]) -> None:
+        """Apply `events` (in offset order per partition) and ack each one once it is applied or
+        dead-lettered; an event not reached (the worker stopped, or an error escaped) stays
+        unacked."""
         batch = [e for e in events
                  if not isinstance(e.value, Undecodable) and e.value.type.startswith("case.")]
         if len(batch) > 1:
@@ -53,18 +63,27 @@ def build_worker(settings: Settings, deps: service.Deps,
             else:
                 if any(opened):
                     log.info("opened %d referrals for %d case events", sum(map(len, opened)), len(batch))
-                handled = {id(e) for e in batch}
-                events = [e for e in events if id(e) not in handled]
+                applied = {id(e) for e in batch}
+                # The batch is committed. The events left out of it (undecodable, or not a case
+                # event) are handled one by one below; acking them here would skip them.
+                rest = []
+                for e in events:
+                    if id(e) in applied:
+                        await ack(e)
+                    else:
+                        rest.append(e)
+                events = rest
         for event in events:
             await proc.process(event, handle)
+            await ack(event)
 
     @app.agent(envelope_topic(app, topics, Topic.case_events), concurrency=1,
                name="referral.route-case-events")
     async def route_case_events(stream):  # noqa: ANN001 - faust stream
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            await handle_batch(list(events))
+        async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+            await handle_batch(list(events), stream.ack)
 
-    return app
+    return app, proc
 
 
 async def deadline_loop(deps: service.Deps, *, interval_s: float) -> None:
