@@ -21,7 +21,7 @@ from shared.kafka import make_producer, send_envelope
 from shared.reference import municipality_slugs
 from shared.topics import Topics
 from tests import builders
-from tests.apps import bearer, running
+from tests.apps import scrape, bearer, running
 from tests.infra import wait_until
 from tests.kafka_helpers import produce
 
@@ -147,7 +147,7 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
             timeout_s=45, what="the fast-rebuilt deployment to recover its table")
         assert (await client.get("/v1/funnel", headers=national)).json()["stages"] == totals
         await asyncio.sleep(1.0)
-        metrics = (await client.get("/metrics")).text
+        metrics = await scrape(app4)
         assert "analytics_events_applied_total{" not in metrics  # nothing re-folded by the agent
         assert "analytics_events_duplicate_total 0.0" in metrics
 
