@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     # faust app id (consumer group and changelog topic names) of the analytics service; a new
     # value is a new deployment that rebuilds every table from the beginning of the topics.
     analytics_app_id: str = Field("analytics", alias="ANALYTICS_APP_ID")
+    # The public analytics view (services/analytics/disclosure.py): published every
+    # ANALYTICS_PUBLISH_EVERY_S (periods aligned to the epoch: daily = 00:00 UTC), describing the
+    # events folded by the period's start, ANALYTICS_PUBLISH_LAG_S after it; never live.
+    analytics_publish_every_s: float = Field(86400.0, alias="ANALYTICS_PUBLISH_EVERY_S", gt=0)
+    analytics_publish_lag_s: float = Field(3600.0, alias="ANALYTICS_PUBLISH_LAG_S", ge=0)
+    # counts 1..SMALL suppressed ("c"), others rounded to a multiple of ROUNDING_BASE, no
+    # breakdowns for a municipality with fewer than BREAKDOWN_MIN children
+    analytics_small_count: int = Field(5, alias="ANALYTICS_SMALL_COUNT", ge=1)
+    analytics_rounding_base: int = Field(5, alias="ANALYTICS_ROUNDING_BASE", ge=1)
+    analytics_breakdown_min: int = Field(20, alias="ANALYTICS_BREAKDOWN_MIN", ge=2)
 
     # --- secrets ----------------------------------------------------------------------------
     jwt_secret: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-jwt-secret-32-bytes!"), alias="JWT_SECRET")
