@@ -16,8 +16,8 @@ children-in-need statistics; the ESSnet SDC handbook's rounding and suppression)
    checked the way an attacker would subtract: for every suppressed cell, the interval the
    published margin minus the published (rounded) visible cells leaves for it
    (`attacker_interval`) must hold at least `min_range` possible values from 0 to `small`.
-   While one does not, the smallest visible cell is suppressed too (ties by name, so the
-   choice is deterministic).
+   While one does not, the smallest visible non-zero cell is suppressed too (ties by name, so
+   the choice is deterministic; zero cells only when nothing else is left).
 4. **No breakdowns of small populations.** A municipality with fewer than `breakdown_min`
    identified children (or whose total is suppressed) has no breakdowns at all (`None`): no
    sex, community, age band, sector, agency, hazardous, worst form or month. Its public figures
@@ -121,9 +121,11 @@ def protect(margin: int, cells: Mapping[str, int], rules: Rules,
     their size (not offered)."""
     pub_margin = round_count(margin, rules)
     pub = {k: (SUPPRESSED if k in withheld else round_count(n, rules)) for k, n in cells.items()}
-    candidates = sorted((n, k) for k, n in cells.items() if pub[k] != SUPPRESSED)
+    # smallest non-zero cells first (least information lost); zeros last (hiding a zero only
+    # helps when nothing else is left, and would grey out every municipality without a case)
+    candidates = sorted((n == 0, n, k) for k, n in cells.items() if pub[k] != SUPPRESSED)
     while not is_protected(pub_margin, pub, rules) and candidates:
-        _, k = candidates.pop(0)
+        _, _, k = candidates.pop(0)
         pub[k] = SUPPRESSED
     return pub_margin, pub
 
