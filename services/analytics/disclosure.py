@@ -27,10 +27,12 @@ Not published to the public at all (authenticated coordinators and analysts only
 counts per agency and per municipality, and time to acknowledge, because the agencies a case is
 referred to follow from the child's age, sector and form of work.
 
-What this does not check: inequalities *between* tables (a funnel stage is at most the stage
-before it) are not used by `attacker_interval`; and in a municipality above `breakdown_min`, a
-breakdown cell can move by one rounding step between two snapshots when exactly one case was
-added there in the period. See the README's Privacy section.
+The funnel stages are nested tables (each stage at most the one before): a municipality hidden
+at one stage is hidden at every later one, and the upper bounds the stage before gives are part
+of the attacker's arithmetic. What this does not check: other relations between tables (a
+breakdown cell and a funnel stage of the same municipality); and in a municipality above
+`breakdown_min`, a breakdown cell can move by one rounding step between two snapshots when
+exactly one case was added there in the period. See the README's Privacy section.
 """
 
 from __future__ import annotations
@@ -86,19 +88,26 @@ def bounds(p: Published, rules: Rules, *, margin: bool = False) -> tuple[float, 
     return (lo, hi)
 
 
-def attacker_interval(margin: Published, cells: Mapping[str, Published], key: str,
-                      rules: Rules) -> tuple[float, float]:
+def attacker_interval(margin: Published, cells: Mapping[str, Published], key: str, rules: Rules,
+                      caps: Mapping[str, float] | None = None) -> tuple[float, float]:
     """The interval for `cells[key]` that subtraction gives: margin minus every other cell, each
-    taken at its published bounds (the cells add up to the margin)."""
+    taken at its published bounds (the cells add up to the margin). `caps` are upper bounds the
+    attacker knows from other tables (a funnel stage is at most the stage before it)."""
+    caps = caps or {}
+
+    def cell(k: str) -> tuple[float, float]:
+        lo, hi = bounds(cells[k], rules)
+        return lo, min(hi, caps.get(k, INF))
+
     m_lo, m_hi = bounds(margin, rules, margin=True)
     o_lo = o_hi = 0.0
-    for k, p in cells.items():
+    for k in cells:
         if k == key:
             continue
-        lo, hi = bounds(p, rules)
+        lo, hi = cell(k)
         o_lo += lo
         o_hi += hi
-    own_lo, own_hi = bounds(cells[key], rules)
+    own_lo, own_hi = cell(key)
     return max(own_lo, m_lo - o_hi), min(own_hi, m_hi - o_lo)
 
 
@@ -107,24 +116,31 @@ def _values_in_small_range(lo: float, hi: float, rules: Rules) -> int:
     return max(0, hi_i - lo_i + 1)
 
 
-def is_protected(margin: Published, cells: Mapping[str, Published], rules: Rules) -> bool:
-    """Every suppressed cell keeps at least `min_range` possible values in 0..small."""
-    return all(_values_in_small_range(*attacker_interval(margin, cells, k, rules), rules) >= rules.min_range
-               for k, p in cells.items() if p == SUPPRESSED)
+def is_protected(margin: Published, cells: Mapping[str, Published], rules: Rules,
+                 caps: Mapping[str, float] | None = None) -> bool:
+    """Every suppressed cell keeps at least `min_range` possible values in 0..small (a cell the
+    published figures prove to be 0, e.g. under a margin of 0, counts no child and is safe)."""
+    for k, p in cells.items():
+        if p != SUPPRESSED:
+            continue
+        lo, hi = attacker_interval(margin, cells, k, rules, caps)
+        if hi >= 1 and _values_in_small_range(lo, hi, rules) < rules.min_range:
+            return False
+    return True
 
 
-def protect(margin: int, cells: Mapping[str, int], rules: Rules,
-            *, withheld: frozenset[str] = frozenset()) -> tuple[Published, dict[str, Published]]:
+def protect(margin: int, cells: Mapping[str, int], rules: Rules, *, withheld: frozenset[str] = frozenset(),
+            caps: Mapping[str, float] | None = None) -> tuple[Published, dict[str, Published]]:
     """Publish one additive table (cells add up to `margin`): round or suppress the margin and
     each cell, then suppress further cells (smallest first) until no suppressed cell can be
     narrowed by subtraction below `min_range` values. `withheld` cells are suppressed whatever
-    their size (not offered)."""
+    their size (not offered); `caps` as in `attacker_interval`."""
     pub_margin = round_count(margin, rules)
     pub = {k: (SUPPRESSED if k in withheld else round_count(n, rules)) for k, n in cells.items()}
     # smallest non-zero cells first (least information lost); zeros last (hiding a zero only
     # helps when nothing else is left, and would grey out every municipality without a case)
     candidates = sorted((n == 0, n, k) for k, n in cells.items() if pub[k] != SUPPRESSED)
-    while not is_protected(pub_margin, pub, rules) and candidates:
+    while not is_protected(pub_margin, pub, rules, caps) and candidates:
         _, _, k = candidates.pop(0)
         pub[k] = SUPPRESSED
     return pub_margin, pub
@@ -143,12 +159,19 @@ def public_view(tally: Mapping[str, Mapping[str, Any]], rules: Rules, *,
     slugs = list(tally)
     national: dict[str, Published] = {}
     per_muni: dict[str, dict[str, Published]] = {s: {} for s in slugs}
+    # The stages are nested (each at most the one before). So that no visible later stage gives
+    # a lower bound to a hidden earlier one, a municipality hidden at one stage is hidden at
+    # every later stage; and the attacker's upper bounds from the stage before are checked.
+    hidden: frozenset[str] = frozenset()
+    caps: dict[str, float] = {}
     for stage in stages:
         cells = {s: int(tally[s]["funnel"].get(stage, 0)) for s in slugs}
-        pub_margin, pub = protect(sum(cells.values()), cells, rules)
+        pub_margin, pub = protect(sum(cells.values()), cells, rules, withheld=hidden, caps=caps)
         national[stage] = pub_margin
         for s in slugs:
             per_muni[s][stage] = pub[s]
+        hidden = frozenset(s for s in slugs if pub[s] == SUPPRESSED)
+        caps = stage_caps(pub, caps, rules)
 
     out: dict[str, Any] = {}
     for s in slugs:
@@ -165,6 +188,11 @@ def public_view(tally: Mapping[str, Mapping[str, Any]], rules: Rules, *,
             _, by_month = protect(n, {m: int(c) for m, c in sorted(t["by_month"].items())}, rules)
         out[s] = {"identified": shown, "funnel": dict(per_muni[s]), "breakdowns": breakdowns, "by_month": by_month}
     return {"national": {"funnel": national}, "municipalities": out}
+
+
+def stage_caps(published: Mapping[str, Published], previous: Mapping[str, float], rules: Rules) -> dict[str, float]:
+    """Upper bounds of the next funnel stage per municipality, from this stage as published."""
+    return {k: min(bounds(p, rules)[1], previous.get(k, INF)) for k, p in published.items()}
 
 
 def next_boundary(now: float, every_s: float) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from services.analytics.disclosure import Rules, next_boundary, public_view
 from shared.auth import Claims, Role
 from shared.reference import municipalities
 
+log = logging.getLogger("clms.analytics")
 
 # --- who is looking ----------------------------------------------------------------------------
 
@@ -124,7 +126,10 @@ class Publisher:
             captured = tally(agg, MonthRange())  # new dicts: later events do not change it
             if self.lag_s:
                 await asyncio.sleep(self.lag_s)
-            self.publish(captured, as_of=boundary)
+            try:
+                self.publish(captured, as_of=boundary)
+            except Exception:  # noqa: BLE001 - keep the last snapshot, try again next period
+                log.exception("publishing the public analytics view failed; the previous one stays")
 
 
 # --- reading the aggregate -----------------------------------------------------------------------

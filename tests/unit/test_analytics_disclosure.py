@@ -132,15 +132,19 @@ def _view(cases: list[dict]) -> dict:
 
 
 def _tables(view: dict):
-    """Every additive table of the published view: (margin, cells)."""
+    """Every additive table of the published view: (margin, cells, upper bounds the attacker
+    knows from elsewhere: a funnel stage is at most the published stage before it)."""
     munis = view["municipalities"]
+    caps: dict = {}
     for stage, margin in view["national"]["funnel"].items():
-        yield margin, {s: m["funnel"][stage] for s, m in munis.items()}
+        cells = {s: m["funnel"][stage] for s, m in munis.items()}
+        yield margin, cells, caps
+        caps = {s: min(d.bounds(p, R)[1], caps.get(s, math.inf)) for s, p in cells.items()}
     for m in munis.values():
         if m["breakdowns"] is not None:
             for cells in m["breakdowns"].values():
-                yield m["identified"], cells
-            yield m["identified"], m["by_month"]
+                yield m["identified"], cells, {}
+            yield m["identified"], m["by_month"], {}
 
 
 many_cases = st.lists(case_st, min_size=0, max_size=80)
@@ -150,15 +154,20 @@ many_cases = st.lists(case_st, min_size=0, max_size=80)
 @given(cases=many_cases)
 def test_public_view_protects_every_table_and_offers_no_breakdown_of_a_small_municipality(cases):
     view = _view(cases)
-    for margin, cells in _tables(view):
-        assert d.is_protected(margin, cells, R)
+    for margin, cells, caps in _tables(view):
+        assert d.is_protected(margin, cells, R, caps)
+    # a municipality hidden at one funnel stage is hidden at every later one (no lower bounds)
+    for m in view["municipalities"].values():
+        shown = [m["funnel"][s] for s in c.FUNNEL_STAGES]
+        if "c" in shown:
+            assert all(p == "c" for p in shown[shown.index("c"):]), shown
     for slug in MUNIS:
         n = sum(1 for x in cases if x["municipality"] == slug)
         m = view["municipalities"][slug]
         if n < R.breakdown_min:
             assert m["breakdowns"] is None and m["by_month"] is None
         # nothing published is an exact count from 1 to 5, and nothing is a non-multiple of 5
-        for margin, cells in _tables(view):
+        for margin, cells, _ in _tables(view):
             for p in (margin, *cells.values()):
                 assert p == d.SUPPRESSED or p % R.base == 0
     assert _view(cases) == view  # deterministic
