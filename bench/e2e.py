@@ -155,7 +155,7 @@ async def handler_times(system) -> dict:  # noqa: ANN001
     async with httpx.AsyncClient(timeout=5) as c:
         for name in ("referral", "notifications", "analytics", "intake"):
             try:
-                text = (await c.get(f"{system.url(name)}/metrics")).text
+                text = (await c.get(f"{system.metrics_url(name)}/metrics")).text
             except httpx.HTTPError:
                 continue
             sums: dict[str, float] = {}

@@ -164,11 +164,14 @@ class Supervisor:
 
     def start_service(self, name: str, *, label: str | None = None, port: int | None = None) -> Child:
         """Start (or restart) one service as `python -m services.<name>`. A second replica of a
-        service needs its own `label` and HTTP `port` (tests use this for rebalances)."""
+        service needs its own `label` and HTTP `port` (tests use this for rebalances); it runs
+        without a monitoring port (the first replica holds `<NAME>_METRICS_PORT`)."""
         label = label or name
         self.children = [c for c in self.children if c.name != label or c.proc.poll() is None]
-        port = port or service_port(self.settings, name)
         env = dict(self.env)
+        if port:
+            env[f"{name.upper()}_METRICS_PORT"] = "0"
+        port = port or service_port(self.settings, name)
         env[f"{name.upper()}_PORT"] = str(port)
         env.update(self.service_env.get(name, {}))
         log = open(self.log_dir / f"{label}.log", "ab")

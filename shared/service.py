@@ -7,6 +7,7 @@ outbox relay, its consumers). Nothing does I/O at import.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import uvicorn
@@ -14,17 +15,33 @@ from fastapi import FastAPI
 
 from shared.logs import configure_logging
 from shared.settings import Settings
+from shared.web import monitoring_app
 
 
 def serve(name: str, create_app: Callable[[Settings], FastAPI], settings: Settings | None = None) -> None:
+    """Run the API on `<name>_port` and, unless `<NAME>_METRICS_PORT=0`, `/metrics` on the
+    monitoring port (`Settings.metrics_port_for`) in the same process and event loop."""
     settings = settings or Settings()
     configure_logging(name, level=settings.log_level, json=settings.log_json)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=getattr(settings, f"{name}_port"),
-        log_config=None,  # structlog owns logging (no personal data, JSON lines)
-        access_log=False,  # paths carry case ids only, but one log format is easier to scan
-        timeout_graceful_shutdown=10,
-    )
+    common = dict(log_config=None,  # structlog owns logging (no personal data, JSON lines)
+                  access_log=False)  # paths carry case ids only, but one log format is easier to scan
+    api = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=getattr(settings, f"{name}_port"),
+                                        timeout_graceful_shutdown=10, **common))
+    mport = settings.metrics_port_for(name)
+    monitoring = uvicorn.Server(uvicorn.Config(
+        monitoring_app(app), host=settings.metrics_host or settings.host, port=mport, lifespan="off",
+        **common)) if mport else None
+    asyncio.run(_serve(api, monitoring))
+
+
+async def _serve(api: uvicorn.Server, monitoring: uvicorn.Server | None) -> None:
+    # The API server owns the signal handlers (SIGINT/SIGTERM); the monitoring server runs
+    # without its own (`_serve`) and stops when the API server has stopped.
+    task = asyncio.create_task(monitoring._serve(), name="monitoring-port") if monitoring else None
+    try:
+        await api.serve()
+    finally:
+        if monitoring is not None and task is not None:
+            monitoring.should_exit = True
+            await task

@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     workspace_referral_url: str | None = Field(None, alias="WORKSPACE_REFERRAL_URL")
     workspace_notifications_url: str | None = Field(None, alias="WORKSPACE_NOTIFICATIONS_URL")
     workspace_analytics_url: str | None = Field(None, alias="WORKSPACE_ANALYTICS_URL")
+    # Prometheus /metrics is served on its own monitoring port, never on the public API port
+    # (exact operational counts are no business of API clients). Unset: API port + 1000
+    # (9001-9004); 0: no metrics endpoint at all.
+    intake_metrics_port: int | None = Field(None, alias="INTAKE_METRICS_PORT", ge=0, le=65535)
+    referral_metrics_port: int | None = Field(None, alias="REFERRAL_METRICS_PORT", ge=0, le=65535)
+    notifications_metrics_port: int | None = Field(None, alias="NOTIFICATIONS_METRICS_PORT", ge=0, le=65535)
+    analytics_metrics_port: int | None = Field(None, alias="ANALYTICS_METRICS_PORT", ge=0, le=65535)
+    metrics_host: str | None = Field(None, alias="METRICS_HOST")  # unset: CLMS_HOST
     public_base_url: str = Field("http://127.0.0.1", alias="CLMS_PUBLIC_BASE_URL")
     # faust table store of the analytics service: "memory://" (rebuilt from the changelog at
     # start) or "rocksdb://" (needs the rocksdict package, not installed by default).
@@ -83,6 +91,16 @@ class Settings(BaseSettings):
     # faust app id (consumer group and changelog topic names) of the analytics service; a new
     # value is a new deployment that rebuilds every table from the beginning of the topics.
     analytics_app_id: str = Field("analytics", alias="ANALYTICS_APP_ID")
+    # The public analytics view (services/analytics/disclosure.py): published every
+    # ANALYTICS_PUBLISH_EVERY_S (periods aligned to the epoch: daily = 00:00 UTC), describing the
+    # events folded by the period's start, ANALYTICS_PUBLISH_LAG_S after it; never live.
+    analytics_publish_every_s: float = Field(86400.0, alias="ANALYTICS_PUBLISH_EVERY_S", gt=0)
+    analytics_publish_lag_s: float = Field(3600.0, alias="ANALYTICS_PUBLISH_LAG_S", ge=0)
+    # counts 1..SMALL suppressed ("c"), others rounded to a multiple of ROUNDING_BASE, no
+    # breakdowns for a municipality with fewer than BREAKDOWN_MIN children
+    analytics_small_count: int = Field(5, alias="ANALYTICS_SMALL_COUNT", ge=1)
+    analytics_rounding_base: int = Field(5, alias="ANALYTICS_ROUNDING_BASE", ge=1)
+    analytics_breakdown_min: int = Field(20, alias="ANALYTICS_BREAKDOWN_MIN", ge=2)
 
     # --- secrets ----------------------------------------------------------------------------
     jwt_secret: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-jwt-secret-32-bytes!"), alias="JWT_SECRET")
@@ -101,6 +119,11 @@ class Settings(BaseSettings):
         SecretStr("ZGV2LW9ubHktY2hhbmdlLW1lLW1hc3Rlci1rZXktMzI="), alias="ENCRYPTION_MASTER_KEY"
     )
     webhook_secret: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-webhook"), alias="WEBHOOK_SECRET")
+    # Keys the HMAC-SHA256 in intake.idempotency_keys.request_hash, so a dumped row cannot be
+    # matched by hashing guessed identifications (names, birth dates). Its own secret: rotating
+    # it only makes retries of the last IDEMPOTENCY_RETENTION_H hours look like new bodies.
+    idempotency_hmac_key: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-idempotency-hmac"),
+                                            alias="IDEMPOTENCY_HMAC_KEY")
 
     # --- behaviour --------------------------------------------------------------------------
     outbox_poll_interval_s: float = Field(0.05, alias="OUTBOX_POLL_INTERVAL_S", gt=0)
@@ -143,6 +166,13 @@ class Settings(BaseSettings):
     notify_lease_s: float = Field(30.0, alias="NOTIFY_LEASE_S", ge=0.3)
     # An unacknowledged referral.created alert is re-sent once, to the office supervisor, after this.
     realert_after_s: float = Field(900.0, alias="REALERT_AFTER_S", gt=0)
+
+    # --- intake: Idempotency-Key rows ------------------------------------------------------------
+    # A retry with the same Idempotency-Key is recognised for this long; older rows are purged
+    # in batches by a background task every IDEMPOTENCY_PURGE_EVERY_S.
+    idempotency_retention_h: float = Field(48.0, alias="IDEMPOTENCY_RETENTION_H", gt=0)
+    idempotency_purge_every_s: float = Field(300.0, alias="IDEMPOTENCY_PURGE_EVERY_S", gt=0)
+    idempotency_purge_batch: int = Field(1000, alias="IDEMPOTENCY_PURGE_BATCH", ge=1)
 
     @field_validator("topic_prefix")
     @classmethod
@@ -188,7 +218,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _no_placeholder_secrets_in_production(self) -> "Settings":
         if self.environment is Environment.production:
-            for name in ("jwt_secret", "child_ref_key", "encryption_master_key", "webhook_secret"):
+            for name in ("jwt_secret", "child_ref_key", "encryption_master_key", "webhook_secret",
+                         "idempotency_hmac_key"):
                 value = getattr(self, name).get_secret_value()
                 if DEV_PLACEHOLDER in value or value == "ZGV2LW9ubHktY2hhbmdlLW1lLW1hc3Rlci1rZXktMzI=":
                     raise ValueError(
@@ -227,6 +258,14 @@ class Settings(BaseSettings):
                 "(or `clms dev`), or point DATABASE_URL at a PostgreSQL database."
             )
         return self.database_url
+
+    def metrics_port_for(self, service: str) -> int:
+        """The monitoring port of `service` (0 = metrics off)."""
+        explicit = getattr(self, f"{service}_metrics_port", None)
+        if explicit is not None:
+            return explicit
+        port = getattr(self, f"{service}_port") + 1000
+        return port if port <= 65535 else 0
 
     def group_id(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -1,5 +1,9 @@
 """What every service's HTTP side shares: /healthz, /readyz, /metrics, and error answers that
 name the field (422) instead of a 500.
+
+`/metrics` answers only on the service's monitoring port (`monitoring_app`, started next to the
+API by `shared.service.serve` on `Settings.metrics_port_for(name)`); on the public API port it
+is 404, so API clients never see exact operational counts.
 """
 
 from __future__ import annotations
@@ -7,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -15,6 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.logs import bound, new_correlation_id
 from shared.metrics import STREAMS, Sampler
+
+MONITORING = "clms.monitoring"  # ASGI scope key set only by monitoring_app (a client cannot set it)
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]  # returns None when ready, else why not
 
@@ -43,13 +49,38 @@ def ops_router(*, registry: CollectorRegistry, checks: dict[str, ReadinessCheck]
             return JSONResponse({"status": "not ready", "checks": problems}, status_code=503)
         return JSONResponse({"status": "ready", "checks": {k: "ok" for k in checks}})
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    async def metrics() -> Response:
+    @router.get("/metrics", summary="Prometheus metrics (monitoring port only)",
+                response_class=PlainTextResponse, include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        if not request.scope.get(MONITORING):
+            raise HTTPException(404, "Not Found")  # the public API port has no metrics
         for sample in samplers or ():
             await sample()
         return Response(generate_latest(registry) + generate_latest(STREAMS), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+def monitoring_app(app: ASGIApp) -> ASGIApp:
+    """The ASGI app of the monitoring port: `GET /metrics` of `app`, nothing else (404). It has no
+    lifespan of its own: the API server runs `app`'s lifespan."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] == "http" and scope.get("path") == "/metrics":
+            await app({**scope, MONITORING: True}, receive, send)
+            return
+        await PlainTextResponse("This is the monitoring port: only GET /metrics is served here.",
+                                status_code=404)(scope, receive, send)
+
+    return asgi
 
 
 def _loc(err: dict) -> str:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from shared.auth import mint_token
 from shared.settings import Settings
+from shared.web import monitoring_app
 
 
 @contextlib.asynccontextmanager
@@ -20,6 +21,15 @@ async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
             yield client
+
+
+async def scrape(app: FastAPI) -> str:
+    """`GET /metrics` on the app's monitoring port (what Prometheus scrapes; the API port answers 404)."""
+    transport = httpx.ASGITransport(app=monitoring_app(app))
+    async with httpx.AsyncClient(transport=transport, base_url="http://monitoring") as client:
+        r = await client.get("/metrics")
+        r.raise_for_status()
+        return r.text
 
 
 def bearer(settings: Settings, *, sub: str, agency: str, municipality: str, roles: list[str]) -> dict[str, str]:

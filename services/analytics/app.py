@@ -11,12 +11,16 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+import asyncio
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 
 from services.analytics.counting import Aggregate
-from services.analytics.service import Live
+from services.analytics.disclosure import Rules
+from services.analytics.service import Live, NotPublishedYet, Publisher
 from services.analytics.views import STATIC_DIR, router
 from services.analytics.rebuild import declare_changelog
 from services.analytics.worker import Worker, build_worker
@@ -33,11 +37,15 @@ def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI
     registry = CollectorRegistry()
     aggregate = Aggregate()
     state: dict[str, Worker] = {}
+    publisher = Publisher(rules=Rules(small=settings.analytics_small_count, base=settings.analytics_rounding_base,
+                                      breakdown_min=settings.analytics_breakdown_min),
+                          every_s=settings.analytics_publish_every_s, lag_s=settings.analytics_publish_lag_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         live = Live()
         app.state.live = live
+        publisher.on_publish.append(live.changed)  # exact viewers' streams also show publications
         worker = build_worker(settings, aggregate=aggregate, registry=registry,
                               name=settings.analytics_app_id)
         worker.on_change.append(live.changed)
@@ -46,9 +54,15 @@ def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI
         await declare_changelog(settings, settings.analytics_app_id)
         await worker.app.start()
         log.info("analytics worker started")
+        publishing = asyncio.create_task(publisher.run(aggregate, ready=lambda: worker.recovered),
+                                         name="analytics-publisher")
         try:
             yield
         finally:
+            publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await publishing
+            publisher.on_publish.remove(live.changed)
             await worker.app.stop()
             state.pop("worker", None)
 
@@ -60,6 +74,8 @@ def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI
             return "tables still recovering from their changelog"
         if w.processor is not None and w.processor.blocked:
             return w.processor.blocked
+        if publisher.snapshot is None:
+            return "first public snapshot not published yet"
         return None
 
     app = FastAPI(
@@ -71,9 +87,14 @@ def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI
     app.state.settings = settings
     app.state.verifier = Verifier(settings)
     app.state.aggregate = aggregate
+    app.state.publisher = publisher
     app.state.stream_coalesce_s = stream_coalesce_s
     app.state.registry = registry
     install_error_handlers(app)
+
+    @app.exception_handler(NotPublishedYet)
+    async def _not_published(request: Request, exc: NotPublishedYet) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
     async def broker() -> str | None:
         w = state.get("worker")
         producer = getattr(getattr(w, "app", None), "producer", None) if w else None

@@ -383,17 +383,3 @@ class Aggregate:
         for s in states:
             self._add(s, +1)
         self.version += 1
-
-
-# --- small-count suppression -------------------------------------------------------------------
-
-SUPPRESS_BELOW = 5
-SUPPRESSED = "<5"
-
-
-def suppress(n: int, *, exact: bool) -> int | str:
-    """Public figures hide counts 1..4 (a child could be recognised); 0 and >= 5 are shown.
-    `exact=True` (the municipality's coordinator) always sees the number."""
-    if exact or n == 0 or n >= SUPPRESS_BELOW:
-        return n
-    return SUPPRESSED

@@ -1,5 +1,7 @@
-"""Use cases of the analytics API: read the aggregate for a viewer (suppression applied),
-shape tables for JSON and CSV, and the live-change signal the SSE stream waits on.
+"""Use cases of the analytics API: read the aggregate for a viewer (exact and live within the
+viewer's scope, the published disclosure-controlled snapshot everywhere else), shape tables for
+JSON and CSV, publish the public snapshot on its cadence, and the live-change signals the SSE
+stream waits on.
 
 Keyword-only functions over `Aggregate`; no FastAPI here, so they are easy to test and reuse.
 """
@@ -9,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import logging
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from services.analytics.counting import (
@@ -20,26 +26,31 @@ from services.analytics.counting import (
     UNKNOWN_MONTH,
     Aggregate,
     LogHistogram,
-    suppress,
 )
+from services.analytics.disclosure import Rules, next_boundary, public_view
 from shared.auth import Claims, Role
 from shared.reference import municipalities
 
+log = logging.getLogger("clms.analytics")
 
 # --- who is looking ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Viewer:
-    """The public (no token, or role public) sees counts 1-4 as "<5"; a municipality's coordinator
-    sees exact figures for that municipality; a coordinator for "*" sees every figure exactly."""
+    """Coordinators and analysts see exact, live figures within their scope (their municipality,
+    or every municipality and the national sums for "*"). Everyone else, and every figure
+    outside the viewer's scope, comes from the published snapshot (`disclosure.public_view`)."""
 
     claims: Claims | None = None
 
     @property
     def is_public(self) -> bool:
         c = self.claims
-        return c is None or not c.is_coordinator or (Role.public in c.roles and Role.coordinator not in c.roles)
+        if c is None:
+            return True
+        privileged = c.is_coordinator or Role.analyst in c.roles
+        return not privileged or (Role.public in c.roles and not c.has_role(Role.coordinator, Role.analyst))
 
     def exact_for(self, municipality: str | None) -> bool:
         """`municipality=None` means a national figure (a sum over municipalities)."""
@@ -48,10 +59,7 @@ class Viewer:
         assert self.claims is not None
         if municipality is None:
             return self.claims.municipality == "*"
-        return self.claims.coordinates(municipality)
-
-    def show(self, n: int, municipality: str | None) -> int | str:
-        return suppress(n, exact=self.exact_for(municipality))
+        return self.claims.municipality in (municipality, "*")
 
 
 @dataclass(frozen=True)
@@ -66,13 +74,70 @@ class MonthRange:
             return False
         return (self.start is None or month >= self.start) and (self.end is None or month <= self.end)
 
+    @property
+    def whole(self) -> bool:
+        return self.start is None and self.end is None
+
+
+# --- the published snapshot ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    view: dict[str, Any]  # disclosure.public_view(...)
+    as_of: float  # epoch seconds: the figures count the events folded by then
+    published_at: float
+
+    @property
+    def as_of_iso(self) -> str:
+        return datetime.fromtimestamp(self.as_of, timezone.utc).isoformat(timespec="seconds")
+
+
+class Publisher:
+    """Publishes the public view on a fixed cadence with a lag, never live: at each period
+    boundary (multiples of `every_s` since the epoch; daily = 00:00 UTC) the exact tallies are
+    captured, and `lag_s` later their disclosure-controlled view replaces the published one. The
+    first snapshot is published when the worker has recovered its tables (so a restart publishes
+    once off the cadence: see the README's Privacy section)."""
+
+    def __init__(self, *, rules: Rules, every_s: float, lag_s: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.rules, self.every_s, self.lag_s, self.clock = rules, every_s, lag_s, clock
+        self.snapshot: Snapshot | None = None
+        self.live = Live()  # wakes the public SSE streams on a new publication only
+        self.on_publish: list[Callable[[], None]] = []
+
+    def publish(self, exact_tally: dict[str, dict[str, Any]], *, as_of: float) -> Snapshot:
+        view = public_view(exact_tally, self.rules, stages=FUNNEL_STAGES)
+        self.snapshot = Snapshot(view=view, as_of=as_of, published_at=self.clock())
+        self.live.changed()
+        for callback in self.on_publish:
+            callback()
+        return self.snapshot
+
+    async def run(self, agg: Aggregate, *, ready: Callable[[], bool]) -> None:
+        while not ready():
+            await asyncio.sleep(0.05)
+        self.publish(tally(agg, MonthRange()), as_of=self.clock())
+        while True:
+            now = self.clock()
+            boundary = next_boundary(now, self.every_s)
+            await asyncio.sleep(max(0.0, boundary - now))
+            captured = tally(agg, MonthRange())  # new dicts: later events do not change it
+            if self.lag_s:
+                await asyncio.sleep(self.lag_s)
+            try:
+                self.publish(captured, as_of=boundary)
+            except Exception:  # noqa: BLE001 - keep the last snapshot, try again next period
+                log.exception("publishing the public analytics view failed; the previous one stays")
+
 
 # --- reading the aggregate -----------------------------------------------------------------------
 
 
-def _tally(agg: Aggregate, months: MonthRange) -> dict[str, dict[str, Any]]:
+def tally(agg: Aggregate, months: MonthRange) -> dict[str, dict[str, Any]]:
     """One pass over the counters: per municipality, identifications (total, by month, by
-    dimension), funnel stages, open/overdue referrals per agency."""
+    dimension), funnel stages, open/overdue referrals per agency. Exact."""
     out: dict[str, dict[str, Any]] = {
         slug: {"identified": 0, "by_month": defaultdict(int),
                "breakdowns": {d: dict.fromkeys(vals, 0) for d, vals in BREAKDOWNS.items()},
@@ -104,88 +169,114 @@ def _tally(agg: Aggregate, months: MonthRange) -> dict[str, dict[str, Any]]:
     return out
 
 
-def municipality_rows(agg: Aggregate, *, viewer: Viewer, months: MonthRange) -> list[dict[str, Any]]:
-    """All 38 municipalities (zeros included), in the statistics office's order."""
-    tally = _tally(agg, months)
+class NotPublishedYet(Exception):
+    """The first public snapshot is not published yet (the worker is still recovering)."""
+
+
+def _published(snapshot: Snapshot | None) -> Snapshot:
+    if snapshot is None:
+        raise NotPublishedYet("the first public snapshot is not published yet (the service is starting); "
+                              "retry in a few seconds")
+    return snapshot
+
+
+def _rate(n: Any, pop: int | None) -> float | None:
+    return round(n * 10_000 / pop, 3) if pop and isinstance(n, int) else None
+
+
+def municipality_rows(agg: Aggregate, *, viewer: Viewer, months: MonthRange,
+                      snapshot: Snapshot | None) -> list[dict[str, Any]]:
+    """All 38 municipalities (zeros included), in the statistics office's order: exact for the
+    municipalities the viewer coordinates or analyses, published everywhere else."""
+    exact_tally = tally(agg, months) if not viewer.is_public else None
     rows = []
     for slug, m in municipalities().items():
-        t = tally[slug]
-        n = t["identified"]
-        exact = viewer.exact_for(slug)
-        shown = suppress(n, exact=exact)
-        pop = m.population
-        rate = round(n * 10_000 / pop, 3) if pop and isinstance(shown, int) else None
-        open_refs = sum(r["open"] for r in t["referrals"].values())
-        overdue = sum(r["overdue"] for r in t["referrals"].values())
-        rows.append({
-            "slug": slug, "code": m.code, "name": m.name_en, "name_sq": m.name_sq, "name_sr": m.name_sr,
-            "population": pop,
-            "identified": shown,
-            "per_10000": rate,
-            "hazardous": suppress(t["breakdowns"]["hazardous"]["true"], exact=exact),
-            "worst_form": suppress(t["breakdowns"]["worst_form"]["true"], exact=exact),
-            **{stage: suppress(v, exact=exact) for stage, v in t["funnel"].items() if stage != "identified"},
-            "open_referrals": suppress(open_refs, exact=exact),
-            "overdue_referrals": suppress(overdue, exact=exact),
-        })
+        base = {"slug": slug, "code": m.code, "name": m.name_en, "name_sq": m.name_sq, "name_sr": m.name_sr,
+                "population": m.population}
+        if exact_tally is not None and viewer.exact_for(slug):
+            t = exact_tally[slug]
+            rows.append({**base, "exact": True,
+                         "identified": t["identified"], "per_10000": _rate(t["identified"], m.population),
+                         "hazardous": t["breakdowns"]["hazardous"]["true"],
+                         "worst_form": t["breakdowns"]["worst_form"]["true"],
+                         **{st: v for st, v in t["funnel"].items() if st != "identified"},
+                         "open_referrals": sum(r["open"] for r in t["referrals"].values()),
+                         "overdue_referrals": sum(r["overdue"] for r in t["referrals"].values())})
+            continue
+        p = _published(snapshot).view["municipalities"][slug]
+        bd = p["breakdowns"]
+        rows.append({**base, "exact": False,
+                     "identified": p["identified"], "per_10000": _rate(p["identified"], m.population),
+                     "hazardous": bd["hazardous"]["true"] if bd else None,
+                     "worst_form": bd["worst_form"]["true"] if bd else None,
+                     **{st: v for st, v in p["funnel"].items() if st != "identified"},
+                     "open_referrals": None, "overdue_referrals": None})
     return rows
 
 
-def municipality_detail(agg: Aggregate, *, viewer: Viewer, slug: str, months: MonthRange) -> dict[str, Any]:
-    t = _tally(agg, months)[slug]
-    exact = viewer.exact_for(slug)
+def municipality_detail(agg: Aggregate, *, viewer: Viewer, slug: str, months: MonthRange,
+                        snapshot: Snapshot | None) -> dict[str, Any]:
     m = municipalities()[slug]
-    return {
-        "slug": slug, "name": m.name_en, "population": m.population,
-        "from": months.start, "to": months.end,
-        "exact": exact,
-        "identified": suppress(t["identified"], exact=exact),
-        "by_month": {k: suppress(v, exact=exact) for k, v in sorted(t["by_month"].items())},
-        "breakdowns": {d: {v: suppress(n, exact=exact) for v, n in vals.items()}
-                       for d, vals in t["breakdowns"].items()},
-        "funnel": {s: suppress(n, exact=exact) for s, n in t["funnel"].items()},
-        "referrals": {a: {k: suppress(n, exact=exact) for k, n in r.items()}
-                      for a, r in t["referrals"].items()},
-    }
+    head = {"slug": slug, "name": m.name_en, "population": m.population, "from": months.start, "to": months.end}
+    if viewer.exact_for(slug):
+        t = tally(agg, months)[slug]
+        return {**head, "exact": True, "as_of": None, "breakdowns_offered": True,
+                "identified": t["identified"],
+                "by_month": dict(sorted(t["by_month"].items())),
+                "breakdowns": t["breakdowns"], "funnel": t["funnel"], "referrals": t["referrals"]}
+    snap = _published(snapshot)
+    p = snap.view["municipalities"][slug]
+    return {**head, "exact": False, "as_of": snap.as_of_iso, "breakdowns_offered": p["breakdowns"] is not None,
+            "identified": p["identified"], "by_month": p["by_month"], "breakdowns": p["breakdowns"],
+            "funnel": p["funnel"], "referrals": None}
 
 
-def funnel(agg: Aggregate, *, viewer: Viewer, municipality: str | None, months: MonthRange) -> dict[str, Any]:
-    tally = _tally(agg, months)
-    slugs = [municipality] if municipality else list(tally)
-    stages = dict.fromkeys(FUNNEL_STAGES, 0)
-    refs = {a: {"open": 0, "overdue": 0} for a in REFERRAL_AGENCIES}
-    for s in slugs:
-        for stage, n in tally[s]["funnel"].items():
-            stages[stage] += n
-        for a, r in tally[s]["referrals"].items():
-            for k, n in r.items():
-                refs.setdefault(a, {"open": 0, "overdue": 0})[k] += n
-    exact = viewer.exact_for(municipality)
-    out: dict[str, Any] = {
-        "municipality": municipality, "from": months.start, "to": months.end,
-        "stages": [{"stage": s, "count": suppress(n, exact=exact)} for s, n in stages.items()],
-        "referrals_by_agency": {a: {k: suppress(n, exact=exact) for k, n in r.items()} for a, r in refs.items()},
-    }
+def funnel(agg: Aggregate, *, viewer: Viewer, municipality: str | None, months: MonthRange,
+           snapshot: Snapshot | None) -> dict[str, Any]:
+    head = {"municipality": municipality, "from": months.start, "to": months.end}
+    exact_tally = tally(agg, months) if not viewer.is_public else None
+    if viewer.exact_for(municipality):
+        assert exact_tally is not None
+        slugs = [municipality] if municipality else list(exact_tally)
+        stages = dict.fromkeys(FUNNEL_STAGES, 0)
+        refs = {a: {"open": 0, "overdue": 0} for a in REFERRAL_AGENCIES}
+        for s in slugs:
+            for stage, n in exact_tally[s]["funnel"].items():
+                stages[stage] += n
+            for a, r in exact_tally[s]["referrals"].items():
+                for k, n in r.items():
+                    refs.setdefault(a, {"open": 0, "overdue": 0})[k] += n
+        out: dict[str, Any] = {**head, "exact": True, "as_of": None,
+                               "stages": [{"stage": s, "count": n} for s, n in stages.items()],
+                               "referrals_by_agency": refs}
+    else:
+        snap = _published(snapshot)
+        view = snap.view
+        published = view["national"]["funnel"] if municipality is None else view["municipalities"][municipality]["funnel"]
+        out = {**head, "exact": False, "as_of": snap.as_of_iso,
+               "stages": [{"stage": s, "count": published[s]} for s in FUNNEL_STAGES],
+               "referrals_by_agency": None}
     if municipality is None:
         out["municipalities"] = {
-            s: {stage: viewer.show(n, s) for stage, n in tally[s]["funnel"].items()} for s in tally
+            s: (dict(exact_tally[s]["funnel"]) if exact_tally is not None and viewer.exact_for(s)
+                else dict(_published(snapshot).view["municipalities"][s]["funnel"]))
+            for s in municipalities()
         }
     return out
 
 
-def time_to_acknowledge(agg: Aggregate, *, viewer: Viewer, municipality: str | None) -> dict[str, Any]:
-    """Median and 90th percentile of created -> acknowledged, per agency, from the sketches."""
+def time_to_acknowledge(agg: Aggregate, *, municipality: str | None) -> dict[str, Any]:
+    """Median and 90th percentile of created -> acknowledged, per agency, from the sketches.
+    Exact: for viewers with an exact scope only (the views check)."""
     per_agency: dict[str, LogHistogram] = {a: LogHistogram() for a in REFERRAL_AGENCIES}
     for (muni, agency), sk in agg.ack.items():
         if municipality is None or muni == municipality:
             per_agency.setdefault(agency, LogHistogram()).merge(sk)
-    exact = viewer.exact_for(municipality)
     rows = []
     for agency, sk in per_agency.items():
-        shown = suppress(sk.count, exact=exact)
-        visible = isinstance(shown, int) and sk.count > 0
+        visible = sk.count > 0
         rows.append({
-            "agency": agency, "acknowledged": shown,
+            "agency": agency, "acknowledged": sk.count,
             "median_seconds": round(sk.quantile(0.5), 1) if visible else None,
             "p90_seconds": round(sk.quantile(0.9), 1) if visible else None,
         })
@@ -193,12 +284,14 @@ def time_to_acknowledge(agg: Aggregate, *, viewer: Viewer, municipality: str | N
             "agencies": rows}
 
 
-def summary(agg: Aggregate, *, viewer: Viewer) -> dict[str, Any]:
+def summary(agg: Aggregate, *, viewer: Viewer, snapshot: Snapshot | None) -> dict[str, Any]:
     """What the live stream pushes: every municipality row and the national funnel."""
     months = MonthRange()
+    f = funnel(agg, viewer=viewer, municipality=None, months=months, snapshot=snapshot)
     return {
-        "municipalities": municipality_rows(agg, viewer=viewer, months=months),
-        "funnel": funnel(agg, viewer=viewer, municipality=None, months=months)["stages"],
+        "as_of": snapshot.as_of_iso if snapshot else None,
+        "municipalities": municipality_rows(agg, viewer=viewer, months=months, snapshot=snapshot),
+        "funnel": f["stages"],
     }
 
 
@@ -214,7 +307,7 @@ def to_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-MUNICIPALITY_COLUMNS = ["slug", "code", "name", "population", "identified", "per_10000", "hazardous",
+MUNICIPALITY_COLUMNS = ["slug", "code", "name", "population", "exact", "identified", "per_10000", "hazardous",
                         "worst_form", *[s for s in FUNNEL_STAGES if s != "identified"],
                         "open_referrals", "overdue_referrals"]
 
@@ -225,11 +318,11 @@ def municipalities_csv(rows: list[dict[str, Any]]) -> str:
 
 def detail_csv(detail: dict[str, Any]) -> str:
     rows: list[dict[str, Any]] = [{"table": "identified", "key": "total", "value": "", "count": detail["identified"]}]
-    rows += [{"table": "by_month", "key": m, "value": "", "count": n} for m, n in detail["by_month"].items()]
-    for dim, vals in detail["breakdowns"].items():
+    rows += [{"table": "by_month", "key": m, "value": "", "count": n} for m, n in (detail["by_month"] or {}).items()]
+    for dim, vals in (detail["breakdowns"] or {}).items():
         rows += [{"table": "breakdown", "key": dim, "value": v, "count": n} for v, n in vals.items()]
     rows += [{"table": "funnel", "key": s, "value": "", "count": n} for s, n in detail["funnel"].items()]
-    for agency, r in detail["referrals"].items():
+    for agency, r in (detail["referrals"] or {}).items():
         rows += [{"table": "referrals", "key": agency, "value": k, "count": n} for k, n in r.items()]
     return to_csv(rows, ["table", "key", "value", "count"])
 

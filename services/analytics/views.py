@@ -1,5 +1,10 @@
 """Thin HTTP layer of the analytics service: parse and check the request, call `service`,
-answer JSON, CSV or an SSE stream."""
+answer JSON, CSV or an SSE stream.
+
+Who sees what: figures within a coordinator's or analyst's scope are exact and live; every other
+figure is the published, disclosure-controlled snapshot (`disclosure.py`). Month ranges,
+referral counts and time to acknowledge are for exact viewers only (a month range on the
+published view would let anyone difference two ranges)."""
 
 from __future__ import annotations
 
@@ -14,9 +19,10 @@ from fastapi.responses import FileResponse, PlainTextResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
 from services.analytics import service
-from services.analytics.counting import SUPPRESS_BELOW, Aggregate
+from services.analytics.counting import Aggregate
+from services.analytics.disclosure import SUPPRESSED
 from services.analytics.models import Funnel, MunicipalityDetail, MunicipalityList, TimeToAcknowledge
-from services.analytics.service import Live, MonthRange, Viewer
+from services.analytics.service import Live, MonthRange, Publisher, Snapshot, Viewer
 from shared.auth import OptionalClaims, TokenError
 from shared.reference import municipality_slugs
 
@@ -32,6 +38,29 @@ def _aggregate(request: Request) -> Aggregate:
 
 def _live(request: Request) -> Live:
     return request.app.state.live
+
+
+def _snapshot(request: Request) -> Snapshot | None:
+    return request.app.state.publisher.snapshot
+
+
+def _exact_only(viewer: Viewer, municipality: str | None, what: str) -> None:
+    """401/403 unless the viewer sees `municipality` (None: national) exactly."""
+    if viewer.exact_for(municipality):
+        return
+    scope = f"municipality {municipality!r}" if municipality else "the national figures"
+    if viewer.claims is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED,
+                            f"{what} is for signed-in coordinators and analysts; send a Bearer token "
+                            "(the public view is the published snapshot without it)")
+    raise HTTPException(status.HTTP_403_FORBIDDEN,
+                        f"{what} is for coordinators and analysts of {scope}; this token's scope is "
+                        f"{viewer.claims.municipality!r}")
+
+
+def _range_check(viewer: Viewer, months: MonthRange, municipality: str | None) -> None:
+    if not months.whole:
+        _exact_only(viewer, municipality, "a month range (from/to)")
 
 
 def _viewer(request: Request, claims: OptionalClaims,
@@ -74,6 +103,7 @@ def _municipality_filter(
 
 
 Agg = Annotated[Aggregate, Depends(_aggregate)]
+Snap = Annotated[Snapshot | None, Depends(_snapshot)]
 ViewerDep = Annotated[Viewer, Depends(_viewer)]
 Months = Annotated[MonthRange, Depends(_months)]
 Slug = Annotated[str, Depends(_slug)]
@@ -91,18 +121,30 @@ def _csv(text: str, filename: str) -> Response:
 
 @router.get("/v1/counts/municipalities", response_model=MunicipalityList,
             summary="Identifications and funnel stages for all 38 municipalities (zeros included)")
-async def list_municipalities(agg: Agg, viewer: ViewerDep, months: Months, format: Format = "json") -> Any:
-    rows = service.municipality_rows(agg, viewer=viewer, months=months)
+async def list_municipalities(request: Request, agg: Agg, snap: Snap, viewer: ViewerDep, months: Months,
+                              format: Format = "json") -> Any:
+    _range_check(viewer, months, None)
+    rows = service.municipality_rows(agg, viewer=viewer, months=months, snapshot=snap)
     if format == "csv":
         return _csv(service.municipalities_csv(rows), "municipalities.csv")
-    return {"from": months.start, "to": months.end, "suppressed_below": SUPPRESS_BELOW, "municipalities": rows}
+    return {"from": months.start, "to": months.end, "as_of": snap.as_of_iso if snap else None,
+            "disclosure": _disclosure(request), "municipalities": rows}
+
+
+def _disclosure(request: Request) -> dict[str, Any]:
+    p: Publisher = request.app.state.publisher
+    r = p.rules
+    return {"suppressed": f"{SUPPRESSED!r}: 1 to {r.small}, or hidden so that such a count cannot be worked out",
+            "rounded_to": r.base, "breakdowns_from": r.breakdown_min,
+            "cadence_seconds": p.every_s, "lag_seconds": p.lag_s}
 
 
 @router.get("/v1/counts/municipalities/{slug}", response_model=MunicipalityDetail,
             summary="One municipality: identifications by month and breakdowns, funnel, referrals")
-async def get_municipality(slug: Slug, agg: Agg, viewer: ViewerDep, months: Months,
+async def get_municipality(slug: Slug, agg: Agg, snap: Snap, viewer: ViewerDep, months: Months,
                            format: Format = "json") -> Any:
-    detail = service.municipality_detail(agg, viewer=viewer, slug=slug, months=months)
+    _range_check(viewer, months, slug)
+    detail = service.municipality_detail(agg, viewer=viewer, slug=slug, months=months, snapshot=snap)
     if format == "csv":
         return _csv(service.detail_csv(detail), f"municipality-{slug}.csv")
     return detail
@@ -111,9 +153,10 @@ async def get_municipality(slug: Slug, agg: Agg, viewer: ViewerDep, months: Mont
 @router.get("/v1/funnel", response_model=Funnel, response_model_exclude_none=False,
             summary="The CLMS funnel: identified -> referred -> acknowledged in time -> accepted -> "
                     "completed -> withdrawn -> school enrolled")
-async def get_funnel(agg: Agg, viewer: ViewerDep, months: Months, municipality: MunicipalityFilter,
+async def get_funnel(agg: Agg, snap: Snap, viewer: ViewerDep, months: Months, municipality: MunicipalityFilter,
                      format: Format = "json") -> Any:
-    result = service.funnel(agg, viewer=viewer, municipality=municipality, months=months)
+    _range_check(viewer, months, municipality)
+    result = service.funnel(agg, viewer=viewer, municipality=municipality, months=months, snapshot=snap)
     if format == "csv":
         return _csv(service.funnel_csv(result), f"funnel-{municipality or 'all'}.csv")
     return result
@@ -122,28 +165,34 @@ async def get_funnel(agg: Agg, viewer: ViewerDep, months: Months, municipality: 
 @router.get("/v1/time-to-acknowledge", response_model=TimeToAcknowledge,
             summary="Median and 90th percentile time from referral to acknowledgement, per agency")
 async def get_time_to_acknowledge(agg: Agg, viewer: ViewerDep, municipality: MunicipalityFilter) -> Any:
-    return service.time_to_acknowledge(agg, viewer=viewer, municipality=municipality)
+    # per agency: which agencies a case reaches follows from the child's age, sector and form of work
+    _exact_only(viewer, municipality, "time to acknowledge")
+    return service.time_to_acknowledge(agg, municipality=municipality)
 
 
 # --- CSV exports (same tables, stable file URLs) -------------------------------------------------
 
 
 @router.get("/v1/export/municipalities.csv", response_class=PlainTextResponse, summary="CSV of /v1/counts/municipalities")
-async def export_municipalities(agg: Agg, viewer: ViewerDep, months: Months) -> Response:
-    return _csv(service.municipalities_csv(service.municipality_rows(agg, viewer=viewer, months=months)),
-                "municipalities.csv")
+async def export_municipalities(agg: Agg, snap: Snap, viewer: ViewerDep, months: Months) -> Response:
+    _range_check(viewer, months, None)
+    return _csv(service.municipalities_csv(service.municipality_rows(agg, viewer=viewer, months=months,
+                                                                     snapshot=snap)), "municipalities.csv")
 
 
 @router.get("/v1/export/municipalities/{slug}.csv", response_class=PlainTextResponse,
             summary="CSV of /v1/counts/municipalities/{slug}")
-async def export_municipality(slug: Slug, agg: Agg, viewer: ViewerDep, months: Months) -> Response:
-    detail = service.municipality_detail(agg, viewer=viewer, slug=slug, months=months)
+async def export_municipality(slug: Slug, agg: Agg, snap: Snap, viewer: ViewerDep, months: Months) -> Response:
+    _range_check(viewer, months, slug)
+    detail = service.municipality_detail(agg, viewer=viewer, slug=slug, months=months, snapshot=snap)
     return _csv(service.detail_csv(detail), f"municipality-{slug}.csv")
 
 
 @router.get("/v1/export/funnel.csv", response_class=PlainTextResponse, summary="CSV of /v1/funnel")
-async def export_funnel(agg: Agg, viewer: ViewerDep, months: Months, municipality: MunicipalityFilter) -> Response:
-    result = service.funnel(agg, viewer=viewer, municipality=municipality, months=months)
+async def export_funnel(agg: Agg, snap: Snap, viewer: ViewerDep, months: Months,
+                        municipality: MunicipalityFilter) -> Response:
+    _range_check(viewer, months, municipality)
+    result = service.funnel(agg, viewer=viewer, municipality=municipality, months=months, snapshot=snap)
     return _csv(service.funnel_csv(result), f"funnel-{municipality or 'all'}.csv")
 
 
@@ -151,16 +200,22 @@ async def export_funnel(agg: Agg, viewer: ViewerDep, months: Months, municipalit
 
 
 @router.get("/v1/stream", summary="Server-sent events: `counts` with every municipality row and the "
-                                  "national funnel, pushed when a visible figure changes")
+                                  "national funnel: for the public, the published snapshot whenever a "
+                                  "new one is published; live within a coordinator's or analyst's scope")
 async def stream(request: Request, agg: Agg, viewer: ViewerDep) -> EventSourceResponse:
-    live: Live = request.app.state.live
+    publisher: Publisher = request.app.state.publisher
+    # the public stream wakes only on a publication, never on an event
+    live: Live = publisher.live if viewer.is_public else request.app.state.live
     coalesce_s: float = request.app.state.stream_coalesce_s
 
     async def events():
         last: bytes | None = None
         while True:
             token = live.token()
-            payload = orjson.dumps(service.summary(agg, viewer=viewer))
+            if publisher.snapshot is None:  # starting: nothing published yet
+                await Live.wait(publisher.live.token(), 1.0)
+                continue
+            payload = orjson.dumps(service.summary(agg, viewer=viewer, snapshot=publisher.snapshot))
             if payload != last:
                 last = payload
                 yield {"event": "counts", "data": payload.decode()}

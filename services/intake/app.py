@@ -88,6 +88,21 @@ async def _run_relay(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, r
                 await producer.stop()
 
 
+async def _purge_idempotency_keys(settings: Settings, pool: asyncpg.Pool) -> None:
+    """Forget Idempotency-Key rows after IDEMPOTENCY_RETENTION_H (default 48 h), in batches."""
+    while True:
+        try:
+            n = await service.purge_idempotency_keys(pool, older_than_s=settings.idempotency_retention_h * 3600,
+                                                     batch=settings.idempotency_purge_batch)
+            if n:
+                log.info("purged %d idempotency rows older than %.0f h", n, settings.idempotency_retention_h)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - database away: try again next round
+            log.warning("idempotency purge failed (%s); retrying later", type(exc).__name__)
+        await asyncio.sleep(settings.idempotency_purge_every_s)
+
+
 async def _stop_tasks(tasks: list[asyncio.Task]) -> None:
     """Cancel background tasks and wait for them; a task still running after a second is
     cancelled again (a library waiting with Python 3.11's asyncio.wait_for can swallow a
@@ -142,6 +157,7 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
         if run_consumer:
             tasks.append(asyncio.create_task(consumer.run(), name="intake-consumer"))
         tasks.append(asyncio.create_task(run_retention(pool, schema=service.SCHEMA, settings=settings), name="intake-retention"))
+        tasks.append(asyncio.create_task(_purge_idempotency_keys(settings, pool), name="intake-idempotency-purge"))
         state.update(pool=pool, relay_box=relay_box, consumer=consumer, tasks=tasks)
         try:
             yield

@@ -8,6 +8,7 @@ Used by the HTTP views, the clms.agency-inbound consumer (same `identify` path a
 from __future__ import annotations
 
 import hashlib
+import hmac
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -81,6 +82,7 @@ class Intake:
     settings: Settings
     cipher: CaseCipher
     child_ref_key: bytes
+    idempotency_key: bytes = b""  # keys request_hash (IDEMPOTENCY_HMAC_KEY)
     schema: str = SCHEMA
     on_commit: Callable[[], None] = field(default=lambda: None)  # wakes the outbox relay
 
@@ -91,6 +93,7 @@ class Intake:
             settings=settings,
             cipher=CaseCipher(parse_master_key(settings.encryption_master_key.get_secret_value())),
             child_ref_key=settings.child_ref_key.get_secret_value().encode(),
+            idempotency_key=settings.idempotency_hmac_key.get_secret_value().encode(),
             **kw,
         )
 
@@ -142,8 +145,29 @@ async def _audit(conn: asyncpg.Connection, *, actor: Actor, action: str, outcome
     )
 
 
-def request_hash(request: IdentificationRequest) -> str:
-    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+def request_hash(key: bytes, request: IdentificationRequest) -> str:
+    """HMAC-SHA256 of the whole identification under IDEMPOTENCY_HMAC_KEY. Unkeyed, a dumped
+    idempotency row would let anyone confirm a guessed name and birth date offline by hashing
+    candidate bodies; keyed, guessing needs the key, which lives only in intake's environment."""
+    if not key:
+        raise ValueError("IDEMPOTENCY_HMAC_KEY is empty; set a secret (see .env.example)")
+    return hmac.new(key, request.model_dump_json().encode(), hashlib.sha256).hexdigest()
+
+
+async def purge_idempotency_keys(pool: asyncpg.Pool, *, older_than_s: float, batch: int) -> int:
+    """Delete Idempotency-Key rows older than `older_than_s`, `batch` rows per statement (short
+    transactions, no long lock on a busy table); returns how many were deleted."""
+    total = 0
+    while True:
+        async with pool.acquire() as conn:
+            n = await conn.fetchval(
+                f"with gone as (delete from {SCHEMA}.idempotency_keys where ctid in ("
+                f"select ctid from {SCHEMA}.idempotency_keys "
+                "where created_at < now() - make_interval(secs => $1) limit $2) returning 1) "
+                "select count(*) from gone", float(older_than_s), batch)
+        total += n
+        if n < batch:
+            return total
 
 
 # --- identification -------------------------------------------------------------------------------
@@ -236,7 +260,7 @@ async def identify(
                           family_name=request.child.family_name, year_of_birth=request.birth_year)
     age = request.age
     worst = rules.is_worst_form(request.work.sector, request.work.activity)
-    digest = request_hash(request)
+    digest = request_hash(intake.idempotency_key, request)
     sealed = intake.cipher.seal(case_id, orjson.dumps(request.personal()))
 
     if inbox_id is None and idempotency_key is None:

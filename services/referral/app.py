@@ -43,10 +43,12 @@ class Metrics:
         self.published = Counter("clms_referral_outbox_published_total", "Outbox rows published",
                                  registry=registry)
         self.backlog = Gauge("clms_referral_outbox_backlog", "Unpublished outbox rows", registry=registry)
+        # Per agency only: a municipality label would give exact small counts of children's
+        # referrals per municipality to anyone who can scrape (issue 15, item 3).
         self.open_now = Gauge("clms_referrals_open_now", "Referrals waiting for an answer or completion",
-                              ["municipality", "agency"], registry=registry)
+                              ["agency"], registry=registry)
         self.overdue_now = Gauge("clms_referrals_overdue_now", "Open referrals past their deadline",
-                                 ["municipality", "agency"], registry=registry)
+                                 ["agency"], registry=registry)
         self.rules_version = Gauge("clms_referral_rules_version", "Version of the routing rule file",
                                    registry=registry)
 
@@ -78,14 +80,14 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
             return
         async with pool.acquire() as conn:
             rows = await conn.fetch(
-                f"select municipality, agency, count(*) as open, count(*) filter (where overdue) as overdue "
+                f"select agency, count(*) as open, count(*) filter (where overdue) as overdue "
                 f"from {service.SCHEMA}.referral where status in ('pending', 'acknowledged', 'accepted') "
-                "group by municipality, agency")
+                "group by agency")
         metrics.open_now.clear()
         metrics.overdue_now.clear()
         for r in rows:
-            metrics.open_now.labels(r["municipality"], r["agency"]).set(r["open"])
-            metrics.overdue_now.labels(r["municipality"], r["agency"]).set(r["overdue"])
+            metrics.open_now.labels(r["agency"]).set(r["open"])
+            metrics.overdue_now.labels(r["agency"]).set(r["overdue"])
 
     async def check_tasks() -> str | None:
         for name, task in state.get("tasks", {}).items():

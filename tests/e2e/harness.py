@@ -29,6 +29,10 @@ class System:
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{getattr(self.settings, f'{service}_port')}"
 
+    def metrics_url(self, service: str) -> str:
+        """The service's monitoring port: `{metrics_url}/metrics` (the API port answers 404)."""
+        return f"http://127.0.0.1:{self.settings.metrics_port_for(service)}"
+
     @property
     def mail_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.smtp_sink_http_port}"
@@ -66,6 +70,8 @@ async def running_system(data_dir: Path | None = None, *, services: tuple[str, .
         "CLMS_SMTP_SINK_PORT": free_port(), "CLMS_SMTP_SINK_HTTP_PORT": free_port(),
         "INTAKE_PORT": free_port(), "REFERRAL_PORT": free_port(),
         "NOTIFICATIONS_PORT": free_port(), "ANALYTICS_PORT": free_port(), "WORKSPACE_PORT": free_port(),
+        "INTAKE_METRICS_PORT": free_port(), "REFERRAL_METRICS_PORT": free_port(),
+        "NOTIFICATIONS_METRICS_PORT": free_port(), "ANALYTICS_METRICS_PORT": free_port(),
     }
     env = {k: str(v) for k, v in ports.items()}
     env.update({"CLMS_DATA_DIR": str(data_dir), "CLMS_TOPIC_PREFIX": "", "CLMS_ENV": "test",

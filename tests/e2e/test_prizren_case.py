@@ -146,6 +146,16 @@ async def test_police_identification_in_prizren_reaches_both_agencies_their_offi
             return [a for a in r.json()["items"] if a["case_id"] == case_id and a["event_type"] == "referral.completed"]
         await wait_until(reporter_told, timeout_s=30, what="the reporting officer to hear the referral was completed")
 
+        # /metrics: 404 on every public API port; served on each monitoring port, and the open
+        # referrals gauge has no municipality label (issue 15: no side channel of small counts)
+        for name in ("intake", "referral", "notifications", "analytics"):
+            assert (await client.get(f"{system.url(name)}/metrics")).status_code == 404, name
+            r = await client.get(f"{system.metrics_url(name)}/metrics")
+            assert r.status_code == 200 and "clms_events_consumed_total" in r.text, name
+        text = (await client.get(f"{system.metrics_url('referral')}/metrics")).text
+        open_now = [ln for ln in text.splitlines() if ln.startswith("clms_referrals_open_now{")]
+        assert open_now and not any("municipality" in ln for ln in open_now), open_now
+
 
 async def test_an_agency_system_publishing_with_librdkafka_gets_the_same_result(system):
     from confluent_kafka import Producer

@@ -1,6 +1,8 @@
 """Analytics on the real broker: events on the three topics (some delivered twice) give exactly
-the expected counts and funnel per municipality; small counts are suppressed for the public and
-exact for the municipality's coordinator; errors name what was wrong."""
+the expected counts and funnel per municipality, exact and live for the municipality's coordinator
+(and a national coordinator); the public sees the published, disclosure-controlled snapshot
+(rounded, small counts suppressed, no breakdowns of a small municipality, no referral figures);
+errors name what was wrong."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from services.analytics.app import create_app
 from shared import events as ev
 from shared.topics import Topics
 from tests import builders
-from tests.apps import bearer, running
+from tests.apps import bearer, running, scrape
 from tests.infra import wait_until
 from tests.kafka_helpers import produce
 
@@ -102,7 +104,8 @@ async def test_counts_funnel_suppression_and_redelivery(env):
     national = bearer(env, sub="coordinator.national", agency="coordinator", municipality="*",
                       roles=["coordinator"])
     public_role = bearer(env, sub="someone", agency="ngo", municipality="prizren", roles=["public"])
-    app = create_app(env)
+    # publish the public snapshot every second (daily in production)
+    app = create_app(env.model_copy(update={"analytics_publish_every_s": 1.0, "analytics_publish_lag_s": 0.0}))
     async with running(app) as client:
         async def settled():
             r = await client.get("/v1/funnel", headers=national)
@@ -130,25 +133,39 @@ async def test_counts_funnel_suppression_and_redelivery(env):
                                "completed": 3, "withdrawn": 2, "school_enrolled": 0}
         assert d["referrals"]["csw"] == {"open": 3, "overdue": 2}
 
-        # --- the public sees 1..4 as "<5" and exact >= 5 and 0
+        # --- the public sees the published snapshot: 6 rounded to 5, 1..5 as "c", 0 as 0; prizren
+        # has fewer than 20 children, so no breakdowns; referral figures are never public
+        async def published():
+            r = await client.get("/v1/counts/municipalities/prizren")
+            return r.json() if r.json()["funnel"]["withdrawn"] == "c" else None
+        await wait_until(published, timeout_s=10, what="a public snapshot with every event")
         for headers in ({}, public_role):
             r = await client.get("/v1/counts/municipalities/prizren", headers=headers)
             d = r.json()
-            assert d["identified"] == 6 and d["exact"] is False
-            assert d["funnel"]["acknowledged_in_time"] == "<5"
-            assert d["funnel"]["school_enrolled"] == 0
-            assert d["referrals"]["csw"] == {"open": "<5", "overdue": "<5"}
-        # the prizren coordinator is public for gjilan
+            assert d["identified"] == 5 and d["exact"] is False and d["as_of"]
+            assert d["funnel"]["referred"] == 5 and d["funnel"]["acknowledged_in_time"] == "c"
+            assert d["funnel"]["school_enrolled"] == "c"  # hidden after a hidden stage (nested)
+            assert d["breakdowns"] is None and d["by_month"] is None and d["breakdowns_offered"] is False
+            assert d["referrals"] is None
+        # the prizren coordinator sees gjilan as published
         r = await client.get("/v1/counts/municipalities/gjilan", headers=coordinator)
-        assert r.json()["identified"] == "<5"
+        assert r.json()["identified"] == "c" and r.json()["exact"] is False
 
-        # --- all 38 municipalities, zeros included; per 10,000 hidden when the count is hidden
+        # --- all 38 municipalities, zeros included; per 10,000 of the published figure, hidden when hidden
         r = await client.get("/v1/counts/municipalities")
-        rows = {m["slug"]: m for m in r.json()["municipalities"]}
+        body = r.json()
+        assert body["disclosure"]["rounded_to"] == 5 and body["disclosure"]["breakdowns_from"] == 20
+        rows = {m["slug"]: m for m in body["municipalities"]}
         assert len(rows) == 38
         assert rows["decan"]["identified"] == 0 and rows["decan"]["per_10000"] == 0
-        assert rows["prizren"]["identified"] == 6 and rows["prizren"]["per_10000"] > 0
-        assert rows["gjilan"]["identified"] == "<5" and rows["gjilan"]["per_10000"] is None
+        assert rows["prizren"]["identified"] == 5 and rows["prizren"]["per_10000"] > 0
+        assert rows["gjilan"]["identified"] == "c" and rows["gjilan"]["per_10000"] is None
+        assert rows["prizren"]["open_referrals"] is None and rows["prizren"]["hazardous"] is None
+        # a month range, referral times: signed-in coordinators and analysts only
+        r = await client.get("/v1/counts/municipalities?from=2026-02&to=2026-02")
+        assert r.status_code == 401 and "month range" in r.json()["detail"]
+        r = await client.get("/v1/counts/municipalities/gjilan?from=2026-02", headers=coordinator)
+        assert r.status_code == 403 and "gjilan" in r.json()["detail"]
         r = await client.get("/v1/counts/municipalities", headers=national)
         rows = {m["slug"]: m for m in r.json()["municipalities"]}
         assert rows["gjilan"]["identified"] == 2 and rows["gjilan"]["overdue_referrals"] == 1
@@ -167,7 +184,7 @@ async def test_counts_funnel_suppression_and_redelivery(env):
         assert {"municipality": "gjilan", "stage": "referred", "count": "2"} in got
         r = await client.get("/v1/export/municipalities.csv")
         got = {row["slug"]: row for row in csv.DictReader(io.StringIO(r.text))}
-        assert len(got) == 38 and got["prizren"]["identified"] == "6" and got["gjilan"]["identified"] == "<5"
+        assert len(got) == 38 and got["prizren"]["identified"] == "5" and got["gjilan"]["identified"] == "c"
         r = await client.get("/v1/counts/municipalities/prizren?format=csv", headers=coordinator)
         assert "breakdown,sector,street_work,6" in r.text
 
@@ -178,8 +195,7 @@ async def test_counts_funnel_suppression_and_redelivery(env):
         assert 1200 * 0.98 <= csw["median_seconds"] <= 1800 * 1.02
         assert 1800 * 0.98 <= csw["p90_seconds"] <= 2400 * 1.02
         r = await client.get("/v1/time-to-acknowledge?municipality=prizren")
-        csw = next(a for a in r.json()["agencies"] if a["agency"] == "csw")
-        assert csw["acknowledged"] == "<5" and csw["median_seconds"] is None
+        assert r.status_code == 401
 
         # --- errors name what was wrong
         r = await client.get("/v1/counts/municipalities/atlantis")
@@ -202,6 +218,7 @@ async def test_counts_funnel_suppression_and_redelivery(env):
         assert r.json()["identified"] == 6
         r = await client.get("/readyz")
         assert r.status_code == 200
-        r = await client.get("/metrics")
-        assert "analytics_events_duplicate_total" in r.text
-        assert 'analytics_dead_letters_total{reason="invalid_json"} 1.0' in r.text
+        assert (await client.get("/metrics")).status_code == 404  # monitoring port only
+        text = await scrape(app)
+        assert "analytics_events_duplicate_total" in text
+        assert 'analytics_dead_letters_total{reason="invalid_json"} 1.0' in text

@@ -11,7 +11,7 @@ from services.referral.app import create_app
 from shared.kafka import send_envelope, make_producer
 from shared.topics import Topics
 from tests import builders
-from tests.apps import running
+from tests.apps import scrape, running
 from tests.infra import wait_until
 
 pytestmark = pytest.mark.integration
@@ -29,11 +29,14 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 async def test_stream_metrics_move_when_events_flow(env):
     topics = Topics(env.topic_prefix)
-    async with running(create_app(env)) as client:
+    app = create_app(env)
+    async with running(app) as client:
         ready = await client.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert set(ready.json()["checks"]) >= {"database", "broker", "worker"}
-        before = (await client.get("/metrics")).text
+        # the public API port has no /metrics: exact counts are for the monitoring port only
+        assert (await client.get("/metrics")).status_code == 404
+        before = await scrape(app)
         case = builders.case_identified(municipality="prizren")
         producer = make_producer(env)
         await producer.start()
@@ -43,7 +46,7 @@ async def test_stream_metrics_move_when_events_flow(env):
             await producer.stop()
 
         async def moved():
-            text = (await client.get("/metrics")).text
+            text = await scrape(app)
             produced = metric(text, "clms_events_produced_total", topic="clms.referral-events", type="referral.created")
             consumed = metric(text, "clms_events_consumed_total", topic=topics.case_events, type="case.identified",
                               outcome="applied")
@@ -55,7 +58,7 @@ async def test_stream_metrics_move_when_events_flow(env):
         assert re.search(r'clms_outbox_backlog_rows\{schema="referral"\}', after)
 
         async def lag_sampled():  # committed offsets exist once faust commits; sampled every 5 s
-            text = (await client.get("/metrics")).text
+            text = await scrape(app)
             lines = [ln for ln in text.splitlines()
                      if ln.startswith("clms_consumer_lag{") and env.group_id("referral") in ln
                      and topics.case_events in ln]

@@ -15,7 +15,7 @@ from services.referral.app import create_app
 from shared.events import ReportSource
 from shared.topics import Topics
 from tests import builders
-from tests.apps import bearer, running
+from tests.apps import scrape, bearer, running
 from tests.infra import wait_until
 from tests.integration.test_referral_worker import db_rows, referral_events
 from tests.kafka_helpers import produce, read_all
@@ -60,7 +60,8 @@ async def test_an_overdue_referral_is_escalated_once_across_restarts(env):
     clock.offset = timedelta(days=4)
 
     # 3. it starts again: the unanswered ones (pending police, acknowledged-only CSW) escalate
-    async with running(create_app(env, clock=clock)) as client:
+    app = create_app(env, clock=clock)
+    async with running(app) as client:
         await wait_until(lambda: _escalated(env, 2), timeout_s=20, what="two escalated referrals")
         await _polls()
         overdue = (await client.get("/v1/referrals", params={"overdue": "true"}, headers=coordinator)).json()
@@ -69,7 +70,7 @@ async def test_an_overdue_referral_is_escalated_once_across_restarts(env):
             assert item["escalated_to"] == "coordinator.prizren" and item["escalation_reason"] == "overdue"
         not_overdue = (await client.get("/v1/referrals", params={"overdue": "false"}, headers=coordinator)).json()
         assert [i["agency"] for i in not_overdue["items"]] == ["education"]
-        metrics = (await client.get("/metrics")).text
+        metrics = await scrape(app)
         assert 'clms_referrals_overdue_total{agency="police"} 1.0' in metrics
         assert 'clms_referrals_overdue_total{agency="csw"} 1.0' in metrics
 

@@ -13,7 +13,7 @@ from shared.events import AgencyType, ReportSource, Sector, parse_envelope
 from shared.kafka import DeadLetter
 from shared.topics import Topics
 from tests import builders
-from tests.apps import running
+from tests.apps import scrape, running
 from tests.infra import wait_until
 from tests.kafka_helpers import produce, read_all
 
@@ -70,7 +70,7 @@ async def test_case_events_open_one_referral_per_agency_once_and_poison_is_dead_
         await produce(env, topics.case_events, [(same_key, after.to_json_bytes())])
         await wait_until(lambda: _count(env, after.data.case_id), timeout_s=20,
                          what="the event after the redelivery to be routed")
-        metrics = (await client.get("/metrics")).text
+        metrics = await scrape(app)
         ready = await client.get("/readyz")
 
     created = referral_events(records, "referral.created")

@@ -1,5 +1,5 @@
 """The analytics counting rules without I/O: which counters an event moves, idempotence,
-out-of-order tolerance, the quantile sketch and small-count suppression."""
+out-of-order tolerance and the quantile sketch (disclosure control: test_analytics_disclosure.py)."""
 
 from __future__ import annotations
 
@@ -209,14 +209,6 @@ def test_log_histogram_quantiles_are_within_the_relative_error_and_merge():
     h.remove(200.0)
     assert h.count == 1 and abs(h.quantile(0.9) - 100) < 2
     assert c.LogHistogram().quantile(0.5) is None
-
-
-@pytest.mark.parametrize("n,exact,shown", [
-    (0, False, 0), (1, False, "<5"), (4, False, "<5"), (5, False, 5), (120, False, 120),
-    (1, True, 1), (4, True, 4), (0, True, 0),
-])
-def test_small_counts_are_suppressed_for_the_public_only(n, exact, shown):
-    assert c.suppress(n, exact=exact) == shown
 
 
 def test_counting_module_has_no_io_imports():

@@ -10,6 +10,7 @@ from datetime import date
 
 from services.analytics import counting as c
 from services.analytics import geo, service
+from services.analytics.disclosure import Rules
 from services.analytics.service import MonthRange, Viewer
 from shared import events as ev
 from shared.auth import Claims
@@ -34,6 +35,8 @@ def test_viewer_exactness():
     assert not Viewer(police).exact_for("prizren")
     public = _claims(sub="x", agency="ngo", roles=("public",))
     assert not Viewer(public).exact_for("prizren")
+    analyst = _claims(sub="analyst.x", agency="ngo", municipality="*", roles=("analyst",))
+    assert Viewer(analyst).exact_for(None) and Viewer(analyst).exact_for("gjilan")
 
 
 def test_month_range():
@@ -56,39 +59,54 @@ def _aggregate(n_prizren: int, n_gjilan: int) -> c.Aggregate:
     return agg
 
 
+def _snapshot(agg: c.Aggregate) -> service.Snapshot:
+    p = service.Publisher(rules=Rules(), every_s=60, lag_s=0)
+    return p.publish(service.tally(agg, MonthRange()), as_of=0.0)
+
+
 def test_rows_cover_all_38_and_hide_rates_of_hidden_counts():
-    agg = _aggregate(7, 3)
-    rows = {r["slug"]: r for r in service.municipality_rows(agg, viewer=Viewer(None), months=MonthRange())}
+    agg = _aggregate(8, 3)
+    snap = _snapshot(agg)
+    rows = {r["slug"]: r for r in service.municipality_rows(agg, viewer=Viewer(None), months=MonthRange(),
+                                                             snapshot=snap)}
     assert set(rows) == set(municipality_slugs())
-    assert rows["prizren"]["identified"] == 7 and rows["prizren"]["per_10000"] > 0
-    assert rows["gjilan"]["identified"] == "<5" and rows["gjilan"]["per_10000"] is None
+    # published: 8 rounded to 10 (the rate is of the published figure), 3 suppressed
+    assert rows["prizren"]["identified"] == 10 and rows["prizren"]["exact"] is False
+    assert rows["prizren"]["per_10000"] == round(10 * 10_000 / rows["prizren"]["population"], 3)
+    assert rows["gjilan"]["identified"] == "c" and rows["gjilan"]["per_10000"] is None
     assert rows["decan"]["identified"] == 0
-    # the gjilan coordinator sees gjilan exactly, rate included
+    # fewer than 20 children: no breakdowns, and referrals are never public
+    assert rows["prizren"]["hazardous"] is None and rows["prizren"]["open_referrals"] is None
+    # the gjilan coordinator sees gjilan exactly and live, rate included; prizren as published
     g = Viewer(_claims(sub="coordinator.gjilan", municipality="gjilan"))
-    rows = {r["slug"]: r for r in service.municipality_rows(agg, viewer=g, months=MonthRange())}
-    assert rows["gjilan"]["identified"] == 3 and rows["gjilan"]["per_10000"] > 0
+    rows = {r["slug"]: r for r in service.municipality_rows(agg, viewer=g, months=MonthRange(), snapshot=snap)}
+    assert rows["gjilan"]["identified"] == 3 and rows["gjilan"]["per_10000"] > 0 and rows["gjilan"]["exact"]
+    assert rows["prizren"]["identified"] == 10 and not rows["prizren"]["exact"]
     # months outside the range count nothing
-    rows = {r["slug"]: r for r in service.municipality_rows(agg, viewer=g, months=MonthRange("2026-06", None))}
+    rows = {r["slug"]: r for r in service.municipality_rows(agg, viewer=g, months=MonthRange("2026-06", None),
+                                                             snapshot=snap)}
     assert rows["gjilan"]["identified"] == 0
 
 
 def test_csv_exports_have_one_row_per_municipality_and_stage():
-    agg = _aggregate(7, 3)
-    text = service.municipalities_csv(service.municipality_rows(agg, viewer=Viewer(None), months=MonthRange()))
+    agg = _aggregate(8, 3)
+    snap = _snapshot(agg)
+    text = service.municipalities_csv(service.municipality_rows(agg, viewer=Viewer(None), months=MonthRange(),
+                                                                snapshot=snap))
     got = list(csv.DictReader(io.StringIO(text)))
     assert len(got) == 38 and got[0].keys() == set(service.MUNICIPALITY_COLUMNS)
-    f = service.funnel(agg, viewer=Viewer(None), municipality=None, months=MonthRange())
+    f = service.funnel(agg, viewer=Viewer(None), municipality=None, months=MonthRange(), snapshot=snap)
     got = list(csv.DictReader(io.StringIO(service.funnel_csv(f))))
     assert len(got) == 7 * 39  # national + 38 municipalities
-    assert {"municipality": "all", "stage": "identified", "count": "10"} in got
-    assert {"municipality": "gjilan", "stage": "identified", "count": "<5"} in got
+    assert {"municipality": "all", "stage": "identified", "count": "10"} in got  # 11, rounded
+    assert {"municipality": "gjilan", "stage": "identified", "count": "c"} in got
 
 
 def test_time_to_acknowledge_from_sketches():
     agg = c.Aggregate()
     for seconds in (60, 120, 180, 240, 300, 3600):
         agg.ack.setdefault(("prizren", ev.AgencyType.csw.value), c.LogHistogram()).add(seconds)
-    out = service.time_to_acknowledge(agg, viewer=Viewer(None), municipality=None)
+    out = service.time_to_acknowledge(agg, municipality=None)
     csw = next(a for a in out["agencies"] if a["agency"] == "csw")
     assert csw["acknowledged"] == 6
     assert 176 <= csw["median_seconds"] <= 244

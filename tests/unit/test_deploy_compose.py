@@ -149,7 +149,9 @@ def test_prometheus_scrapes_every_service_and_grafana_is_provisioned():
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     s = Settings(_env_file=None)
     for name in APPS:
-        assert f"{name}:{getattr(s, f'{name}_port')}" in targets
+        # the monitoring port (the API port answers 404 on /metrics)
+        assert f"{name}:{s.metrics_port_for(name)}" in targets
+        assert f"{name}:{getattr(s, f'{name}_port')}" not in targets
     import json
 
     dash = json.loads((ROOT / "deploy/grafana/dashboards/clms-overview.json").read_text())
@@ -176,5 +178,23 @@ def test_grafana_dashboard_plots_metrics_the_services_export():
     missing = sorted(n for n in names if n not in defined)
     assert not missing, f"dashboard queries metrics nobody exports: {missing}"
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for needed in ("consumed", "lag", "dead letters", "outbox", "overdue referrals by municipality"):
+    for needed in ("consumed", "lag", "dead letters", "outbox", "overdue referrals by agency"):
         assert needed in titles, needed
+    assert "municipality" not in exprs  # no metric carries a municipality label any more
+
+
+def test_no_metric_counting_children_or_referrals_has_a_municipality_label():
+    """A municipality label on a count of cases, children or referrals exports exact small counts
+    per municipality to whoever can scrape (issue 15): labels are agency, channel, topic... only."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    files = [root / "shared/metrics.py", *(root / "services").glob("*/*.py")]
+    found = []
+    for f in files:
+        text = f.read_text()
+        for m in re.finditer(r"\b(?:Gauge|Counter|Histogram|Summary)\(\s*\"([a-z_]+)\"(.*?)registry", text, re.S):
+            if "municipality" in m.group(2):
+                found.append(f"{f.name}: {m.group(1)}")
+    assert not found, found

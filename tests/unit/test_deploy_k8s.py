@@ -86,6 +86,9 @@ def test_every_deployment_has_probes_resources_and_runs_locked_down(built):
         assert c["args"] == [name]
         port = getattr(s, f"{name}_port")
         assert c["ports"][0]["containerPort"] == port
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"http": port, "metrics": s.metrics_port_for(name)}
+        assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
         assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
         for kind in ("requests", "limits"):
@@ -109,6 +112,8 @@ def test_every_service_has_a_service_and_a_pdb(built):
     for name in APPS:
         assert services[name]["spec"]["selector"] == {"app.kubernetes.io/name": name}
         assert pdbs[name]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": name}
+        # the Service fronting the API never exposes the monitoring port
+        assert [p["targetPort"] for p in services[name]["spec"]["ports"]] == ["http"]
 
 
 def test_scaled_objects_scale_on_the_consumer_group_and_never_past_the_partitions(built):
@@ -149,7 +154,11 @@ def test_network_policies_default_deny_and_open_only_what_each_service_needs(bui
             assert rule.get("to") and rule.get("ports"), f"{name}: egress rule open to everything"
         for rule in spec["ingress"]:
             assert rule.get("from"), f"{name}: ingress from anywhere"
-            assert {p["port"] for p in rule["ports"]} == {getattr(Settings(_env_file=None), f"{name}_port")}
+            s = Settings(_env_file=None)
+            source = rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            # the ingress controller reaches the API only; monitoring reaches /metrics only
+            want = s.metrics_port_for(name) if source == "monitoring" else getattr(s, f"{name}_port")
+            assert {p["port"] for p in rule["ports"]} == {want}, (name, source)
 
 
 def test_strimzi_users_match_the_compose_acls():

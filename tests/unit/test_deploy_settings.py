@@ -18,6 +18,7 @@ REAL = {
     "CHILD_REF_KEY": "a-real-child-ref-key-0123456789abcdef",
     "ENCRYPTION_MASTER_KEY": "q83vEjRWeJC6ze8SNFZ4kLrN7xI0VniQus3vEjRWeJA=",
     "WEBHOOK_SECRET": "a-real-webhook-secret-0123456789",
+    "IDEMPOTENCY_HMAC_KEY": "a-real-idempotency-hmac-key-0123456789",
 }
 
 
@@ -106,4 +107,4 @@ def test_production_accepts_real_secrets_and_compose_not_used_markers():
     # docker-compose/k8s hand services a marker instead of secrets they do not use
     Settings(_env_file=None, CLMS_ENV="production", JWT_SECRET=REAL["JWT_SECRET"],
              CHILD_REF_KEY="not-used-by-analytics", ENCRYPTION_MASTER_KEY="not-used-by-analytics",
-             WEBHOOK_SECRET="not-used-by-analytics")
+             WEBHOOK_SECRET="not-used-by-analytics", IDEMPOTENCY_HMAC_KEY="not-used-by-analytics")

@@ -23,7 +23,8 @@ def test_production_refuses_placeholder_secrets():
     with pytest.raises(ValueError, match="JWT_SECRET still holds the development placeholder"):
         settings(CLMS_ENV="production")
     ok = settings(CLMS_ENV="production", JWT_SECRET="x" * 40, CHILD_REF_KEY="y" * 40,
-                  ENCRYPTION_MASTER_KEY="QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=", WEBHOOK_SECRET="z" * 40)
+                  ENCRYPTION_MASTER_KEY="QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=", WEBHOOK_SECRET="z" * 40,
+                  IDEMPOTENCY_HMAC_KEY="w" * 40)
     assert ok.environment == "production"
 
 

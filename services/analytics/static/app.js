@@ -4,7 +4,8 @@
 "use strict";
 
 const params = new URLSearchParams(location.search);
-const token = params.get("token"); // optional: a coordinator's JWT shows exact figures
+const token = params.get("token"); // optional: a coordinator's or analyst's JWT shows exact figures
+const SUPPRESSED = "c"; // published view: 1-5, or hidden so that such a count cannot be worked out
 const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?") + "access_token=" + encodeURIComponent(token) : url);
 
 const STAGES = [
@@ -25,7 +26,7 @@ let last = null;
 
 function colourFor(m) {
   if (m.identified === 0) return ZERO;
-  if (m.identified === "<5") return HIDDEN;
+  if (m.identified === SUPPRESSED) return HIDDEN;
   if (m.per_10000 === null || m.per_10000 === undefined) return NODATA;
   for (const [limit, colour] of BREAKS) if (m.per_10000 < limit) return colour;
   return BREAKS[BREAKS.length - 1][1];
@@ -39,7 +40,7 @@ function fmt(v) {
 
 function legend() {
   const el = document.getElementById("legend");
-  const items = [[ZERO, "none"], [HIDDEN, "1\u20134 (<5)"]];
+  const items = [[ZERO, "none"], [HIDDEN, "suppressed (c)"]];
   let lo = 0;
   for (const [limit, colour] of BREAKS) {
     items.push([colour, limit === Infinity ? "\u2265 " + lo : lo + "\u2013" + limit]);
@@ -107,7 +108,7 @@ function renderFunnel(stages) {
   }
   for (const row of el.children) {
     const v = byStage[row.dataset.stage];
-    const n = typeof v === "number" ? v : 2.5; // "<5": a short bar, the label says why
+    const n = typeof v === "number" ? v : 2.5; // "c": a short bar, the label says why
     row.querySelector(".fill").style.width = Math.min(100, (100 * n) / top) + "%";
     row.querySelector(".value").textContent = fmt(v);
   }
@@ -149,6 +150,8 @@ function render(data) {
   }
   renderFunnel(data.funnel);
   renderTable(data.municipalities);
+  const asOf = document.getElementById("as-of");
+  if (asOf) asOf.textContent = data.as_of ? "Published figures as of " + data.as_of.replace("T", " ").replace("+00:00", " UTC") + "." : "";
   document.body.dataset.updated = String(Date.now());
 }
 
