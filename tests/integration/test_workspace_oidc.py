@@ -102,7 +102,7 @@ def provider():
 def workspace(provider: Provider) -> TestClient:
     settings = Settings(
         _env_file=None, CLMS_ENV="production", JWT_SECRET="s" * 40, CHILD_REF_KEY="c" * 40,
-        ENCRYPTION_MASTER_KEY="cHJvZC1rZXktcHJvZC1rZXktcHJvZC1rZXktMzJieQ==", WEBHOOK_SECRET="w" * 40,
+        ENCRYPTION_MASTER_KEY="cHJvZC1rZXktcHJvZC1rZXktcHJvZC1rZXktMzJieQ==", WEBHOOK_SECRET="w" * 40, IDEMPOTENCY_HMAC_KEY="i" * 40,
         WORKSPACE_URL=WORKSPACE, OIDC_ISSUER=provider.url, OIDC_CLIENT_ID=CLIENT_ID,
         OIDC_JWKS_URL=f"{provider.url}/jwks", JWT_ISSUER=provider.url, JWT_AUDIENCE="clms",
     )
