@@ -23,7 +23,7 @@ import uuid
 import asyncpg
 
 from bench.intake import intake_bodies, post
-from bench.stack import peak_rss_mb
+from bench.stack import is_broker_process, peak_rss_mb
 from shared.auth import mint_token
 
 
@@ -187,7 +187,7 @@ async def _phase(system, database_url: str, token: str, *, rate: float, seconds:
     pids = {c.name: c.proc.pid for c in system.sup.children}
     cpu0 = {n: _cpu(p) for n, p in pids.items()}
     pg0 = cpu_seconds(lambda cmd: cmd.startswith("postgres"))
-    tansu0 = cpu_seconds(lambda cmd: "tansu" in cmd)
+    broker0 = cpu_seconds(is_broker_process)
     load = await steady_load(system.settings.intake_port, token, rate=rate, seconds=seconds)
     log(f"e2e: {len(load['answered'])} of {load['sent']} identifications accepted at "
         f"{load['achieved_rate']:.0f}/s; waiting for their alerts")
@@ -195,7 +195,7 @@ async def _phase(system, database_url: str, token: str, *, rate: float, seconds:
     n = max(1, len(load["answered"]))
     cpu = {name: round((_cpu(pid) - cpu0[name]) * 1000 / n, 2) for name, pid in pids.items()}
     cpu["postgres (all)"] = round((cpu_seconds(lambda cmd: cmd.startswith("postgres")) - pg0) * 1000 / n, 2)
-    cpu["tansu (all)"] = round((cpu_seconds(lambda cmd: "tansu" in cmd) - tansu0) * 1000 / n, 2)
+    cpu["broker (all)"] = round((cpu_seconds(is_broker_process) - broker0) * 1000 / n, 2)
     hops = await hop_breakdown(database_url, load["answered"])
     ms, post = alerts["ms"], load["post_ms"]
     r = {"rate": rate, "seconds": seconds, "achieved_rate": load["achieved_rate"], "sent": load["sent"],
@@ -221,11 +221,11 @@ async def idle_cpu(system, *, seconds: float) -> dict[str, float]:  # noqa: ANN0
     pids = {c.name: c.proc.pid for c in system.sup.children}
     cpu0 = {n: _cpu(p) for n, p in pids.items()}
     pg0 = cpu_seconds(lambda cmd: cmd.startswith("postgres"))
-    tansu0 = cpu_seconds(lambda cmd: "tansu" in cmd)
+    broker0 = cpu_seconds(is_broker_process)
     await asyncio.sleep(seconds)
     out = {name: round((_cpu(pid) - cpu0[name]) / seconds, 3) for name, pid in pids.items()}
     out["postgres (all)"] = round((cpu_seconds(lambda cmd: cmd.startswith("postgres")) - pg0) / seconds, 3)
-    out["tansu (all)"] = round((cpu_seconds(lambda cmd: "tansu" in cmd) - tansu0) / seconds, 3)
+    out["broker (all)"] = round((cpu_seconds(is_broker_process) - broker0) / seconds, 3)
     return out
 
 
