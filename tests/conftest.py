@@ -11,14 +11,23 @@ from shared.kafka import ensure_topics
 from tests.infra import Infra, create_database, drop_database, start_infra
 
 
+INFRA_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in INFRA_LINES:
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def infra(request):
     infra: Infra = start_infra()
     line = f"[infra] {infra.kind}: broker {infra.describe()} at {infra.bootstrap}, postgres={infra.admin_db_url}"
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:  # shown in the run's log even with -q and output capture
-        reporter.write_line("")
-        reporter.write_line(line)
+    INFRA_LINES.append(line)  # repeated in the run's closing summary
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is not None:  # shown in the run's log even with -q and output capture
+        with capture.global_and_fixture_disabled():
+            print("\n" + line, flush=True)
     else:
         print(line, flush=True)
     yield infra

@@ -45,6 +45,7 @@ class Infra:
     kind: str  # "environment", "testcontainers" or "embedded"
     broker_kind: str = "kafka"  # "kafka" (Apache Kafka) or "tansu"
     broker_version: str = ""
+    broker_why: str = ""
     embedded_broker: EmbeddedBroker | EmbeddedKafka | None = None
     embedded_postgres: EmbeddedPostgres | None = None
     _cleanup: list[Any] = field(default_factory=list)
@@ -55,7 +56,8 @@ class Infra:
 
     def describe(self) -> str:
         broker = "Tansu" if self.is_tansu else "Apache Kafka"
-        return f"{broker} {self.broker_version}".strip()
+        why = f" ({self.broker_why})" if self.broker_why else ""
+        return f"{broker} {self.broker_version}".strip() + why
 
     def close(self) -> None:
         for c in reversed(self._cleanup):
@@ -111,6 +113,7 @@ def start_infra() -> Infra:
             broker = EmbeddedBroker(free_port(), tmp / "tansu.log").start()
             infra.broker_version = "0.6.0"
         infra.broker_kind = kind
+        infra.broker_why = why
         infra.embedded_broker = broker
         infra.bootstrap = broker.bootstrap
         infra._cleanup.append(broker.stop)
