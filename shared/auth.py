@@ -224,6 +224,9 @@ class Verifier:
                 audience=self.audience, issuer=self.settings.jwt_issuer,
                 options={"require": ["sub", "exp", "iat", "aud"]},
             )
+        except jwt.InvalidAudienceError:
+            raise TokenError(f"invalid token: its audience (aud) is not this service's ({self.audience}); "
+                             "ask the issuer for a token for this service") from None
         except jwt.PyJWTError as exc:
             raise TokenError(f"invalid token: {exc}") from None
         lifetime = float(payload["exp"]) - float(payload["iat"])

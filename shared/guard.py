@@ -223,7 +223,7 @@ class GuardMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, _too_large_text(limit))
+                    raise HTTPException(413, _too_large_text(limit))
             return message
 
         await self.app(scope, bounded_receive, send)
