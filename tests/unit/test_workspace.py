@@ -201,7 +201,8 @@ def test_the_token_stays_on_the_server():
 
 def test_production_cookie_is_secure_and_the_development_sign_in_is_off():
     prod = settings(CLMS_ENV="production", JWT_SECRET="x" * 40, CHILD_REF_KEY="y" * 40,
-                    ENCRYPTION_MASTER_KEY="cHJvZC1rZXktcHJvZC1rZXktcHJvZC1rZXktMzJieQ==", WEBHOOK_SECRET="z" * 40)
+                    ENCRYPTION_MASTER_KEY="cHJvZC1rZXktcHJvZC1rZXktcHJvZC1rZXktMzJieQ==", WEBHOOK_SECRET="z" * 40,
+                    IDEMPOTENCY_HMAC_KEY="i" * 40)
     with TestClient(create_app(prod), base_url="https://testserver") as client:
         page = client.get("/signin", headers={"accept-language": "en"})
         assert "Secure" in page.headers["set-cookie"]
