@@ -8,7 +8,7 @@
   Content-Length says so, and as soon as a chunked body passes the limit otherwise.
 - Authentication before the body: on a service whose writes all need a bearer token, a write
   (POST/PUT/PATCH/DELETE) without a valid token is answered 401 before a byte of the body is read.
-- Rate limits (the `limits` library, moving window, in memory: every replica counts on its own,
+- Rate limits (the `limits` library, sliding window counter, in memory: every replica counts on its own,
   so N replicas allow up to N times the figure): failed logins per client address
   (AUTH_FAILURE_RATE_LIMIT), writes per principal and per address (WRITE_RATE_LIMIT_*); over a
   limit: 429 with Retry-After.
@@ -31,7 +31,7 @@ from fastapi import FastAPI, HTTPException, Request, status
 from limits import parse as parse_limit
 from pydantic import BaseModel, Field
 from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
+from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -65,7 +65,7 @@ class Guard:
         self.service = service
         self.bearer_writes = bearer_writes
         self.production = settings.environment is Environment.production
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())  # O(1) per hit
         self._auth_failures = parse_limit(settings.auth_failure_rate_limit)
         self._writes_principal = parse_limit(settings.write_rate_limit_principal)
         self._writes_address = parse_limit(settings.write_rate_limit_address)

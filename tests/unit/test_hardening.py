@@ -348,3 +348,15 @@ def test_claims_model_is_unchanged_by_verification():
     s = settings()
     assert Verifier(s, service="intake").verify(mint_token(s, **PERSON)) == Claims(
         sub="police.prizren.duty", agency="police", municipality="prizren", roles=("reporter",))
+
+
+async def test_bad_tokens_on_reads_count_as_failed_sign_ins_too():
+    s = settings()
+    async with client(service_app("analytics", s)) as http:
+        codes = [(await http.get("/v1/counts/municipalities", headers={"Authorization": f"Bearer bad{n}"})).status_code
+                 for n in range(30)]
+        assert codes[0] == 401 and codes[-1] == 429, codes
+        # the address is slowed down, whatever token it sends now
+        good = mint_token(s, **{**PERSON, "agency": "coordinator", "roles": ["coordinator"]})
+        r = await http.get("/v1/counts/municipalities", headers={"Authorization": f"Bearer {good}"})
+        assert r.status_code == 429 and r.headers["Retry-After"]
