@@ -199,7 +199,9 @@ async def run(stack, *, duration: float = DURATION, warmup: float = WARMUP, roun
         env = {**os.environ, "DATABASE_URL": intake_db, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
                "INTAKE_PORT": str(intake_port), "CLMS_TOPIC_PREFIX": f"bench{tag}.", "LOG_LEVEL": "WARNING",
                "KAFKA_FETCH_MAX_WAIT_MS": stack.fetch_wait_ms,
-               "DB_POOL_MIN": "4", "DB_POOL_MAX": "16", "CLMS_ENV": "test"}
+               "DB_POOL_MIN": "4", "DB_POOL_MAX": "16", "CLMS_ENV": "test",
+               # one principal from one address measures throughput, not the rate limits
+               "WRITE_RATE_LIMIT_PRINCIPAL": "100000/second", "WRITE_RATE_LIMIT_ADDRESS": "100000/second"}
         settings = Settings(_env_file=None, **{k: v for k, v in env.items() if k.isupper()})  # type: ignore[arg-type]
         await ensure_topics(settings)
         procs.append(subprocess.Popen([sys.executable, *(os.environ.get("INTAKE_CMD", "-m services.intake").split())], cwd=ROOT, env=env,

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.settings import Settings
+from shared.settings import Environment, Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console()
@@ -82,10 +82,14 @@ def token(
 
     from shared.auth import mint_token
 
+    settings = Settings()
+    if settings.environment is Environment.production:
+        fail("`clms token` refuses to run with CLMS_ENV=production: production tokens come from the OIDC "
+             "issuer (OIDC_JWKS_URL); mint development tokens only in development or tests")
     if agency == "coordinator" and sub is None:
         sub = f"coordinator.{municipality}"
     try:
-        typer.echo(mint_token(Settings(), sub=sub or f"{agency}.{municipality}.duty", agency=agency,
+        typer.echo(mint_token(settings, sub=sub or f"{agency}.{municipality}.duty", agency=agency,
                               municipality=municipality, roles=role, ttl_s=ttl))
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -124,3 +124,13 @@ async def migrate_url(url: str, *, schema: str, folder: Path) -> list[str]:
         return await migrate(conn, schema=schema, folder=folder)
     finally:
         await conn.close()
+
+
+async def migrate_service(settings: Settings, pool: asyncpg.Pool, *, schema: str, folder: Path) -> list[str]:
+    """Apply a service's migrations at start: as the schema owner (DATABASE_MIGRATION_URL) when it
+    is set, so the runtime role of DATABASE_URL never needs to create, alter or drop anything;
+    else on the service's own pool (development: one role does both)."""
+    if settings.database_migration_url:
+        return await migrate_url(settings.database_migration_url, schema=schema, folder=folder)
+    async with pool.acquire() as conn:
+        return await migrate(conn, schema=schema, folder=folder)

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     # --- infrastructure -------------------------------------------------------------------
     kafka_bootstrap_servers: str | None = Field(None, alias="KAFKA_BOOTSTRAP_SERVERS")
     database_url: str | None = Field(None, alias="DATABASE_URL")
+    # The schema owner's connection, used only to apply migrations (deploy/postgres/roles.sql:
+    # `intake` owns the schema, `intake_app` is the runtime role of DATABASE_URL); unset: DATABASE_URL.
+    database_migration_url: str | None = Field(None, alias="DATABASE_MIGRATION_URL")
     # Which broker answers: "kafka" (Apache Kafka, production) or "tansu" (the Java-less
     # development fallback). Every Tansu workaround keys off this, in shared/tansu.py.
     kafka_broker_kind: Literal["kafka", "tansu"] = Field("kafka", alias="CLMS_BROKER_KIND")
@@ -107,6 +110,34 @@ class Settings(BaseSettings):
     jwt_issuer: str = Field("clms-dev", alias="JWT_ISSUER")
     jwt_audience: str = Field("clms", alias="JWT_AUDIENCE")
     oidc_jwks_url: str | None = Field(None, alias="OIDC_JWKS_URL")
+    # The `aud` each service requires; unset: "<JWT_AUDIENCE>-<service>" (clms-intake, ...).
+    # Development tokens (`clms token`) carry all four; an OIDC issuer must put the audiences of
+    # the services a client calls into its access tokens (the workspace calls all four).
+    intake_jwt_audience: str | None = Field(None, alias="INTAKE_JWT_AUDIENCE")
+    referral_jwt_audience: str | None = Field(None, alias="REFERRAL_JWT_AUDIENCE")
+    notifications_jwt_audience: str | None = Field(None, alias="NOTIFICATIONS_JWT_AUDIENCE")
+    analytics_jwt_audience: str | None = Field(None, alias="ANALYTICS_JWT_AUDIENCE")
+    # A token whose exp - iat is longer than this is refused (and one without iat).
+    max_token_lifetime_s: int = Field(12 * 3600, alias="MAX_TOKEN_LIFETIME_S", ge=60)
+    # The issuer's keys are fetched in the background every JWKS_REFRESH_S; a token naming an
+    # unknown `kid` triggers at most one extra fetch per JWKS_MIN_REFRESH_S.
+    jwks_refresh_s: float = Field(300.0, alias="JWKS_REFRESH_S", gt=0)
+    jwks_min_refresh_s: float = Field(30.0, alias="JWKS_MIN_REFRESH_S", ge=0)
+    # Verified tokens are remembered (by hash) until they expire, at most this many.
+    token_cache_size: int = Field(10_000, alias="TOKEN_CACHE_SIZE", ge=0)
+    # --- request guards (shared.guard) -------------------------------------------------------------
+    # Bodies over these sizes are refused with 413 before they are read.
+    identification_body_limit: int = Field(64 * 1024, alias="IDENTIFICATION_BODY_LIMIT", ge=1024)
+    body_limit: int = Field(32 * 1024, alias="BODY_LIMIT", ge=1024)
+    # Rate limits (the `limits` library's notation, e.g. "20/minute"; in memory: each replica
+    # counts on its own). Failed logins per client address; writes per principal and per address.
+    auth_failure_rate_limit: str = Field("20/minute", alias="AUTH_FAILURE_RATE_LIMIT")
+    write_rate_limit_principal: str = Field("600/minute", alias="WRITE_RATE_LIMIT_PRINCIPAL")
+    write_rate_limit_address: str = Field("3000/minute", alias="WRITE_RATE_LIMIT_ADDRESS")
+    # Live streams (SSE): open connections per user and per service process, and how long a
+    # stream ticket (POST .../ticket) may wait before it is used (once).
+    sse_max_per_user: int = Field(5, alias="SSE_MAX_PER_USER", ge=1)
+    stream_ticket_ttl_s: float = Field(30.0, alias="STREAM_TICKET_TTL_S", gt=0, le=300)
     # Workspace sign-in (OpenID Connect authorization code + PKCE); on when issuer and client id are set.
     oidc_issuer: str | None = Field(None, alias="OIDC_ISSUER")
     oidc_client_id: str | None = Field(None, alias="OIDC_CLIENT_ID")
@@ -269,6 +300,15 @@ class Settings(BaseSettings):
 
     def group_id(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
+
+    def jwt_audience_for(self, service: str) -> str:
+        """The `aud` the service `service` requires of a token."""
+        return getattr(self, f"{service}_jwt_audience", None) or f"{self.jwt_audience}-{service}"
+
+    @property
+    def jwt_audiences(self) -> list[str]:
+        """The audiences of the four APIs (development tokens carry them all)."""
+        return [self.jwt_audience_for(s) for s in ("intake", "referral", "notifications", "analytics")]
 
     @property
     def workspace_url(self) -> str:

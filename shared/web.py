@@ -8,6 +8,7 @@ is 404, so API clients never see exact operational counts.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.logs import bound, new_correlation_id
 from shared.metrics import STREAMS, Sampler
+
+log = logging.getLogger("clms.web")
 
 MONITORING = "clms.monitoring"  # ASGI scope key set only by monitoring_app (a client cannot set it)
 
@@ -42,7 +45,9 @@ def ops_router(*, registry: CollectorRegistry, checks: dict[str, ReadinessCheck]
             try:
                 why = await check()
             except Exception as exc:  # noqa: BLE001 - a failing check means not ready
-                why = f"{type(exc).__name__}: {exc}"
+                # a reason word only: exception texts can carry hosts, users and paths
+                log.warning("readiness check %s failed: %s", name, type(exc).__name__)
+                why = "unavailable"
             if why:
                 problems[name] = why
         if problems:

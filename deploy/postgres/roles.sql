@@ -1,6 +1,11 @@
--- One login role per service; each owns exactly one schema and can reach nothing else.
+-- Two login roles per service, and neither reaches another service's schema:
+--   <service>      owns the schema and runs the migrations (DATABASE_MIGRATION_URL);
+--   <service>_app  the runtime role of DATABASE_URL: reads and writes the tables, creates and
+--                  drops nothing, and may only INSERT into intake.audit (it cannot update,
+--                  delete or truncate audit rows, nor drop the trigger that forbids it).
 -- Run once as the database owner (docker-compose: deploy/postgres/initdb/10-roles.sh; managed
--- PostgreSQL: `psql -v intake_password=... -v referral_password=... -v notifications_password=...
+-- PostgreSQL: `psql -v intake_password=... -v intake_app_password=... -v referral_password=...
+--   -v referral_app_password=... -v notifications_password=... -v notifications_app_password=...
 --   -v db=clms -f deploy/postgres/roles.sql`). Idempotent: re-running rotates the passwords.
 -- analytics keeps its state in faust tables (Kafka changelogs) and has no database role.
 \set ON_ERROR_STOP on
@@ -9,7 +14,8 @@
 REVOKE CREATE ON DATABASE :"db" FROM PUBLIC;
 REVOKE ALL ON SCHEMA public FROM PUBLIC;
 
-SELECT format('CREATE ROLE %I LOGIN', r) FROM unnest(ARRAY['intake', 'referral', 'notifications']) AS r
+SELECT format('CREATE ROLE %I LOGIN', r)
+  FROM unnest(ARRAY['intake', 'referral', 'notifications', 'intake_app', 'referral_app', 'notifications_app']) AS r
  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r)
 \gexec
 
@@ -19,8 +25,15 @@ ALTER ROLE referral      WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLIC
   CONNECTION LIMIT 50 PASSWORD :'referral_password';
 ALTER ROLE notifications WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
   CONNECTION LIMIT 50 PASSWORD :'notifications_password';
+ALTER ROLE intake_app        WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+  CONNECTION LIMIT 100 PASSWORD :'intake_app_password';
+ALTER ROLE referral_app      WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+  CONNECTION LIMIT 100 PASSWORD :'referral_app_password';
+ALTER ROLE notifications_app WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+  CONNECTION LIMIT 100 PASSWORD :'notifications_app_password';
 
-GRANT CONNECT, TEMPORARY ON DATABASE :"db" TO intake, referral, notifications;
+GRANT CONNECT, TEMPORARY ON DATABASE :"db" TO intake, referral, notifications,
+  intake_app, referral_app, notifications_app;
 -- No CREATE on the database: the schemas are created here, owned by their service, and
 -- shared.db.migrate only creates a schema when pg_namespace does not have it yet.
 REVOKE CREATE ON DATABASE :"db" FROM PUBLIC;
@@ -37,3 +50,32 @@ REVOKE ALL ON SCHEMA intake, referral, notifications FROM PUBLIC;
 ALTER ROLE intake        SET search_path = intake;
 ALTER ROLE referral      SET search_path = referral;
 ALTER ROLE notifications SET search_path = notifications;
+ALTER ROLE intake_app        SET search_path = intake;
+ALTER ROLE referral_app      SET search_path = referral;
+ALTER ROLE notifications_app SET search_path = notifications;
+
+-- The runtime roles: data rights on what the owner creates, no right to create, alter or drop.
+GRANT USAGE ON SCHEMA intake TO intake_app;
+GRANT USAGE ON SCHEMA referral TO referral_app;
+GRANT USAGE ON SCHEMA notifications TO notifications_app;
+ALTER DEFAULT PRIVILEGES FOR ROLE intake IN SCHEMA intake
+  GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO intake_app;
+ALTER DEFAULT PRIVILEGES FOR ROLE intake IN SCHEMA intake GRANT USAGE, SELECT ON SEQUENCES TO intake_app;
+ALTER DEFAULT PRIVILEGES FOR ROLE referral IN SCHEMA referral
+  GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO referral_app;
+ALTER DEFAULT PRIVILEGES FOR ROLE referral IN SCHEMA referral GRANT USAGE, SELECT ON SEQUENCES TO referral_app;
+ALTER DEFAULT PRIVILEGES FOR ROLE notifications IN SCHEMA notifications
+  GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO notifications_app;
+ALTER DEFAULT PRIVILEGES FOR ROLE notifications IN SCHEMA notifications
+  GRANT USAGE, SELECT ON SEQUENCES TO notifications_app;
+-- Tables migrated before this file ran (an upgrade): the same rights, then the audit trail
+-- back to INSERT only (intake migration 003 does the same for a new database).
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA intake TO intake_app;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA intake TO intake_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA referral TO referral_app;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA referral TO referral_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA notifications TO notifications_app;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA notifications TO notifications_app;
+SELECT 'REVOKE ALL ON intake.audit FROM intake_app; GRANT INSERT ON intake.audit TO intake_app'
+ WHERE to_regclass('intake.audit') IS NOT NULL
+\gexec

@@ -24,10 +24,10 @@ from services.analytics.service import Live, NotPublishedYet, Publisher
 from services.analytics.views import STATIC_DIR, router
 from services.analytics.rebuild import declare_changelog
 from services.analytics.worker import Worker, build_worker
-from shared.auth import Verifier
 from shared.settings import Settings
 from shared.kafka import broker_ready
 from shared.metrics import lag_sampler
+from shared.guard import harden
 from shared.web import install_error_handlers, ops_router
 
 log = logging.getLogger("clms.analytics")
@@ -85,12 +85,12 @@ def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.verifier = Verifier(settings)
     app.state.aggregate = aggregate
     app.state.publisher = publisher
     app.state.stream_coalesce_s = stream_coalesce_s
     app.state.registry = registry
     install_error_handlers(app)
+    harden(app, settings, service="analytics")
 
     @app.exception_handler(NotPublishedYet)
     async def _not_published(request: Request, exc: NotPublishedYet) -> JSONResponse:

@@ -9,6 +9,7 @@ published view would let anyone difference two ranges)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,7 +24,11 @@ from services.analytics.counting import Aggregate
 from services.analytics.disclosure import SUPPRESSED
 from services.analytics.models import Funnel, MunicipalityDetail, MunicipalityList, TimeToAcknowledge
 from services.analytics.service import Live, MonthRange, Publisher, Snapshot, Viewer
-from shared.auth import OptionalClaims, TokenError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.background import BackgroundTask
+
+from shared.auth import CurrentClaims, OptionalClaims, TokenError, Verified, authenticate
+from shared.guard import StreamTicket, guard_of
 from shared.reference import municipality_slugs
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -63,15 +68,7 @@ def _range_check(viewer: Viewer, months: MonthRange, municipality: str | None) -
         _exact_only(viewer, municipality, "a month range (from/to)")
 
 
-def _viewer(request: Request, claims: OptionalClaims,
-            access_token: Annotated[str | None, Query(
-                description="Token for clients that cannot send headers (EventSource); "
-                            "same JWT as the Authorization header")] = None) -> Viewer:
-    if claims is None and access_token:
-        try:
-            claims = request.app.state.verifier.verify(access_token)
-        except TokenError as exc:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc)) from None
+def _viewer(request: Request, claims: OptionalClaims) -> Viewer:
     return Viewer(claims)
 
 
@@ -199,30 +196,74 @@ async def export_funnel(agg: Agg, snap: Snap, viewer: ViewerDep, months: Months,
 # --- live stream ---------------------------------------------------------------------------------
 
 
+STREAM = "/v1/stream"
+
+
+@router.post("/v1/stream/ticket", response_model=StreamTicket,
+             summary="A one-time ticket (30 s) to open the live stream with the caller's exact figures")
+async def stream_ticket(request: Request, claims: CurrentClaims) -> dict:
+    """EventSource cannot send an Authorization header and a token never goes into a URL: POST
+    here with the bearer token, then open `GET /v1/stream?ticket=<ticket>` within the ticket's
+    lifetime. The ticket works once, for this stream and this user only."""
+    verified = Verified(claims=claims, exp=request.state.token_exp, iat=0)
+    ticket, ttl = guard_of(request).tickets.issue(verified, stream=STREAM)
+    return {"ticket": ticket, "expires_in": round(ttl, 1), "url": f"{STREAM}?ticket={ticket}"}
+
+
+async def _stream_viewer(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))],
+    ticket: Annotated[str | None, Query(description="One-time ticket from POST /v1/stream/ticket (for "
+                                                    "EventSource, which cannot send headers); omit for the public view")] = None,
+) -> Verified | None:
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        return await authenticate(request, credentials.credentials)
+    if ticket:
+        try:
+            return guard_of(request).tickets.redeem(ticket, stream=STREAM)
+        except TokenError as exc:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc)) from None
+    return None
+
+
 @router.get("/v1/stream", summary="Server-sent events: `counts` with every municipality row and the "
                                   "national funnel: for the public, the published snapshot whenever a "
                                   "new one is published; live within a coordinator's or analyst's scope")
-async def stream(request: Request, agg: Agg, viewer: ViewerDep) -> EventSourceResponse:
+async def stream(request: Request, agg: Agg,
+                 caller: Annotated[Verified | None, Depends(_stream_viewer)]) -> EventSourceResponse:
+    """A signed-in stream ends with an `expired` event when the token expires; at most
+    SSE_MAX_PER_USER signed-in streams per user (429 beyond)."""
+    viewer = Viewer(caller.claims if caller else None)
     publisher: Publisher = request.app.state.publisher
     # the public stream wakes only on a publication, never on an event
     live: Live = publisher.live if viewer.is_public else request.app.state.live
     coalesce_s: float = request.app.state.stream_coalesce_s
+    release = guard_of(request).open_stream(caller.claims.sub) if caller else (lambda: None)
+    expires = caller.exp if caller else float("inf")
 
     async def events():
-        last: bytes | None = None
-        while True:
-            token = live.token()
-            if publisher.snapshot is None:  # starting: nothing published yet
-                await Live.wait(publisher.live.token(), 1.0)
-                continue
-            payload = orjson.dumps(service.summary(agg, viewer=viewer, snapshot=publisher.snapshot))
-            if payload != last:
-                last = payload
-                yield {"event": "counts", "data": payload.decode()}
-            if await Live.wait(token, 15.0):
-                await asyncio.sleep(coalesce_s)  # fold a burst of events into one push
+        try:
+            last: bytes | None = None
+            while True:
+                left = expires - time.time()
+                if left <= 0:
+                    yield {"event": "expired", "data": orjson.dumps(
+                        {"detail": "your token has expired; open the stream again with a new ticket"}).decode()}
+                    return
+                token = live.token()
+                if publisher.snapshot is None:  # starting: nothing published yet
+                    await Live.wait(publisher.live.token(), min(1.0, left))
+                    continue
+                payload = orjson.dumps(service.summary(agg, viewer=viewer, snapshot=publisher.snapshot))
+                if payload != last:
+                    last = payload
+                    yield {"event": "counts", "data": payload.decode()}
+                if await Live.wait(token, min(15.0, max(0.0, expires - time.time()))):
+                    await asyncio.sleep(coalesce_s)  # fold a burst of events into one push
+        finally:
+            release()
 
-    return EventSourceResponse(events(), ping=15)
+    return EventSourceResponse(events(), ping=15, background=BackgroundTask(release))
 
 
 # --- dashboard -----------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from shared.auth import Verifier
-from shared.db import create_pool, migrate
+from shared.db import create_pool, migrate_service
 from shared.kafka import make_producer
 from shared.outbox import OutboxRelay, backlog, run_retention
 from shared.settings import Settings
 from shared.topics import Topics
 from shared.metrics import lag_sampler, outbox_sampler
+from shared.guard import harden
 from shared.web import install_error_handlers, ops_router
 from services.intake import service
 from services.intake.crypto import DecryptionError
@@ -130,8 +130,7 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await create_pool(settings)
-        async with pool.acquire() as conn:
-            await migrate(conn, schema=service.SCHEMA, folder=MIGRATIONS)
+        await migrate_service(settings, pool, schema=service.SCHEMA, folder=MIGRATIONS)
         relay_box: dict = {}
 
         last_wake = [0.0]
@@ -150,7 +149,6 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
         consumer = IntakeConsumer(intake=intake, settings=settings, metrics=metrics)
         app.state.intake = intake
         app.state.metrics = metrics
-        app.state.verifier = Verifier(settings)
         tasks = []
         if run_relay:
             tasks.append(asyncio.create_task(_run_relay(settings, pool, metrics, relay_box), name="intake-relay"))
@@ -173,6 +171,7 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    harden(app, settings, service="intake")
 
     @app.exception_handler(service.IntakeError)
     async def _intake_error(request: Request, exc: service.IntakeError) -> JSONResponse:

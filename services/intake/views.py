@@ -44,7 +44,7 @@ async def claims_of(
 ) -> Claims:
     """shared.auth.current_claims, awaited in the event loop: as a sync dependency FastAPI would
     hop to a worker thread on every request (measurable at hundreds of requests per second)."""
-    return current_claims(request, credentials)
+    return await current_claims(request, credentials)
 
 
 CurrentClaims = Annotated[Claims, Depends(claims_of)]

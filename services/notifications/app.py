@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from services.notifications import service, views
 from services.notifications.channels import EmailSender, SmsWebhookSender
 from services.notifications.worker import register
-from shared.db import create_pool, migrate
+from shared.db import create_pool, migrate_service
 from shared.events import Envelope
 from shared.kafka import make_producer
 from shared.outbox import OutboxRelay, run_retention
@@ -27,6 +27,7 @@ from shared.streams import make_faust_app
 from shared.topics import Topics
 from shared.kafka import broker_ready
 from shared.metrics import lag_sampler, outbox_sampler
+from shared.guard import harden
 from shared.web import install_error_handlers, ops_router
 
 log = logging.getLogger("clms.notifications")
@@ -59,9 +60,9 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         st.pool = await service_pool(settings)
+        await migrate_service(settings, st.pool, schema=service.SCHEMA, folder=service.MIGRATIONS)
         async with st.pool.acquire() as conn:
-            await migrate(conn, schema=service.SCHEMA, folder=service.MIGRATIONS)
-            await service.seed_if_empty(conn)
+            await service.seed_development_roster(conn, settings=settings)
         producer = make_producer(settings)
         await producer.start()
         st.producer = producer
@@ -129,11 +130,9 @@ def create_app(settings: Settings) -> FastAPI:
         description="Alerts officers about referrals (e-mail, SMS webhook, in-app inbox with SSE).",
         lifespan=lifespan,
     )
-    from shared.auth import Verifier
-
-    app.state.verifier = Verifier(settings)
     app.state.notifications = st
     install_error_handlers(app)
+    harden(app, settings, service="notifications")
     app.include_router(ops_router(
         registry=registry,
         checks={"database": check_db, "broker": lambda: broker_ready(getattr(st, "producer", None)),

@@ -36,7 +36,7 @@ from shared.events import (
     NotificationSent,
 )
 from shared.kafka import DeadLetter, dead_letter
-from shared.settings import Settings
+from shared.settings import Environment, Settings
 from shared.wakeup import Wakeup
 from shared.topics import Topic, Topics
 
@@ -82,6 +82,16 @@ async def seed_if_empty(conn: asyncpg.Connection, *, seed_file: Path = SEED_FILE
     await upsert_officers(conn, officers)
     log.info("seeded the officer directory with %d officers from %s", len(officers), seed_file.name)
     return len(officers)
+
+
+async def seed_development_roster(conn: asyncpg.Connection, *, settings: Settings) -> int:
+    """The development seed (every office's duty officer and supervisor, every coordinator), never
+    with CLMS_ENV=production: there the roster comes from `clms officers import`."""
+    if settings.environment is Environment.production:
+        log.info("CLMS_ENV=production: the development officer roster is not seeded; import the real "
+                 "roster with `clms officers import`")
+        return 0
+    return await seed_if_empty(conn)
 
 
 async def import_roster(settings: Settings, officers: list[Officer]) -> dict[str, int]:

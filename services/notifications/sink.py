@@ -4,8 +4,9 @@
 
 - SMTP (aiosmtpd) on CLMS_SMTP_SINK_PORT keeps every mail it receives (in memory, last 1000);
 - HTTP on CLMS_SMTP_SINK_HTTP_PORT: `GET /` (HTML list), `GET /messages` (JSON),
-  `POST /sms` (an SMS-gateway stand-in: verifies the X-CLMS-Signature HMAC, 401 if it does not
-  verify), `GET /sms` (JSON list of the verified SMS).
+  `POST /sms` (an SMS-gateway stand-in: verifies the X-CLMS-Signature HMAC over the webhook id,
+  timestamp and body, 401 if it does not verify or the timestamp is outside the window, 409 for
+  an id it already accepted within the window), `GET /sms` (JSON list of the verified SMS).
 
 Stops cleanly on SIGTERM or SIGINT. Development only: it keeps officers' work addresses in memory.
 """
@@ -25,7 +26,7 @@ from typing import Any
 import orjson
 from aiosmtpd.smtp import SMTP
 
-from services.notifications.signing import verify_signature
+from services.notifications.signing import ReplayGuard
 
 log = logging.getLogger("clms.sink")
 
@@ -66,6 +67,7 @@ class Sink:
         self.smtp_port = smtp_port
         self.http_port = http_port
         self.webhook_secret = webhook_secret
+        self._replay = ReplayGuard(webhook_secret) if webhook_secret else None
         self.messages: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
         self.sms: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
         self.rejected_sms = 0
@@ -141,9 +143,12 @@ class Sink:
         if method == "GET" and path == "/sms":
             return "200 OK", as_json, orjson.dumps(list(self.sms))
         if method == "POST" and path == "/sms":
-            if not self.webhook_secret or not verify_signature(body, headers, self.webhook_secret):
+            why = self._replay.accept(body, headers) if self._replay else "no WEBHOOK_SECRET configured"
+            if why:
                 self.rejected_sms += 1
-                return "401 Unauthorized", as_json, b'{"detail":"signature does not verify"}'
+                replayed = "already received" in why
+                return (("409 Conflict" if replayed else "401 Unauthorized"), as_json,
+                        orjson.dumps({"detail": why}))
             try:
                 payload = orjson.loads(body)
             except orjson.JSONDecodeError:

@@ -16,14 +16,14 @@ from services.referral import service
 from services.referral.rules import RuleSet, load_rules
 from services.referral.views import router
 from services.referral.worker import build_worker, deadline_loop
-from shared.auth import Verifier
-from shared.db import create_pool, migrate
+from shared.db import create_pool, migrate_service
 from shared.kafka import DeadLetter, make_producer
 from shared.outbox import OutboxRelay, backlog, run_retention
 from shared.settings import Settings
 from shared.topics import Topics
 from shared.kafka import broker_ready
 from shared.metrics import lag_sampler, outbox_sampler, throttled
+from shared.guard import harden
 from shared.web import install_error_handlers, ops_router
 
 log = logging.getLogger("clms.referral")
@@ -110,8 +110,7 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
         worker = None
         tasks: dict[str, asyncio.Task] = {}
         try:
-            async with pool.acquire() as conn:
-                await migrate(conn, schema=service.SCHEMA, folder=MIGRATIONS)
+            await migrate_service(settings, pool, schema=service.SCHEMA, folder=MIGRATIONS)
             await producer.start()
             relay = OutboxRelay(pool=pool, schema=service.SCHEMA, producer=producer, topics=topics,
                                 poll_interval_s=settings.outbox_poll_interval_s,
@@ -160,11 +159,11 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.verifier = Verifier(settings)
     app.state.rules = ruleset
     app.state.metrics = metrics
     app.state.registry = registry
     install_error_handlers(app)
+    harden(app, settings, service="referral")
     app.include_router(ops_router(
         registry=registry,
         checks={"database": check_db, "broker": lambda: broker_ready(state.get("producer")), "worker": check_tasks},

@@ -20,8 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.workspace import service
 from services.workspace.sessions import Sessions
 from services.workspace.views import STATIC_DIR, SignInRequired, finish, router
-from shared.auth import Verifier
 from shared.settings import Settings
+from shared.guard import harden
 from shared.web import install_error_handlers, ops_router
 
 # Pages load scripts and styles from this site only; no inline script, no framing.
@@ -68,8 +68,10 @@ def create_app(settings: Settings, *, api_timeout_s: float = 10.0) -> FastAPI:
                   summary="Pages for caseworkers, duty officers and coordinators over the public APIs")
     app.state.settings = settings
     app.state.sessions = Sessions()
-    app.state.verifier = Verifier(settings)  # checks OIDC access tokens exactly as the services do
     install_error_handlers(app)
+    # app.state.verifier checks OIDC access tokens as the services do (any of their audiences);
+    # writes here are authenticated by the session cookie, not a bearer token
+    harden(app, settings, service="workspace", bearer_writes=False)
 
     @app.exception_handler(SignInRequired)
     async def _sign_in(request: Request, exc: SignInRequired) -> Response:

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -115,7 +114,7 @@ async def finish(http: httpx.AsyncClient, *, settings: Settings, verifier: Verif
     if not access:
         raise SignInFailed("the identity provider returned no access token")
     try:
-        claims = await asyncio.to_thread(verifier.verify, access)  # the JWKS fetch is blocking
+        claims = (await verifier.verified(access)).claims  # the issuer's keys are fetched without blocking
     except TokenError as exc:
         raise SignInFailed(f"the services would refuse this account's token: {exc}") from None
     expires_in = token.get("expires_in")

@@ -86,8 +86,12 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
         await producer.start()
         try:
             async with served(app) as base, httpx.AsyncClient(timeout=10) as http:
+                # a browser's EventSource cannot send headers: it buys a one-time ticket first
+                ticket = (await http.post(f"{base}/v1/stream/ticket",
+                                          headers={"Authorization": f"Bearer {coordinator}"})).json()
+                assert ticket["expires_in"] <= 30 and ticket["url"].startswith("/v1/stream?ticket=")
                 async with http.stream("GET", f"{base}/v1/stream") as public, \
-                        http.stream("GET", f"{base}/v1/stream?access_token={coordinator}") as coord:
+                        http.stream("GET", f"{base}{ticket['url']}") as coord:
                     assert public.headers["content-type"].startswith("text/event-stream")
                     pub_lines, coord_lines = public.aiter_lines(), coord.aiter_lines()
                     # the public stream starts with the published snapshot (the same as the API's)

@@ -30,10 +30,11 @@ def cluster(tmp_path_factory):
     psql = Path(pgserver.__file__).parent / "pginstall" / "bin" / "psql"
     args = [str(psql), srv.get_uri("clms"), "-v", "db=clms", "-f", str(ROLES_SQL)]
     for name in SERVICES_WITH_DB:
-        args[2:2] = ["-v", f"{name}_password=pw-{name}"]
+        args[2:2] = ["-v", f"{name}_password=pw-{name}", "-v", f"{name}_app_password=pw-{name}-app"]
     for _ in range(2):  # idempotent: a second run (password rotation) succeeds too
         done = subprocess.run(args, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
+    srv.roles_args = args
     yield srv
     srv.cleanup()
 
@@ -66,3 +67,43 @@ async def test_each_role_migrates_its_own_schema_and_nothing_else(cluster):
             await conn.execute("create table public.sneaky (id int)")
     finally:
         await conn.close()
+
+
+async def test_the_runtime_role_may_only_insert_into_the_audit_trail(cluster):
+    """Issue 16 item 8: migrations run as the schema owner (`intake`); the service runs as
+    `intake_app`, which reads and writes the case tables but can only add audit rows: it cannot
+    update, delete or truncate them, drop the append-only trigger, or alter the table."""
+    owner = await asyncpg.connect(role_dsn(cluster, "intake"))
+    try:
+        await migrate(owner, schema="intake", folder=ROOT / "services" / "intake" / "migrations")
+    finally:
+        await owner.close()
+    # re-running roles.sql after the migrations (an upgrade, a password rotation) keeps it so
+    done = subprocess.run(cluster.roles_args, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    app = await asyncpg.connect(role_dsn(cluster, "intake_app"))
+    try:
+        await app.execute("insert into intake.audit(actor, actor_agency, actor_municipality, action, outcome, channel) "
+                          "values ('police.prizren.duty', 'police', 'prizren', 'case.read', 'ok', 'http')")
+        await app.execute("insert into intake.outbox(event_id, topic, key, event_type, envelope) "
+                          "values (gen_random_uuid(), 'clms.case-events', 'k', 'case.identified', '{}')")
+        await app.execute("update intake.outbox set published_at = now()")  # ordinary tables: read and write
+        for statement in ("update intake.audit set actor = 'someone else'",
+                          "delete from intake.audit",
+                          "truncate intake.audit",
+                          "select * from intake.audit",
+                          "drop trigger audit_no_update_delete on intake.audit",
+                          "alter table intake.audit disable trigger audit_no_update_delete",
+                          "drop table intake.audit",
+                          "create table intake.mine (id int)"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await app.execute(statement)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await migrate(app, schema="intake", folder=ROOT / "services" / "intake" / "migrations")
+    finally:
+        await app.close()
+    owner = await asyncpg.connect(role_dsn(cluster, "intake"))
+    try:
+        assert await owner.fetchval("select count(*) from intake.audit") == 1
+    finally:
+        await owner.close()

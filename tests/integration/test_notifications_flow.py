@@ -283,6 +283,27 @@ async def test_smtp_outage_retries_then_delivers_or_fails_and_dead_letters(env):
         assert "education.gjilan.duty" in letters[0].error and "example.invalid" not in letters[0].error
 
 
+async def test_sink_rejects_a_replayed_signed_webhook_and_a_stale_one(env):
+    """issue 16 item 9: a captured, validly signed SMS webhook sent again is refused (its id is
+    inside the signature and remembered for the window); so is one signed outside the window."""
+    sink = await Sink(smtp_port=free_port(), http_port=free_port(), webhook_secret="s3cret").start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sink.http_port}") as http:
+            body = b'{"to":"+38300000001","text":"[CLMS] once"}'
+            headers = sign(body, "s3cret")
+            assert (await http.post("/sms", content=body, headers=headers)).status_code == 202
+            again = await http.post("/sms", content=body, headers=headers)
+            assert again.status_code == 409 and "already received" in again.json()["detail"]
+            other_id = {**headers, "X-CLMS-Webhook-Id": "a-new-id-the-attacker-picks"}
+            assert (await http.post("/sms", content=body, headers=other_id)).status_code == 401
+            stale = sign(body, "s3cret", timestamp=int(time.time()) - 3600)
+            refused = await http.post("/sms", content=body, headers=stale)
+            assert refused.status_code == 401 and "timestamp" in refused.json()["detail"]
+            assert [s["text"] for s in (await http.get("/sms")).json()] == ["[CLMS] once"]
+    finally:
+        await sink.stop()
+
+
 async def test_sink_accepts_signed_sms_and_rejects_tampered(env):
     sink = await Sink(smtp_port=free_port(), http_port=free_port(), webhook_secret="s3cret").start()
     try:

@@ -72,7 +72,8 @@ class Provider:
                     or not secrets.compare_digest(challenge, grant["challenge"]) or client_id != CLIENT_ID):
                 return JSONResponse({"error": "invalid_grant"}, status_code=400)
             now = int(time.time())
-            claims = {"iss": self.url, "aud": "clms", "iat": now, "exp": now + 600, **grant["user"]}
+            claims = {"iss": self.url, "aud": ["clms-intake", "clms-referral", "clms-notifications", "clms-analytics"],
+                      "iat": now, "exp": now + 600, **grant["user"]}
             access = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": "k1"})
             return {"access_token": access, "token_type": "Bearer", "expires_in": 600}
 
@@ -102,8 +103,8 @@ def provider():
 def workspace(provider: Provider) -> TestClient:
     settings = Settings(
         _env_file=None, CLMS_ENV="production", JWT_SECRET="s" * 40, CHILD_REF_KEY="c" * 40,
-        ENCRYPTION_MASTER_KEY="cHJvZC1rZXktcHJvZC1rZXktcHJvZC1rZXktMzJieQ==", WEBHOOK_SECRET="w" * 40, IDEMPOTENCY_HMAC_KEY="i" * 40,
-        WORKSPACE_URL=WORKSPACE, OIDC_ISSUER=provider.url, OIDC_CLIENT_ID=CLIENT_ID,
+        ENCRYPTION_MASTER_KEY="cHJvZC1rZXktcHJvZC1rZXktcHJvZC1rZXktMzJieQ==", WEBHOOK_SECRET="w" * 40,
+        IDEMPOTENCY_HMAC_KEY="i" * 40, WORKSPACE_URL=WORKSPACE, OIDC_ISSUER=provider.url, OIDC_CLIENT_ID=CLIENT_ID,
         OIDC_JWKS_URL=f"{provider.url}/jwks", JWT_ISSUER=provider.url, JWT_AUDIENCE="clms",
     )
     return TestClient(create_app(settings), base_url=WORKSPACE)

@@ -97,8 +97,11 @@ def test_each_service_authenticates_as_its_own_principal(name):
 
 @pytest.mark.parametrize("name", WITH_DB)
 def test_each_service_uses_its_own_database_role(name):
+    # the runtime role of DATABASE_URL; the schema owner only migrates (DATABASE_MIGRATION_URL)
     url = urlsplit(SERVICES[name]["environment"]["DATABASE_URL"])
-    assert url.username == name and url.password == "${POSTGRES_%s_PASSWORD}" % name.upper()
+    assert url.username == f"{name}_app" and url.password == "${POSTGRES_%s_APP_PASSWORD}" % name.upper()
+    owner = urlsplit(SERVICES[name]["environment"]["DATABASE_MIGRATION_URL"])
+    assert owner.username == name and owner.password == "${POSTGRES_%s_PASSWORD}" % name.upper()
     roles = (ROOT / "deploy/postgres/roles.sql").read_text()
     assert f"CREATE SCHEMA IF NOT EXISTS {name}" in roles and f"AUTHORIZATION {name};" in roles
     assert "DATABASE_URL" not in SERVICES["analytics"]["environment"]

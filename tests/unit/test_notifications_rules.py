@@ -231,6 +231,7 @@ def test_webhook_signature_verifies_and_tampering_fails():
     forged = {**headers, "X-CLMS-Timestamp": "1700000005"}
     assert not verify_signature(body, forged, "s3cret", now=1_700_000_010)
     assert not verify_signature(body, {}, "s3cret")
+    assert not verify_signature(body, {**headers, "X-CLMS-Webhook-Id": "another-id-1234"}, "s3cret", now=1_700_000_010)
     assert headers["X-CLMS-Signature"].startswith("sha256=")
 
 

@@ -61,12 +61,14 @@ def test_token_round_trip_and_rejections():
     with pytest.raises(TokenError, match="invalid token"):
         Verifier(other).verify(tok)
     expired = jwt.encode({"sub": "x", "agency": "police", "municipality": "prizren", "roles": [],
-                          "iss": s.jwt_issuer, "aud": s.jwt_audience, "exp": int(time.time()) - 10},
+                          "iss": s.jwt_issuer, "aud": s.jwt_audiences, "iat": int(time.time()) - 70,
+                          "exp": int(time.time()) - 10},
                          s.jwt_secret.get_secret_value(), algorithm="HS256")
     with pytest.raises(TokenError, match="expired"):
         Verifier(s).verify(expired)
     bad_agency = jwt.encode({"sub": "x", "agency": "army", "municipality": "prizren", "roles": [],
-                             "iss": s.jwt_issuer, "aud": s.jwt_audience, "exp": int(time.time()) + 60},
+                             "iss": s.jwt_issuer, "aud": s.jwt_audiences, "iat": int(time.time()),
+                             "exp": int(time.time()) + 60},
                             s.jwt_secret.get_secret_value(), algorithm="HS256")
     with pytest.raises(TokenError, match="agency"):
         Verifier(s).verify(bad_agency)

@@ -3,10 +3,10 @@
 // funnel bars and the table, without reloading the page.
 "use strict";
 
-const params = new URLSearchParams(location.search);
-const token = params.get("token"); // optional: a coordinator's or analyst's JWT shows exact figures
+// A coordinator's or analyst's token (pasted into the form, kept in this page's memory only,
+// never in a URL) shows exact figures: it buys a one-time stream ticket (POST /v1/stream/ticket).
+let token = null;
 const SUPPRESSED = "c"; // published view: 1-5, or hidden so that such a count cannot be worked out
-const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?") + "access_token=" + encodeURIComponent(token) : url);
 
 const STAGES = [
   ["identified", "Identified"], ["referred", "Referred"], ["acknowledged_in_time", "Acknowledged in time"],
@@ -163,17 +163,48 @@ function setStatus(state, text) {
 
 async function start() {
   legend();
-  if (token) document.getElementById("viewer").textContent = "Signed in: figures you coordinate are exact.";
   try {
     const geo = await (await fetch("/static/kosovo_municipalities.geojson")).json();
     drawMap(geo);
   } catch (e) {
     document.getElementById("map").textContent = "The map could not be loaded.";
   }
-  const es = new EventSource(withToken("/v1/stream"));
+  document.getElementById("signin").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const field = document.getElementById("token");
+    token = field.value.trim() || null;
+    field.value = "";
+    connect();
+  });
+  connect();
+}
+
+let source = null;
+
+async function streamUrl() {
+  if (!token) return "/v1/stream";
+  const r = await fetch("/v1/stream/ticket", { method: "POST", headers: { Authorization: "Bearer " + token } });
+  if (!r.ok) {
+    token = null;
+    document.getElementById("viewer").textContent = "The token was refused (" + r.status + "): showing the public view.";
+    return "/v1/stream";
+  }
+  document.getElementById("viewer").textContent = "Signed in: figures you coordinate are exact.";
+  return (await r.json()).url;
+}
+
+async function connect() {
+  if (source) source.close();
+  const es = new EventSource(await streamUrl());
+  source = es;
   es.addEventListener("counts", (ev) => { setStatus("live", "live"); render(JSON.parse(ev.data)); });
+  es.addEventListener("expired", () => { es.close(); token = null; connect(); });
   es.onopen = () => setStatus("live", "live");
-  es.onerror = () => setStatus("offline", "reconnecting\u2026"); // EventSource retries by itself
+  es.onerror = () => {
+    setStatus("offline", "reconnecting\u2026");
+    // a ticket works once: a signed-in stream reconnects with a new one
+    if (token || es.readyState === EventSource.CLOSED) { es.close(); setTimeout(connect, 2000); }
+  };
 }
 
 start();
