@@ -134,8 +134,11 @@ async def test_poison_events_are_dead_lettered_and_the_stream_moves_on(tmp_path)
             out = subprocess.run([clms, "dlq", "replay", "--id", inbound_letter.id, "--fixed", str(fixed_file),
                                   "--force"], env=env, capture_output=True, text=True, timeout=60)
             assert out.returncode != 0 and "signed by the agency office" in out.stderr, out.stdout + out.stderr
-            # ... the office's re-signed correction goes through
-            fixed_file.write_bytes(sign_event(corrected, dev_sender_key("police/prizren")))
+            # ... the office's re-signed (and encrypted) correction goes through
+            from services.intake.inbound import public_key
+            from shared.inbound import inbound_message
+
+            fixed_file.write_bytes(inbound_message(corrected, recipient=public_key(settings)))
             out = subprocess.run([clms, "dlq", "replay", "--id", inbound_letter.id, "--fixed", str(fixed_file),
                                   "--force"], env=env, capture_output=True, text=True, timeout=60)
             assert out.returncode == 0 and "replayed 1" in out.stdout, out.stdout + out.stderr
