@@ -215,3 +215,44 @@ async def test_relay_delivers_after_a_broker_outage_and_a_deduping_consumer_sees
         applied.append(e.subject)
     assert sorted(applied) == sorted(case_ids)
     assert await count(env, "select count(*) from intake.outbox where published_at is null") == 0
+
+
+async def test_an_office_without_a_registered_key_is_refused_and_replayed_once_its_key_is_registered(env, tmp_path):
+    """With a sender registry (production's way), an office whose key is not registered cannot
+    publish; once its public key is registered, `clms dlq replay` re-publishes the original from the
+    inbound topic, signature intact, and it becomes the case (issue 16)."""
+    import yaml
+    from jwcrypto import jwk
+
+    from clms.ops import dead_letters, replay_dead_letters
+
+    topics = Topics(env.topic_prefix)
+    office = jwk.JWK.generate(kty="EC", crv="P-256", kid="police-prizren-2026")
+    other = jwk.JWK.generate(kty="EC", crv="P-256", kid="police-peje-2026")
+    registry = tmp_path / "senders.yaml"
+    registry.write_text(yaml.safe_dump({"senders": {"police/peje": [other.export_public(as_dict=True)]}}))
+    settings = env.model_copy(update={"inbound_senders_file": registry})
+    await produce(env, topics.agency_inbound, [(b"kp-reg", sealed(env, cloudevent(id="kp-reg"), sender=office))])
+
+    async with running(create_app(settings)):
+        letters = await wait_until(dead_letters_of(env), timeout_s=30, what="the unregistered office's dead letter")
+    assert [d.letter.reason for d in letters] == ["unauthenticated_sender"]
+    assert "no signing key is registered for source 'police/prizren'" in letters[0].letter.error
+    assert await count(env, "select count(*) from intake.cases") == 0
+
+    registry.write_text(yaml.safe_dump({"senders": {"police/peje": [other.export_public(as_dict=True)],
+                                                    "police/prizren": [office.export_public(as_dict=True)]}}))
+    result = await replay_dead_letters(env, ids=[letters[0].id])
+    assert result.replayed == [letters[0].id] and result.refused == []
+    async with running(create_app(settings)):
+        await wait_until(lambda: _equals(count(env, "select count(*) from intake.cases"), 1), timeout_s=30,
+                         what="the replayed identification to become a case")
+    assert len(await dead_letters(env)) == 1
+
+
+def dead_letters_of(env):
+    from clms.ops import dead_letters
+
+    async def check():
+        return await dead_letters(env) or None
+    return check
