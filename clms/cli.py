@@ -203,11 +203,12 @@ def dlq_list(
 def dlq_replay(
     reason: Annotated[str | None, typer.Option(help="Replay every dead letter with this reason")] = None,
     id: Annotated[list[str], typer.Option("--id", help="partition:offset on the dead-letter topic, or the event id")] = [],  # noqa: B006
-    fixed: Annotated[Path | None, typer.Option(help="A corrected envelope (JSON file) to publish instead of the original, with one --id")] = None,
-    operator: Annotated[str, typer.Option(help="Who replays (recorded)")] = "cli",
+    fixed: Annotated[Path | None, typer.Option(help="A corrected envelope (JSON file) to publish instead of the original, with one --id; for an inbound identification, the agency's re-signed JWS")] = None,
     force: Annotated[bool, typer.Option(help="Replay again even if replayed before")] = False,
 ) -> None:
-    """Re-publish dead letters to their original topic after a fix, recording each replay."""
+    """Re-publish dead letters to their original topic after a fix, recording each replay and who
+    ran it (the Kafka principal, else the OS user). Only dead letters whose headers check out are
+    replayed: a registry topic read by the named consumer group, the original still there."""
     from clms.ops import replay_dead_letters
 
     if reason is None and not id:
@@ -215,16 +216,14 @@ def dlq_replay(
     settings = cli_settings()
     value = fixed.read_bytes() if fixed else None
     result = _broker_or_fail(settings, replay_dead_letters(
-        settings, reason=reason, ids=id, fixed_value=value, operator=operator, force=force))
-    console.print(f"replayed {len(result.replayed)}: {' '.join(result.replayed)}")
+        settings, reason=reason, ids=id, fixed_value=value, force=force))
+    console.print(f"replayed {len(result.replayed)} as {result.operator}: {' '.join(result.replayed)}")
     if result.skipped_already_replayed:
         console.print(f"skipped (replayed before; --force to repeat): {' '.join(result.skipped_already_replayed)}")
     if result.not_found:
         console.print(f"[yellow]not found[/]: {' '.join(result.not_found)}")
-    if result.needs_fixed:
-        console.print(f"[yellow]needs --fixed[/] (inbound identifications are not copied to the dead-letter "
-                      f"topic; read the original where its headers point, correct it, replay with --fixed): "
-                      f"{' '.join(result.needs_fixed)}")
+    for letter_id, why in result.refused:
+        console.print(f"[yellow]refused[/] {letter_id}: {why}")
 
 
 @app.command()
@@ -356,10 +355,11 @@ def status(as_json: JsonOption = False) -> None:
 # --- service operator commands (each service owns its own; registered here) ----------------------
 
 def _register_service_commands() -> None:
-    from services.intake.cli import erase
+    from services.intake.cli import erase, inbound_key
     from services.notifications.cli import officers_app
 
     app.command("erase")(erase)
+    app.command("inbound-key")(inbound_key)
     app.add_typer(officers_app, name="officers", help="Officer directory: import a roster (CSV), list officers.")
 
 

@@ -125,28 +125,134 @@ class ReplayResult:
     replayed: list[str]
     skipped_already_replayed: list[str]
     not_found: list[str]
-    needs_fixed: list[str] = field(default_factory=list)
+    # dead letters whose headers could not be verified, with why (nothing was published for them)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    operator: str = ""
 
 
-def _check_inbound(raw: bytes) -> None:
+def operator_identity(settings: Settings) -> str:
+    """Who replays, from the credentials this command runs with, never from a flag: the Kafka
+    principal (SASL user) where the broker authenticates clients, else the OS account."""
+    import getpass
+
+    if settings.kafka_sasl_username:
+        return f"kafka:{settings.kafka_sasl_username}"
+    return f"os:{getpass.getuser()}"
+
+
+def consumer_groups(settings: Settings, topic: Topic) -> set[str]:
+    """The consumer groups that really read `topic` (the registry's consumers, as deployed)."""
+    from shared.topics import SPECS
+
+    names = {settings.analytics_app_id if c == "analytics" else c for c in SPECS[topic].consumers}
+    return {settings.group_id(n) for n in names}
+
+
+async def read_record(settings: Settings, topic: str, partition: int, offset: int) -> ConsumerRecord | None:
+    """The record at topic/partition/offset, or None when the broker no longer (or never) had it."""
+    consumer = make_consumer(settings, group=None)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        if partition not in parts:
+            return None
+        consumer.assign([tp])
+        first = (await consumer.beginning_offsets([tp]))[tp]
+        end = (await consumer.end_offsets([tp]))[tp]
+        if not first <= offset < end:
+            return None
+        consumer.seek(tp, offset)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for msg in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                if msg.offset == offset:
+                    return msg
+                if msg.offset > offset:
+                    return None  # compacted away
+        return None
+    finally:
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer.stop()
+
+
+def _jws_payload(raw: bytes | None) -> dict | None:
+    """The CloudEvent inside an inbound JWS (or a plain JSON event), read WITHOUT verifying the
+    signature: only for naming (source, id, type, time). Intake verifies."""
+    import base64
+    import binascii
+
+    if not raw:
+        return None
+    text = raw.strip()
+    try:
+        if text.startswith(b"{"):
+            doc = orjson.loads(text)
+        else:
+            parts = text.split(b".")
+            if len(parts) != 3:
+                return None
+            doc = orjson.loads(base64.urlsafe_b64decode(parts[1] + b"=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _check_inbound(fixed: bytes, original: bytes | None) -> None:
     from shared.events import IDENTIFICATION_SUBMITTED
 
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"the fixed inbound event is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("type") != IDENTIFICATION_SUBMITTED:
-        raise ValueError(f"the fixed inbound event must be a CloudEvent of type {IDENTIFICATION_SUBMITTED}")
+    if fixed.strip().startswith(b"{"):
+        raise ValueError("the fixed inbound identification must be signed by the agency office that sent the "
+                         "original (a JWS, as agency systems publish it): an operator cannot vouch for an "
+                         "agency's identification; ask the agency system to re-send it")
+    doc = _jws_payload(fixed)
+    if doc is None or doc.get("type") != IDENTIFICATION_SUBMITTED:
+        raise ValueError(f"the fixed inbound event must be a JWS of a CloudEvent of type {IDENTIFICATION_SUBMITTED}")
+    claimed = (_jws_payload(original) or {}).get("source")
+    if claimed is not None and doc.get("source") != claimed:
+        raise ValueError(f"the fixed inbound event claims source {doc.get('source')!r}, the original "
+                         f"{claimed!r}: a correction comes from the same office")
+
+
+async def _verify(settings: Settings, d: StoredDeadLetter, *, fixed: bool) -> tuple[bytes | None, str | None]:
+    """(the bytes to re-publish, None) when the dead letter's headers check out, else (None, why).
+
+    The headers are only claims (anyone who may write the dead-letter topic can write any): the
+    original topic must be a registry topic read by the named consumer group, and the original
+    record must still be where the headers point, with the same bytes (an inbound identification
+    is not copied to the dead-letter topic: its original is re-published from the inbound topic,
+    signed by its agency as it came)."""
+    topics = Topics(settings.topic_prefix)
+    logical = topics.logical(d.letter.topic) if d.letter.topic else None
+    if logical is None or logical is Topic.dead_letters:
+        return None, f"original topic {d.letter.topic!r} is not a topic of this deployment"
+    if d.letter.group not in consumer_groups(settings, logical):
+        return None, (f"consumer group {d.letter.group!r} does not read {d.letter.topic} (readers: "
+                      f"{', '.join(sorted(consumer_groups(settings, logical)))})")
+    original = await read_record(settings, d.letter.topic, d.letter.partition, d.letter.offset)
+    if original is None:
+        return None, (f"the original is no longer at {d.letter.topic}[{d.letter.partition}]@{d.letter.offset} "
+                      "(retention), so the dead letter cannot be verified")
+    if original.key != d.letter.key:
+        return None, "the dead letter's key differs from the original's"
+    if logical is Topic.agency_inbound:
+        return original.value, None
+    if not fixed and original.value != d.letter.value:
+        return None, "the dead letter's value differs from the original's"
+    return original.value, None
 
 
 async def replay_dead_letters(
     settings: Settings, *, reason: str | None = None, ids: Iterable[str] = (),
-    fixed_value: bytes | None = None, operator: str = "cli", force: bool = False,
+    fixed_value: bytes | None = None, force: bool = False,
 ) -> ReplayResult:
-    """Re-publish dead letters to their original topic (key and value as they were, or
-    `fixed_value` for a single corrected event), recording each replay so it is not repeated
-    by accident. Select by `reason`, or by `ids` (`partition:offset` on the dead-letter topic,
-    or the original event id)."""
+    """Re-publish dead letters to their original topic (the verified original's key and value, or
+    `fixed_value` for a single corrected event), recording each replay and who did it (from the
+    credentials) so it is not repeated by accident. Select by `reason`, or by `ids`
+    (`partition:offset` on the dead-letter topic, or the original event id)."""
     wanted = set(ids)
     topics = Topics(settings.topic_prefix)
     letters = await dead_letters(settings)
@@ -155,7 +261,9 @@ async def replay_dead_letters(
             raise ValueError("a fixed event replaces exactly one dead letter: give one --id")
         target = next((d for d in letters if d.id in wanted or d.event_id in wanted), None)
         if target is not None and target.letter.topic == topics.agency_inbound:
-            _check_inbound(fixed_value)  # intake validates the rest, exactly as on first arrival
+            original = await read_record(settings, target.letter.topic, target.letter.partition,
+                                         target.letter.offset)
+            _check_inbound(fixed_value, original.value if original else None)  # intake verifies the signature
         else:
             try:
                 parse_envelope(fixed_value)
@@ -167,7 +275,8 @@ async def replay_dead_letters(
         and (reason is None or d.letter.reason == reason)
     ]
     found = {d.id for d in chosen} | {d.event_id for d in chosen if d.event_id}
-    result = ReplayResult([], [], sorted(w for w in wanted if w not in found))
+    operator = operator_identity(settings)
+    result = ReplayResult([], [], sorted(w for w in wanted if w not in found), operator=operator)
     if not chosen:
         return result
     conn = await _replay_log(settings)
@@ -182,15 +291,11 @@ async def replay_dead_letters(
             if done and not force:
                 result.skipped_already_replayed.append(d.id)
                 continue
-            if not d.letter.topic:
-                result.not_found.append(d.id)
+            value, why = await _verify(settings, d, fixed=fixed_value is not None)
+            if why is not None:
+                result.refused.append((d.id, why))
                 continue
-            if fixed_value is None and d.letter.topic == topics.agency_inbound:
-                # intake does not copy inbound identities onto the dead-letter topic: the original
-                # stays on the inbound topic (headers say where); replay a corrected copy with --fixed
-                result.needs_fixed.append(d.id)
-                continue
-            value = fixed_value if fixed_value is not None else d.letter.value
+            value = fixed_value if fixed_value is not None else value
             await producer.send_and_wait(
                 d.letter.topic, value, key=d.letter.key,
                 headers=[(REPLAY_HEADER, d.id.encode()), ("dlq_replayed_by", operator.encode())],
@@ -283,7 +388,8 @@ async def trace_case(settings: Settings, case_id: uuid.UUID | str) -> list[Trace
 async def _inbound_submissions(settings: Settings, event_ids: set[str]) -> list[TraceLine]:
     """The agency submissions on clms.agency-inbound that cases began with (a case.identified
     names one as its cause). Only the envelope's id, type, source and time are read: the rest
-    carries identity. Skipped where this operator may not read the inbound topic (ACLs)."""
+    carries identity (encrypted) and the signature is intake's to check. Skipped where this
+    operator may not read the inbound topic (ACLs)."""
     from aiokafka.errors import KafkaError
 
     topic = Topics(settings.topic_prefix).agency_inbound
@@ -293,11 +399,8 @@ async def _inbound_submissions(settings: Settings, event_ids: set[str]) -> list[
         return []
     found = []
     for r in records:
-        try:
-            doc = orjson.loads(r.value or b"null")
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(doc, dict) or str(doc.get("id")) not in event_ids:
+        doc = _jws_payload(r.value)
+        if doc is None or str(doc.get("id")) not in event_ids:
             continue
         try:
             when = datetime.fromisoformat(str(doc.get("time")))

@@ -156,6 +156,15 @@ class Settings(BaseSettings):
     idempotency_hmac_key: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-idempotency-hmac"),
                                             alias="IDEMPOTENCY_HMAC_KEY")
 
+    # clms.agency-inbound (services/intake/inbound.py, README "Agency systems"): intake's private
+    # EC P-256 key (JWK JSON or PEM) for the JWE-encrypted personal part of inbound
+    # identifications; required in production, elsewhere derived from ENCRYPTION_MASTER_KEY.
+    inbound_jwe_private_key: SecretStr | None = Field(None, alias="INBOUND_JWE_PRIVATE_KEY")
+    # YAML registry `senders: {<agency>/<municipality>: [<public JWK>, ...]}` of the keys agency
+    # systems sign inbound events with; required in production, elsewhere unset = development
+    # keys (shared.inbound.dev_sender_key) for every office.
+    inbound_senders_file: Path | None = Field(None, alias="INBOUND_SENDERS_FILE")
+
     # --- behaviour --------------------------------------------------------------------------
     outbox_poll_interval_s: float = Field(0.05, alias="OUTBOX_POLL_INTERVAL_S", gt=0)
     outbox_batch_size: int = Field(500, alias="OUTBOX_BATCH_SIZE", ge=1)

@@ -17,11 +17,11 @@ EOF
 BIN="${KAFKA_BIN:-/opt/kafka/bin}"
 topic() { name="$1"; partitions="$2"; shift 2; "$BIN/kafka-topics.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$CONFIG" --create --if-not-exists --topic "$name" --partitions "$partitions" --replication-factor "$RF" --config "min.insync.replicas=$MIN_ISR" "$@"; }
 
-topic clms.agency-inbound 6 --config cleanup.policy=delete --config retention.ms=-1
+topic clms.agency-inbound 6 --config cleanup.policy=delete --config retention.ms=259200000
 topic clms.case-events 6 --config cleanup.policy=delete --config retention.ms=-1
 topic clms.referral-events 6 --config cleanup.policy=delete --config retention.ms=-1
 topic clms.notification-events 6 --config cleanup.policy=delete --config retention.ms=-1
-topic clms.dead-letters 6 --config cleanup.policy=delete --config retention.ms=-1
+topic clms.dead-letters 6 --config cleanup.policy=delete --config retention.ms=1209600000
 topic referral-__assignor-__leader 1 --config cleanup.policy=delete
 topic notifications-__assignor-__leader 1 --config cleanup.policy=delete
 topic analytics-__assignor-__leader 1 --config cleanup.policy=delete

@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from shared.topics import REGISTRY, Topics  # noqa: E402
+from shared.topics import REGISTRY, Topics, topic_configs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ACCESS = HERE / "access.yaml"
@@ -145,8 +145,8 @@ def topics_script(access: dict) -> str:
         "",
     ]
     for spec in REGISTRY:
-        lines.append(f"topic {topics.name(spec.topic)} {spec.partitions} "
-                     f"--config cleanup.policy=delete --config retention.ms={spec.retention_ms}")
+        configs = " ".join(f"--config {k}={v}" for k, v in topic_configs(spec).items())
+        lines.append(f"topic {topics.name(spec.topic)} {spec.partitions} {configs}")
     for name, partitions, policy in internal_topics(access):
         lines.append(f"topic {name} {partitions} --config cleanup.policy={policy}")
     lines += ["", '"$BIN/kafka-topics.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$CONFIG" --list',
@@ -183,7 +183,7 @@ def strimzi_topics(access: dict) -> str:
     topics = Topics("")
     docs = []
     entries = [(topics.name(s.topic), s.partitions,
-                {"cleanup.policy": "delete", "retention.ms": s.retention_ms, "min.insync.replicas": 2})
+                {**topic_configs(s), "min.insync.replicas": 2})
                for s in REGISTRY]
     entries += [(n, p, {"cleanup.policy": pol, "min.insync.replicas": 2}) for n, p, pol in internal_topics(access)]
     for name, partitions, config in entries:

@@ -77,3 +77,52 @@ def erase(
 # `clms erase CASE_ID` at the top level: clms/cli.py can register this one function with
 # `app.command("erase")(erase)`, or mount the group with `app.add_typer(intake_app, name="intake")`.
 __all__ = ["intake_app", "erase"]
+
+
+@intake_app.command("inbound-key")
+def inbound_key(
+    generate: Annotated[bool, typer.Option("--generate", help=(
+        "Print a NEW private key for INBOUND_JWE_PRIVATE_KEY (keep it secret) instead of the public key"))] = False,
+    dev_sender: Annotated[str | None, typer.Option("--dev-sender", metavar="AGENCY/MUNICIPALITY", help=(
+        "Print the development signing key (private JWK) of an agency office, e.g. police/prizren; "
+        "accepted only outside production and without INBOUND_SENDERS_FILE"))] = None,
+) -> None:
+    """Print intake's public key (JWK) that agency systems encrypt the personal part of an inbound
+    identification to (JWE, ECDH-ES + A256GCM). README: "Agency systems"."""
+    import json
+
+    from pydantic import ValidationError
+
+    from shared.settings import Environment, Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        typer.echo(f"error: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", err=True)
+        raise typer.Exit(2) from None
+    if generate:
+        from jwcrypto import jwk
+
+        key = jwk.JWK.generate(kty="EC", crv="P-256")
+        typer.echo(key.export(private_key=True))
+        return
+    if dev_sender is not None:
+        from shared.inbound import dev_sender_key
+
+        if settings.environment is Environment.production:
+            typer.echo("error: development sender keys are public knowledge and refused with CLMS_ENV=production; "
+                       "each agency office generates its own key and registers the public part in "
+                       "INBOUND_SENDERS_FILE", err=True)
+            raise typer.Exit(2)
+        typer.echo(dev_sender_key(dev_sender).export(private_key=True))
+        return
+    from services.intake.inbound import public_key
+
+    try:
+        typer.echo(json.dumps(public_key(settings)))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+__all__ += ["inbound_key"]

@@ -37,6 +37,7 @@ from shared.settings import Settings
 from shared.topics import Topic
 from services.intake import rules
 from services.intake.crypto import CaseCipher, parse_master_key
+from services.intake.inbound import InboundGate, InboundRejected
 from services.intake.models import (
     CaseEventAccepted,
     CaseHistoryItem,
@@ -83,6 +84,7 @@ class Intake:
     cipher: CaseCipher
     child_ref_key: bytes
     idempotency_key: bytes = b""  # keys request_hash (IDEMPOTENCY_HMAC_KEY)
+    inbound: InboundGate | None = None  # clms.agency-inbound: sender keys and intake's JWE key
     schema: str = SCHEMA
     on_commit: Callable[[], None] = field(default=lambda: None)  # wakes the outbox relay
 
@@ -94,6 +96,7 @@ class Intake:
             cipher=CaseCipher(parse_master_key(settings.encryption_master_key.get_secret_value())),
             child_ref_key=settings.child_ref_key.get_secret_value().encode(),
             idempotency_key=settings.idempotency_hmac_key.get_secret_value().encode(),
+            inbound=kw.pop("inbound", None) or InboundGate.build(settings),
             **kw,
         )
 
@@ -126,13 +129,6 @@ class IdempotencyKeyReused(IntakeError):
     status = 422
 
 
-class InboundRejected(Exception):
-    """An inbound message that can never become a case: dead-letter it with reason and error."""
-
-    def __init__(self, reason: str, error: str):
-        super().__init__(f"{reason}: {error}")
-        self.reason = reason
-        self.error = error
 
 
 async def _audit(conn: asyncpg.Connection, *, actor: Actor, action: str, outcome: str,
@@ -511,39 +507,33 @@ async def apply_referral_event(intake: Intake, *, envelope: Envelope) -> bool:
 # --- inbound CloudEvents (clms.agency-inbound) --------------------------------------------------------------
 
 
-def parse_inbound(raw: bytes | None) -> tuple[InboundEnvelope, IdentificationRequest]:
-    """Validate an inbound CloudEvent exactly as the HTTP path validates a body; raise
-    `InboundRejected` naming the field."""
+def parse_inbound(raw: bytes | None, *, gate: InboundGate) -> tuple[InboundEnvelope, IdentificationRequest]:
+    """Verify who sent an inbound message (JWS), decrypt its personal part (JWE) and validate it
+    exactly as the HTTP path validates a body; raise `InboundRejected` naming the field (never
+    a value)."""
     if raw is None:
-        raise InboundRejected("invalid_json", "invalid JSON: the message has no value")
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InboundRejected("invalid_json", f"invalid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise InboundRejected("invalid_envelope", "envelope: expected a JSON object")
-    if "redacted" in obj and "type" not in obj:
-        raise InboundRejected(
-            "redacted_replay", "this is the redaction note of an earlier inbound dead letter, not an "
-                               "identification: have the agency system re-send the original (same source and id "
-                               "are deduplicated) or re-publish it from its original topic/partition/offset")
+        raise InboundRejected("invalid_message", "the message has no value")
+    obj = gate.verify(raw)
     if obj.get("type") != IDENTIFICATION_SUBMITTED:
+        kind = obj.get("type")
         raise InboundRejected(
-            "unknown_type", f"type: {obj.get('type')!r} is not accepted on the inbound topic; "
-                            f"expected {IDENTIFICATION_SUBMITTED!r}")
+            "unknown_type", f"type: {kind if isinstance(kind, str) and len(kind) < 64 else '(not a type name)'!r} "
+                            f"is not accepted on the inbound topic; expected {IDENTIFICATION_SUBMITTED!r}")
     try:
         env = InboundEnvelope.model_validate(obj)
     except ValidationError as exc:
         raise InboundRejected("invalid_envelope", describe_validation_error(exc)) from None
+    gate.check_reporter(agency=env.agency.value, municipality=env.municipality, reportedby=env.reportedby)
+    data = gate.open_data(env.data)
     try:
-        request = IdentificationRequest.model_validate(env.data)
+        request = IdentificationRequest.model_validate(data)
     except ValidationError as exc:
         raise InboundRejected("invalid_identification", describe_validation_error(exc, prefix="data.")) from None
     return env, request
 
 
 async def submit_inbound(intake: Intake, *, raw: bytes | None) -> Identified:
-    env, request = parse_inbound(raw)
+    env, request = parse_inbound(raw, gate=intake.inbound or InboundGate.build(intake.settings))
     actor = Actor(sub=env.reportedby or f"{env.agency.value}.{env.municipality}.system", agency=env.agency,
                   municipality=env.municipality, roles=("reporter",), channel="inbound")
     correlation = env.correlationid or (env.id if len(env.id) <= 100 else str(env.dedupe_id))

@@ -13,13 +13,13 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-import orjson
 import pytest
 from aiokafka import TopicPartition
 
 from clms.dev import SERVICES
 from shared.embedded import free_port
 from shared.events import IDENTIFICATION_SUBMITTED
+from shared.inbound import dev_sender_key, sign_event
 from shared.kafka import DeadLetter, dead_letter, make_consumer, make_producer, send_envelope
 from shared.settings import Settings
 from shared.topics import Topics
@@ -54,10 +54,10 @@ async def story(env):
     on the inbound topic, and one dead letter from it."""
     topics = Topics(env.topic_prefix)
     submission_id = f"police-prizren-{uuid.uuid4()}"
-    submission = orjson.dumps({
+    submission = sign_event({  # as an agency system publishes it: a JWS of the CloudEvent
         "specversion": "1.0", "id": submission_id, "source": "police/prizren", "type": IDENTIFICATION_SUBMITTED,
         "time": datetime.now(timezone.utc).isoformat(), "datacontenttype": "application/json", "data": {},
-    })
+    }, dev_sender_key("police/prizren"))
     case = builders.envelope(causationid=submission_id)
     producer = make_producer(env)
     await producer.start()

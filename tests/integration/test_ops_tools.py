@@ -19,17 +19,23 @@ pytestmark = pytest.mark.integration
 
 
 async def test_dead_letters_are_summarised_and_a_fixed_event_is_replayed_once(env):
+    import asyncpg
+    import getpass
+
     topics = Topics(env.topic_prefix)
     good = builders.envelope()
+    referral = env.group_id("referral")
     producer = make_producer(env)
     await producer.start()
     try:
-        for i, reason in enumerate(["invalid_json", "invalid_json", "handler_error"]):
+        # the originals really are on clms.case-events, where the dead letters' headers point
+        values = [b"{not json", b"{not json", good.to_json_bytes()]
+        originals = [await producer.send_and_wait(topics.case_events, v, key=good.key) for v in values]
+        for meta, value, reason in zip(originals, values, ["invalid_json", "invalid_json", "handler_error"]):
             await dead_letter(producer, topics, DeadLetter(
-                topic=topics.case_events, partition=i, offset=10 + i, key=good.key,
-                value=b"{not json" if reason == "invalid_json" else good.to_json_bytes(),
-                reason=reason, error="invalid JSON at position 1" if reason == "invalid_json" else "KeyError: x",
-                group="referral"))
+                topic=topics.case_events, partition=meta.partition, offset=meta.offset, key=good.key,
+                value=value, reason=reason,
+                error="invalid JSON at position 1" if reason == "invalid_json" else "KeyError: x", group=referral))
     finally:
         await producer.stop()
 
@@ -38,21 +44,70 @@ async def test_dead_letters_are_summarised_and_a_fixed_event_is_replayed_once(en
     summary = {s.reason: s.count for s in summarise(letters)}
     assert summary == {"invalid_json": 2, "handler_error": 1}
     broken = next(d for d in letters if d.letter.reason == "invalid_json")
-    assert broken.letter.topic == topics.case_events and broken.letter.group == "referral"
+    assert broken.letter.topic == topics.case_events and broken.letter.group == referral
 
     with pytest.raises(ValueError, match="not a valid envelope"):
         await replay_dead_letters(env, ids=[broken.id], fixed_value=b'{"id": 1}')
-    result = await replay_dead_letters(env, ids=[broken.id], fixed_value=good.to_json_bytes(), operator="ops.test")
-    assert result.replayed == [broken.id]
+    result = await replay_dead_letters(env, ids=[broken.id], fixed_value=good.to_json_bytes())
+    assert result.replayed == [broken.id] and result.operator == f"os:{getpass.getuser()}"
     again = await replay_dead_letters(env, ids=[broken.id], fixed_value=good.to_json_bytes())
     assert again.replayed == [] and again.skipped_already_replayed == [broken.id]
     by_reason = await replay_dead_letters(env, reason="handler_error")
     assert len(by_reason.replayed) == 1
 
-    records = await read_all(env, topics.case_events, min_count=2)
-    assert len(records) == 2
-    assert all(dict(r.headers).get(REPLAY_HEADER) for r in records)
-    assert {str(parse_envelope(r.value).id) for r in records} == {str(good.id)}
+    records = await read_all(env, topics.case_events, min_count=5)
+    replayed = [r for r in records if dict(r.headers).get(REPLAY_HEADER)]
+    assert len(replayed) == 2
+    assert {str(parse_envelope(r.value).id) for r in replayed} == {str(good.id)}
+    assert {dict(r.headers)["dlq_replayed_by"] for r in replayed} == {f"os:{getpass.getuser()}".encode()}
+    conn = await asyncpg.connect(env.database_url)
+    try:
+        assert {r["replayed_by"] for r in await conn.fetch("select replayed_by from ops.dlq_replays")} == {
+            f"os:{getpass.getuser()}"}
+    finally:
+        await conn.close()
+
+
+async def test_replay_refuses_dead_letters_whose_headers_do_not_check_out(env):
+    """issue 16: anyone who may write clms.dead-letters could name any topic in its headers; replay
+    publishes only to a registry topic read by the named group, and only what really is there."""
+    topics = Topics(env.topic_prefix)
+    good = builders.envelope()
+    forged = builders.envelope()
+    producer = make_producer(env)
+    await producer.start()
+    try:
+        real = await producer.send_and_wait(topics.case_events, good.to_json_bytes(), key=good.key)
+        cases = [
+            # an invented event injected into case-events, pointing at a real position
+            DeadLetter(topic=topics.case_events, partition=real.partition, offset=real.offset, key=good.key,
+                       value=forged.to_json_bytes(), reason="handler_error", error="x",
+                       group=env.group_id("referral")),
+            # a group that does not read that topic
+            DeadLetter(topic=topics.case_events, partition=real.partition, offset=real.offset, key=good.key,
+                       value=good.to_json_bytes(), reason="handler_error", error="x",
+                       group=env.group_id("notifications")),
+            # a topic outside the registry
+            DeadLetter(topic="elsewhere", partition=0, offset=0, key=good.key, value=good.to_json_bytes(),
+                       reason="handler_error", error="x", group=env.group_id("referral")),
+            # an original that is not there
+            DeadLetter(topic=topics.case_events, partition=real.partition, offset=real.offset + 50, key=good.key,
+                       value=good.to_json_bytes(), reason="handler_error", error="x",
+                       group=env.group_id("referral")),
+        ]
+        for letter in cases:
+            await dead_letter(producer, topics, letter)
+    finally:
+        await producer.stop()
+    result = await replay_dead_letters(env, reason="handler_error")
+    assert result.replayed == []
+    whys = [why for _, why in sorted(result.refused, key=lambda x: int(x[0].split(":")[1]))]
+    assert len(whys) == 4, result
+    joined = " | ".join(whys)
+    assert "value differs" in joined and "does not read" in joined and "not a topic of this deployment" in joined
+    assert "no longer at" in joined
+    records = await read_all(env, topics.case_events, min_count=1)
+    assert len(records) == 1  # nothing was published
 
 
 async def test_trace_tells_one_case_in_order_without_duplicates(env):

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from clms.ops import dead_letters
+from shared.inbound import dev_sender_key, sign_event
 from shared.topics import Topic, Topics
 from tests import builders
 from tests.e2e.harness import running_system
@@ -40,12 +41,20 @@ CONSUMERS = {  # topic -> services whose consumers read it
 }
 
 
+def unknown_of() -> dict:
+    unknown = builders.envelope().to_dict()
+    unknown["type"] = "case.teleported"
+    return unknown
+
+
 def poisons(topic: Topic) -> list[tuple[str, bytes]]:
     contract_breaking = builders.envelope().to_dict()
     contract_breaking["data"]["age_band"] = "ancient"
-    if topic is Topic.agency_inbound:
+    if topic is Topic.agency_inbound:  # signed by its office, as agency systems publish
         contract_breaking = {"specversion": "1.0", "id": "bad-1", "source": "police/prizren",
                              "type": "identification.submitted", "data": {"municipality": "atlantis"}}
+        return [("invalid_json", b"{this is not json"), ("unknown_type", orjson.dumps(unknown_of())),
+                ("invalid", sign_event(contract_breaking, dev_sender_key("police/prizren")))]
     unknown = builders.envelope().to_dict()
     unknown["type"] = "case.teleported"
     return [("invalid_json", b"{this is not json"), ("unknown_type", orjson.dumps(unknown)),
@@ -107,23 +116,33 @@ async def test_poison_events_are_dead_lettered_and_the_stream_moves_on(tmp_path)
             clms = str(Path(sys.executable).with_name("clms"))
             listed = subprocess.run([clms, "dlq", "list"], env=env, capture_output=True, text=True, timeout=60)
             assert listed.returncode == 0 and "invalid_json" in listed.stdout, listed.stdout + listed.stderr
-            out = subprocess.run([clms, "dlq", "replay", "--id", broken.id, "--fixed", str(fixed_file),
-                                  "--operator", "ops.test"], env=env, capture_output=True, text=True, timeout=60)
+            out = subprocess.run([clms, "dlq", "replay", "--id", broken.id, "--fixed", str(fixed_file)],
+                                 env=env, capture_output=True, text=True, timeout=60)
             assert out.returncode == 0 and "replayed 1" in out.stdout, out.stdout + out.stderr
             await wait_until(lambda: routed(fixed["subject"]), timeout_s=30, what="the replayed fixed event to be routed")
 
-            # an inbound identification is not copied to the dead-letter topic: replaying it needs --fixed
-            inbound_letter = next(d for d in inbound if d.letter.reason not in ("invalid_json", "unknown_type"))
+            # an inbound identification is not copied to the dead-letter topic: replay re-publishes the
+            # original, signed as its office sent it, from the inbound topic (it fails again: its data is bad)
+            inbound_letter = next(d for d in inbound if d.letter.reason == "invalid_identification")
             plain = subprocess.run([clms, "dlq", "replay", "--id", inbound_letter.id], env=env,
                                    capture_output=True, text=True, timeout=60)
-            assert plain.returncode == 0 and "needs --fixed" in plain.stdout, plain.stdout + plain.stderr
-            corrected = {"specversion": "1.0", "id": "bad-1-fixed", "source": "police/peje",
+            assert plain.returncode == 0 and "replayed 1 as os:" in plain.stdout, plain.stdout + plain.stderr
+            # an operator cannot vouch for an agency: an unsigned correction is refused ...
+            corrected = {"specversion": "1.0", "id": "bad-1-fixed", "source": "police/prizren",
                          "type": "identification.submitted", "data": _identification("peje")}
             fixed_file.write_text(json.dumps(corrected))
-            out = subprocess.run([clms, "dlq", "replay", "--id", inbound_letter.id, "--fixed", str(fixed_file)],
-                                 env=env, capture_output=True, text=True, timeout=60)
+            out = subprocess.run([clms, "dlq", "replay", "--id", inbound_letter.id, "--fixed", str(fixed_file),
+                                  "--force"], env=env, capture_output=True, text=True, timeout=60)
+            assert out.returncode != 0 and "signed by the agency office" in out.stderr, out.stdout + out.stderr
+            # ... the office's re-signed (and encrypted) correction goes through
+            from services.intake.inbound import public_key
+            from shared.inbound import inbound_message
+
+            fixed_file.write_bytes(inbound_message(corrected, recipient=public_key(settings)))
+            out = subprocess.run([clms, "dlq", "replay", "--id", inbound_letter.id, "--fixed", str(fixed_file),
+                                  "--force"], env=env, capture_output=True, text=True, timeout=60)
             assert out.returncode == 0 and "replayed 1" in out.stdout, out.stdout + out.stderr
             import uuid as _uuid
-            case_id = _uuid.uuid5(_uuid.uuid5(_uuid.NAMESPACE_URL, "clms-inbound:police/peje:bad-1-fixed"), "case")
+            case_id = _uuid.uuid5(_uuid.uuid5(_uuid.NAMESPACE_URL, "clms-inbound:police/prizren:bad-1-fixed"), "case")
             await wait_until(lambda: routed(str(case_id)), timeout_s=30, what="the corrected inbound identification")
         print(f"\n[reliability] {len(letters)} dead letters: {dict(reasons)}; good and replayed events processed")

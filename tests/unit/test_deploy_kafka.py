@@ -156,7 +156,7 @@ def test_topic_init_creates_every_registry_topic_with_its_partitions_and_retenti
         partitions, configs = created[topics.name(spec.topic)]
         assert partitions == spec.partitions
         assert configs["retention.ms"] == str(spec.retention_ms)
-        assert configs["cleanup.policy"] == "delete"
+        assert configs["cleanup.policy"] == spec.cleanup_policy
     script = (KAFKA / "init-topics.sh").read_text()
     assert 'RF="${KAFKA_REPLICATION_FACTOR:-1}"' in script and '--replication-factor "$RF"' in script
     assert "--if-not-exists" in script
@@ -182,3 +182,27 @@ def test_generated_files_are_fresh():
         sys.path.remove(str(KAFKA))
     for path, text in render.outputs().items():
         assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run deploy/kafka/render.py"
+
+
+def test_retention_is_the_registrys_and_the_same_in_compose_and_kubernetes():
+    """issue 15: inbound identifications and dead letters are kept days, not forever, and both
+    deployments say so with the registry's numbers (the event topics stay the event log)."""
+    day = 24 * 3600 * 1000
+    assert SPECS[Topic.agency_inbound].retention_ms == 3 * day
+    assert SPECS[Topic.dead_letters].retention_ms == 14 * day
+    for t in (Topic.case_events, Topic.referral_events, Topic.notification_events):
+        assert SPECS[t].retention_ms == -1 and SPECS[t].cleanup_policy == "delete"
+    compose = parse_topics()
+    k8s = {d["spec"]["topicName"]: d["spec"] for d in
+           yaml.safe_load_all((ROOT / "deploy" / "k8s" / "kafka" / "topics.yaml").read_text()) if d}
+    topics = Topics(Settings(_env_file=None).topic_prefix)
+    for spec in REGISTRY:
+        name = topics.name(spec.topic)
+        want = {"retention.ms": str(spec.retention_ms), "cleanup.policy": spec.cleanup_policy}
+        assert {k: compose[name][1][k] for k in want} == want, name
+        assert {k: str(k8s[name]["config"][k]) for k in want} == want, name
+        assert k8s[name]["partitions"] == compose[name][0] == spec.partitions
+    # the faust table changelogs are tables: compacted in both
+    for name, (_, configs) in compose.items():
+        if name.endswith("-changelog"):
+            assert configs["cleanup.policy"] == "compact" and k8s[name]["config"]["cleanup.policy"] == "compact"

@@ -177,13 +177,19 @@ def test_inbound_envelope_source_must_be_an_identifying_agency_office():
 
 
 def test_a_replayed_redaction_note_is_rejected_with_a_clear_reason():
+    from services.intake.inbound import InboundGate
     from services.intake.service import InboundRejected, parse_inbound
     from services.intake.worker import REDACTED
+    from shared.inbound import sign_event
+
+    gate = InboundGate.build(Settings(_env_file=None, CLMS_ENV="test"))
+    with pytest.raises(InboundRejected) as exc:
+        parse_inbound(REDACTED, gate=gate)
+    assert exc.value.reason == "redacted_replay"
+    from shared.inbound import dev_sender_key
 
     with pytest.raises(InboundRejected) as exc:
-        parse_inbound(REDACTED)
-    assert exc.value.reason == "redacted_replay"
-    with pytest.raises(InboundRejected) as exc:
-        parse_inbound(b'{"specversion":"1.0","type":"identification.submitted","id":"x","source":"police/prizren",'
-                      b'"data":{"municipality":"prizren"}}')
+        parse_inbound(sign_event({"specversion": "1.0", "type": "identification.submitted", "id": "x",
+                                  "source": "police/prizren", "data": {"municipality": "prizren"}},
+                                 dev_sender_key("police/prizren")), gate=gate)
     assert exc.value.reason == "invalid_identification" and "data.identified_on" in exc.value.error
