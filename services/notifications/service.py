@@ -27,6 +27,7 @@ from services.notifications.channels import (
 from services.notifications.directory import SEED_FILE, Officer, default_language, parse_roster
 from services.notifications.render import render
 from shared import outbox
+from shared.redact import redact_contacts
 from shared.db import migrate
 from shared.events import (
     Channel,
@@ -573,6 +574,8 @@ class DeliveryLoop:
             error = str(exc)
         except Exception as exc:  # noqa: BLE001 - an unexpected sender bug must not stop the loop
             error = f"{type(exc).__name__}: {exc}"[:300]
+        if error is not None:  # an SMTP or gateway answer may quote the officer's address
+            error = redact_contacts(error)
         lease.recording.add(r["notification_id"])  # from here on the keeper leaves this row alone
         attempt = r["attempts"] + 1
         # A failure is recorded only under this replica's lease token; a success always (the
