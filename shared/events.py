@@ -224,6 +224,11 @@ class CaseIdentified(_CaseData):
 
 
 class CaseUpdated(_CaseData):
+    """Changed categories only (R re-routes, A moves the case between breakdown cells):
+    school_status, sector, hazardous, employer_involved as in CaseIdentified; the activity code
+    and the caseworker's id are not published (no consumer needs them), only the agency
+    (`updated_by_agency`)."""
+
     event_type: ClassVar[str] = "case.updated"
     school_status: SchoolStatus | None = None
     sector: Sector | None = None
@@ -233,6 +238,11 @@ class CaseUpdated(_CaseData):
 
 
 class _CaseOutcome(_CaseData):
+    """Withdrawn / enrolled / closed. `on` is the day the agency confirmed it: no consumer in this
+    repository reads it (A counts the stage, R closes referrals on case.closed by `reason`); it is
+    a date about the case, not the child's, kept in v1 for agency systems reading the topic.
+    `confirmed_by_agency` names an agency, never an officer."""
+
     on: date
     confirmed_by_agency: AgencyType
 
@@ -259,6 +269,10 @@ class CaseClosed(_CaseOutcome):
 
 
 class _ReferralData(EventData):
+    """Every referral event: ids (intake grants access per referral, A counts per referral),
+    municipality and agency (A's open/overdue counts, N's audience), office_id (N resolves the
+    duty officers of that office; intake records the office that may read the case)."""
+
     referral_id: uuid.UUID
     case_id: uuid.UUID
     municipality: Municipality
@@ -267,6 +281,10 @@ class _ReferralData(EventData):
 
 
 class ReferralCreated(_ReferralData):
+    """rule_id/rule_version/legal_basis/priority/deadline: N renders them in the alert and picks
+    the channels by priority; age_band and sector: N's alert text (categories, never identity);
+    reported_by: N alerts the reporting officer (an officer id, never a contact address)."""
+
     event_type: ClassVar[str] = "referral.created"
     rule_id: str
     rule_version: int
@@ -279,6 +297,10 @@ class ReferralCreated(_ReferralData):
 
 
 class ReferralActed(_ReferralData):
+    """from_status/to_status: A's funnel, N's follow-up alerts. `actor` (the officer's id): no
+    consumer in this repository reads it (the referral service keeps who acted in its own
+    history); it is required in schema v1, so dropping it waits for v2 (README, Privacy)."""
+
     actor: str = Field(description="Subject (officer id) that acted")
     from_status: ReferralStatus
     to_status: ReferralStatus
@@ -335,12 +357,19 @@ class ReferralOverdue(_ReferralData):
 
 
 class ReferralEscalated(_ReferralData):
+    """escalated_to: N alerts that coordinator; reason: N's alert text."""
+
     event_type: ClassVar[str] = "referral.escalated"
     reason: Literal["overdue", "declined", "unacknowledged_alert"]
     escalated_to: str = Field(description="Subject of the coordinator the referral was escalated to")
 
 
 class _NotificationData(EventData):
+    """A counts notifications by channel and outcome. `recipient` is an officer's id, never a
+    contact address; no consumer in this repository reads it (v2 candidate, README, Privacy).
+    NotificationFailed.error is redacted of e-mail addresses and phone numbers
+    (shared.redact) before it is stored or published."""
+
     notification_id: uuid.UUID
     referral_id: uuid.UUID | None = None
     case_id: uuid.UUID | None = None

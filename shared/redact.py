@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+EMAIL = re.compile(r"[A-Za-z0-9.!#$%&*+/=?^_`{|}~-][A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+")
 _PHONE = re.compile(r"(?<![\w.+-])\+?\(?\d[\d \t().\-/]{5,22}\d(?![\w-])")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
