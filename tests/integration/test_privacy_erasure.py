@@ -236,3 +236,41 @@ async def test_erase_leaves_no_identity_or_pseudonym_readable_in_the_database_or
             assert orjson.loads(r.value)["data"]["linked_case_id"] is None
     on_case_events = sorted(h[0] for t, _, h in remaining if t == topics.case_events)
     assert on_case_events == sorted([tokens[0], tokens[0], tokens[1]])
+
+
+async def test_erase_relinks_later_cases_and_unnames_the_case_in_older_outbox_rows(env):
+    """Three reports of one child: erasing the first re-links the third to the second; a
+    case.identified written before per-case tokens (cross-case `cr_` pseudonym, a link) loses both."""
+    from services.intake import service
+    from services.intake.app import create_app
+    from tests.integration.test_intake_api import identification
+
+    async with running(create_app(env, run_consumer=False, run_relay=False)) as client:
+        a, b, c = [(await client.post("/v1/identifications", json=identification(), headers=police(env))).json()
+                   for _ in range(3)]
+        assert b["linked_case_id"] == c["linked_case_id"] == a["case_id"]
+        intake = client._transport.app.state.intake  # type: ignore[attr-defined]
+        conn = await asyncpg.connect(env.database_url)
+        try:
+            pseudonym = await conn.fetchval("select child_ref from intake.cases where case_id = $1",
+                                            uuid.UUID(a["case_id"]))
+            # rows as the previous release wrote them: the pseudonym on a's event, a link on b's
+            for cid, link in ((a["case_id"], None), (b["case_id"], a["case_id"])):
+                await conn.execute(
+                    "update intake.outbox set envelope = jsonb_set(jsonb_set(envelope, '{data,child_ref}', "
+                    "to_jsonb($2::text)), '{data,linked_case_id}', coalesce(to_jsonb($3::text), 'null'::jsonb)) "
+                    "where key = $1", cid, pseudonym, link)
+            actor = service.Actor(sub="ops", agency=ev.AgencyType.coordinator, municipality="*",
+                                  roles=("operator",), channel="cli")
+            await service.erase_case(intake, case_id=uuid.UUID(a["case_id"]), actor=actor)
+            links = dict(await conn.fetch("select case_id::text, linked_case_id::text from intake.cases"))
+            assert links == {a["case_id"]: None, b["case_id"]: None, c["case_id"]: b["case_id"]}
+            rows = {r["key"]: orjson.loads(r["envelope"])["data"] for r in await conn.fetch(
+                "select key, envelope from intake.outbox where event_type = 'case.identified'")}
+            assert rows[a["case_id"]]["child_ref"] == ERASED_CHILD_REF
+            assert rows[b["case_id"]]["linked_case_id"] is None
+            assert rows[b["case_id"]]["child_ref"] == pseudonym  # b is not erased: the same child, kept
+            view = (await client.get(f"/v1/cases/{c['case_id']}", headers=police(env))).json()
+            assert view["linked_case_id"] == b["case_id"] and view["repeat_identification"] is True
+        finally:
+            await conn.close()
