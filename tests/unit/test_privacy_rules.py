@@ -118,3 +118,16 @@ def test_every_case_identified_field_has_its_reason_next_to_the_model():
     doc = ev.CaseIdentified.__doc__ or ""
     for name in ev.CaseIdentified.model_fields:
         assert name in doc, f"CaseIdentified.{name} has no line in the model's field table"
+
+
+def test_production_refuses_the_development_master_key_inside_encryption_master_keys():
+    from shared.settings import Settings
+    from tests.unit.test_deploy_settings import REAL
+
+    dev = "ZGV2LW9ubHktY2hhbmdlLW1lLW1hc3Rlci1rZXktMzI="
+    with pytest.raises(ValueError, match="ENCRYPTION_MASTER_KEYS still holds the development master key"):
+        Settings(_env_file=None, CLMS_ENV="production", **REAL, ENCRYPTION_MASTER_KEYS=f"old:{dev},new:{key()}")
+    ok = Settings(_env_file=None, CLMS_ENV="production", **REAL, ENCRYPTION_MASTER_KEYS=f"old:{key()},new:{key()}")
+    assert CaseCipher.from_settings(ok).kids == ("old", "new")
+    assert CaseCipher.from_settings(Settings(_env_file=None, ENCRYPTION_MASTER_KEYS=" ")).kids == (
+        derived_kid(base64.urlsafe_b64decode(dev)),)
