@@ -297,11 +297,11 @@ class ReferralCreated(_ReferralData):
 
 
 class ReferralActed(_ReferralData):
-    """from_status/to_status: A's funnel, N's follow-up alerts. `actor` (the officer's id): no
-    consumer in this repository reads it (the referral service keeps who acted in its own
-    history); it is required in schema v1, so dropping it waits for v2 (README, Privacy)."""
+    """from_status/to_status: A's funnel, N's follow-up alerts. `actor` (the officer's id) is no
+    longer published (null): no consumer reads it, and the referral service keeps who acted in
+    its own history (`GET /v1/referrals/{id}`). Older records carry it and still parse."""
 
-    actor: str = Field(description="Subject (officer id) that acted")
+    actor: str | None = Field(None, description="Deprecated, not published: who acted is in the referral's history")
     from_status: ReferralStatus
     to_status: ReferralStatus
 
@@ -365,15 +365,18 @@ class ReferralEscalated(_ReferralData):
 
 
 class _NotificationData(EventData):
-    """A counts notifications by channel and outcome. `recipient` is an officer's id, never a
-    contact address; no consumer in this repository reads it (v2 candidate, README, Privacy).
-    NotificationFailed.error is redacted of e-mail addresses and phone numbers
-    (shared.redact) before it is stored or published."""
+    """A counts notifications by channel and outcome (referral_id/case_id: the key and the case
+    state). `recipient` (the officer's id) is no longer published (null): no consumer reads it;
+    `notification_id` is uuid5(event id, officer, channel), so whoever knows an officer can still
+    match a notification, and the notifications service keeps the recipient in its own tables.
+    NotificationFailed.error is redacted of e-mail addresses and phone numbers (shared.redact)
+    before it is stored or published."""
 
     notification_id: uuid.UUID
     referral_id: uuid.UUID | None = None
     case_id: uuid.UUID | None = None
-    recipient: str = Field(description="Officer subject, never a contact address")
+    recipient: str | None = Field(None, description="Deprecated, not published: the officer is in the "
+                                                    "notifications service's own tables")
     channel: Channel
     cause_event_type: str
 

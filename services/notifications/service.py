@@ -148,7 +148,7 @@ class Cause:
 
 def _notification_envelope(model: type, row: dict[str, Any] | asyncpg.Record, **extra: Any) -> Envelope:
     data = model(notification_id=row["notification_id"], referral_id=row["referral_id"],
-                 case_id=row["case_id"], recipient=row["recipient"], channel=Channel(row["channel"]),
+                 case_id=row["case_id"], channel=Channel(row["channel"]),
                  cause_event_type=row["cause_event_type"], **extra)
     return Envelope.wrap(data, source=SOURCE, subject=str(row["case_id"]),
                          correlationid=row["correlation_id"], causationid=row["event_id"])
@@ -208,7 +208,7 @@ async def _create_notifications(
         # notification is written when it existed already (every step selects from its insert).
         sent = Envelope.wrap(
             NotificationSent(notification_id=p.notification_id, referral_id=facts.get("referral_id"),
-                             case_id=facts.get("case_id"), recipient=p.recipient, channel=Channel.inapp,
+                             case_id=facts.get("case_id"), channel=Channel.inapp,
                              cause_event_type=cause_event_type, attempt=1),
             source=SOURCE, subject=str(facts.get("case_id")), correlationid=correlation_id, causationid=event_id)
         alert = await conn.fetchrow(
