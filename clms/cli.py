@@ -355,11 +355,12 @@ def status(as_json: JsonOption = False) -> None:
 # --- service operator commands (each service owns its own; registered here) ----------------------
 
 def _register_service_commands() -> None:
-    from services.intake.cli import erase, inbound_key
+    from services.intake.cli import erase, inbound_key, keys_app
     from services.notifications.cli import officers_app
 
     app.command("erase")(erase)
     app.command("inbound-key")(inbound_key)
+    app.add_typer(keys_app, name="keys", help="Intake master keys: status, online rotation (clms keys rotate).")
     app.add_typer(officers_app, name="officers", help="Officer directory: import a roster (CSV), list officers.")
 
 

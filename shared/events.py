@@ -5,7 +5,7 @@ are generated from them (`clms schema`). Within a schema version only additive, 
 changes are allowed; anything else is a new version.
 
 No payload carries a name, birth date, address, phone number or free text: a child is
-`child_ref` (a keyed HMAC pseudonym) and an age band. `tests/unit/test_events.py` walks every
+`child_ref` (a per-case token, see CaseIdentified) and an age band. `tests/unit/test_events.py` walks every
 model and fails if a field looks like personal data.
 """
 
@@ -166,12 +166,33 @@ class _CaseData(EventData):
 
 
 class CaseIdentified(_CaseData):
+    """A child was identified. What each field is for (issue 15, item 6: every field is there
+    because a consumer needs it; R = referral routing rules, A = analytics counts, N =
+    notifications, via referral.created):
+
+    | field | consumer | why / how coarse |
+    |---|---|---|
+    | case_id, municipality | R, A, intake access | the key; routing to the municipality's offices |
+    | child_ref | API contract only | a per-case token `ct_...` (HMAC of the case id under the case's data key): links nothing across cases, and nobody can recompute it once `clms erase` destroyed that key. Until this release it was the cross-case HMAC pseudonym `cr_...`; records written then still carry it (README, Privacy) |
+    | linked_case_id | none | no longer published (always null; kept so older records parse). Linking two cases of one child stays inside intake, shown only to readers allowed to see both cases |
+    | identified_month | A (month of identification) | `YYYY-MM`: no consumer needs the day |
+    | identified_on | none | no longer published (null); older records carry the exact date, still understood |
+    | reporter_agency, report_source | R, A | citizen/NGO reports go to police for verification; counts by agency |
+    | reported_by | R -> N | the officer who reported is alerted about the referrals (officer id, no contact address) |
+    | age_band, compulsory_school_age | R, A | the band, never the age or birth date |
+    | sex, community | A | breakdowns of the funnel, published only through disclosure control |
+    | school_status, sector, hazardous, worst_form, employer_involved | R, A | routing conditions and counts |
+    | activity | none | no longer published (null): the rules route on sector and worst_form, which intake derives from the activity |
+    """
+
     event_type: ClassVar[str] = "case.identified"
-    child_ref: str = Field(min_length=16, max_length=128, description="Keyed HMAC pseudonym of the child")
+    child_ref: str = Field(min_length=16, max_length=128,
+                           description="Per-case token (ct_...): links no two cases; unrecoverable after erasure")
     linked_case_id: uuid.UUID | None = Field(
-        None, description="An earlier case of the same child_ref, when this one links to it"
-    )
-    identified_on: date
+        None, description="Deprecated, always null: linking stays inside intake")
+    identified_month: str | None = Field(None, pattern=r"^\d{4}-(0[1-9]|1[0-2])$",
+                                         description="Month of identification, YYYY-MM")
+    identified_on: date | None = Field(None, description="Deprecated (older records): the exact date")
     reporter_agency: AgencyType
     report_source: ReportSource = ReportSource.officer
     reported_by: str = Field(description="Subject (officer id) that recorded the identification")
@@ -181,13 +202,33 @@ class CaseIdentified(_CaseData):
     community: Community
     school_status: SchoolStatus
     sector: Sector
-    activity: str = Field(max_length=64, pattern=r"^[a-z0-9_]+$", description="Activity code, never free text")
+    activity: str | None = Field(None, max_length=64, pattern=r"^[a-z0-9_]+$",
+                                 description="Deprecated (older records): activity code, never free text")
     hazardous: bool
     worst_form: bool
     employer_involved: bool
 
+    @model_validator(mode="after")
+    def _month_or_date(self) -> "CaseIdentified":
+        if self.identified_month is None and self.identified_on is None:
+            raise ValueError("identified_month: field required (YYYY-MM)")
+        return self
+
+    @property
+    def month(self) -> str:
+        """YYYY-MM of the identification, from either form."""
+        if self.identified_month is not None:
+            return self.identified_month
+        assert self.identified_on is not None
+        return f"{self.identified_on.year:04d}-{self.identified_on.month:02d}"
+
 
 class CaseUpdated(_CaseData):
+    """Changed categories only (R re-routes, A moves the case between breakdown cells):
+    school_status, sector, hazardous, employer_involved as in CaseIdentified; the activity code
+    and the caseworker's id are not published (no consumer needs them), only the agency
+    (`updated_by_agency`)."""
+
     event_type: ClassVar[str] = "case.updated"
     school_status: SchoolStatus | None = None
     sector: Sector | None = None
@@ -197,6 +238,11 @@ class CaseUpdated(_CaseData):
 
 
 class _CaseOutcome(_CaseData):
+    """Withdrawn / enrolled / closed. `on` is the day the agency confirmed it: no consumer in this
+    repository reads it (A counts the stage, R closes referrals on case.closed by `reason`); it is
+    a date about the case, not the child's, kept in v1 for agency systems reading the topic.
+    `confirmed_by_agency` names an agency, never an officer."""
+
     on: date
     confirmed_by_agency: AgencyType
 
@@ -223,6 +269,10 @@ class CaseClosed(_CaseOutcome):
 
 
 class _ReferralData(EventData):
+    """Every referral event: ids (intake grants access per referral, A counts per referral),
+    municipality and agency (A's open/overdue counts, N's audience), office_id (N resolves the
+    duty officers of that office; intake records the office that may read the case)."""
+
     referral_id: uuid.UUID
     case_id: uuid.UUID
     municipality: Municipality
@@ -231,6 +281,10 @@ class _ReferralData(EventData):
 
 
 class ReferralCreated(_ReferralData):
+    """rule_id/rule_version/legal_basis/priority/deadline: N renders them in the alert and picks
+    the channels by priority; age_band and sector: N's alert text (categories, never identity);
+    reported_by: N alerts the reporting officer (an officer id, never a contact address)."""
+
     event_type: ClassVar[str] = "referral.created"
     rule_id: str
     rule_version: int
@@ -243,7 +297,11 @@ class ReferralCreated(_ReferralData):
 
 
 class ReferralActed(_ReferralData):
-    actor: str = Field(description="Subject (officer id) that acted")
+    """from_status/to_status: A's funnel, N's follow-up alerts. `actor` (the officer's id) is no
+    longer published (null): no consumer reads it, and the referral service keeps who acted in
+    its own history (`GET /v1/referrals/{id}`). Older records carry it and still parse."""
+
+    actor: str | None = Field(None, description="Deprecated, not published: who acted is in the referral's history")
     from_status: ReferralStatus
     to_status: ReferralStatus
 
@@ -299,16 +357,26 @@ class ReferralOverdue(_ReferralData):
 
 
 class ReferralEscalated(_ReferralData):
+    """escalated_to: N alerts that coordinator; reason: N's alert text."""
+
     event_type: ClassVar[str] = "referral.escalated"
     reason: Literal["overdue", "declined", "unacknowledged_alert"]
     escalated_to: str = Field(description="Subject of the coordinator the referral was escalated to")
 
 
 class _NotificationData(EventData):
+    """A counts notifications by channel and outcome (referral_id/case_id: the key and the case
+    state). `recipient` (the officer's id) is no longer published (null): no consumer reads it;
+    `notification_id` is uuid5(event id, officer, channel), so whoever knows an officer can still
+    match a notification, and the notifications service keeps the recipient in its own tables.
+    NotificationFailed.error is redacted of e-mail addresses and phone numbers (shared.redact)
+    before it is stored or published."""
+
     notification_id: uuid.UUID
     referral_id: uuid.UUID | None = None
     case_id: uuid.UUID | None = None
-    recipient: str = Field(description="Officer subject, never a contact address")
+    recipient: str | None = Field(None, description="Deprecated, not published: the officer is in the "
+                                                    "notifications service's own tables")
     channel: Channel
     cause_event_type: str
 

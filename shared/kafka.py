@@ -15,6 +15,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from shared.redact import redact_contacts
 from shared import tansu
 from shared.events import Envelope
 from shared.settings import Settings
@@ -201,7 +202,8 @@ class DeadLetter:
             (DLQ_HEADER_OFFSET, str(self.offset).encode()),
             (DLQ_HEADER_GROUP, self.group.encode()),
             (DLQ_HEADER_REASON, self.reason.encode()),
-            (DLQ_HEADER_ERROR, self.error[:1000].encode()),
+            # error texts of libraries may quote an officer's e-mail or a phone number
+            (DLQ_HEADER_ERROR, redact_contacts(self.error)[:1000].encode()),
             (DLQ_HEADER_TIME, str(int(time.time() * 1000)).encode()),
         ]
 

@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     encryption_master_key: SecretStr = Field(
         SecretStr("ZGV2LW9ubHktY2hhbmdlLW1lLW1hc3Rlci1rZXktMzI="), alias="ENCRYPTION_MASTER_KEY"
     )
+    # Several master keys with key ids, "kid:key,kid:key" (the newest last; it wraps new data
+    # keys, the older ones still unwrap theirs until `clms keys rotate` re-wrapped them). When
+    # set it replaces ENCRYPTION_MASTER_KEY. README, Privacy: rotating the master key.
+    encryption_master_keys: SecretStr | None = Field(None, alias="ENCRYPTION_MASTER_KEYS")
     webhook_secret: SecretStr = Field(SecretStr(DEV_PLACEHOLDER + "-webhook"), alias="WEBHOOK_SECRET")
     # Keys the HMAC-SHA256 in intake.idempotency_keys.request_hash, so a dumped row cannot be
     # matched by hashing guessed identifications (names, birth dates). Its own secret: rotating
@@ -266,6 +270,10 @@ class Settings(BaseSettings):
                         f"{name.upper()} still holds the development placeholder; set a real secret "
                         "before running with CLMS_ENV=production"
                     )
+            keys = self.encryption_master_keys
+            if keys is not None and "ZGV2LW9ubHktY2hhbmdlLW1lLW1hc3Rlci1rZXktMzI=" in keys.get_secret_value():
+                raise ValueError("ENCRYPTION_MASTER_KEYS still holds the development master key; "
+                                 "give every kid a real key before running with CLMS_ENV=production")
         return self
 
     # --- derived ----------------------------------------------------------------------------

@@ -172,7 +172,7 @@ def apply_event(state: CaseState, envelope: ev.Envelope) -> tuple[CaseState, boo
 
     if isinstance(data, ev.CaseIdentified):
         new.municipality = data.municipality  # the identification is the authority
-        new.month = month_of(data.identified_on)
+        new.month = data.month  # identified_month (identified_on in older records)
         new.identification = {
             "reporter_agency": data.reporter_agency.value,
             "sector": data.sector.value,

@@ -217,9 +217,10 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
 
     @app.exception_handler(DecryptionError)
     async def _decrypt(request: Request, exc: DecryptionError) -> JSONResponse:
-        log.error("case data does not decrypt: is ENCRYPTION_MASTER_KEY the one the case was written with?")
+        log.error("case data does not decrypt: %s", exc)  # names the key id, never key material
         return JSONResponse({"detail": "This case's personal data cannot be decrypted with the configured "
-                                       "master key; an operator must check ENCRYPTION_MASTER_KEY."},
+                                       "master keys; an operator must check ENCRYPTION_MASTER_KEY(S) "
+                                       "(`clms keys status` lists the key ids in use)."},
                             status_code=503)
 
     async def check_db() -> str | None:

@@ -74,9 +74,63 @@ def erase(
     typer.echo(f"case {cid}: personal data erased, data key destroyed at {done.erased_at.isoformat()}{note}")
 
 
+keys_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                       help="Master keys of intake: status and online rotation of the wrapped data keys.")
+
+
+async def _keys(rotate: bool, batch: int):  # noqa: ANN202
+    from shared.db import create_pool
+    from services.intake import service
+    from services.intake.crypto import CaseCipher
+
+    settings = _settings()
+    cipher = CaseCipher.from_settings(settings)
+    pool = await create_pool(settings, min_size=1, max_size=1)
+    try:
+        if rotate:
+            return await service.rotate_keys(pool, cipher, batch=batch)
+        return await service.key_status(pool, cipher)
+    finally:
+        await pool.close()
+
+
+def _print_keys(done, *, rotated: bool) -> None:  # noqa: ANN001
+    if rotated:
+        typer.echo(f"re-wrapped {done.rewrapped} data key(s) under master key {done.newest}")
+    for kid, n in sorted(done.by_kid.items()):
+        mark = " (newest)" if kid == done.newest else (" (NOT CONFIGURED)" if kid in done.unknown else "")
+        typer.echo(f"{kid}{mark}: {n} data key(s)")
+    old = {k: n for k, n in done.by_kid.items() if k != done.newest}
+    if done.unknown:
+        typer.echo(f"{sum(done.unknown.values())} data key(s) are wrapped by a master key that is not in "
+                   "ENCRYPTION_MASTER_KEYS: add it back (kid:key), then run `clms keys rotate` again", err=True)
+    elif not old:
+        typer.echo("every data key is wrapped by the newest master key: older master keys can be removed "
+                   "from ENCRYPTION_MASTER_KEYS")
+
+
+@keys_app.command("status")
+def keys_status() -> None:
+    """How many data keys each master key (by key id) wraps."""
+    done = asyncio.run(_keys(False, 0))
+    _print_keys(done, rotated=False)
+    raise typer.Exit(1 if done.unknown else 0)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    batch: Annotated[int, typer.Option(min=1, help="Data keys re-wrapped per transaction")] = 200,
+) -> None:
+    """Re-wrap every data key with the newest master key (the last kid:key of ENCRYPTION_MASTER_KEYS),
+    online. Put the new key last on every intake replica first; remove the old one after this run."""
+    done = asyncio.run(_keys(True, batch))
+    _print_keys(done, rotated=True)
+    raise typer.Exit(1 if done.unknown else 0)
+
+
 # `clms erase CASE_ID` at the top level: clms/cli.py can register this one function with
 # `app.command("erase")(erase)`, or mount the group with `app.add_typer(intake_app, name="intake")`.
-__all__ = ["intake_app", "erase"]
+__all__ = ["intake_app", "erase", "keys_app"]
 
 
 @intake_app.command("inbound-key")

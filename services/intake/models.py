@@ -165,9 +165,13 @@ class IdentificationRequest(Strict):
 
 class IdentificationAccepted(BaseModel):
     case_id: uuid.UUID
-    child_ref: str
+    child_ref: str = Field(description="Per-case token (ct_...), the one case.identified carries; it links "
+                                       "no two cases and no one can recompute it once the case is erased")
     linked_case_id: uuid.UUID | None = Field(
-        None, description="An earlier case of the same child (same child_ref), when there is one")
+        None, description="The earliest earlier case of the same child, when there is one and the caller "
+                          "may read it (else null even when repeat_identification is true)")
+    repeat_identification: bool = Field(
+        False, description="The same child (same normalised names and birth year) was identified before")
     status: Literal["open"] = "open"
 
 
@@ -252,8 +256,10 @@ class CaseHistoryItem(BaseModel):
 
 class CaseView(BaseModel):
     case_id: uuid.UUID
-    child_ref: str | None = Field(description="null once the case was erased")
-    linked_case_id: uuid.UUID | None
+    child_ref: str | None = Field(description="The case's per-case token; null once the case was erased")
+    linked_case_id: uuid.UUID | None = Field(
+        description="The earliest earlier case of the same child, when the reader may read that case too")
+    repeat_identification: bool = Field(False, description="The same child was identified before")
     municipality: str
     status: Literal["open", "closed"]
     identified_on: date

@@ -36,7 +36,7 @@ from shared.events import (
 from shared.settings import Settings
 from shared.topics import Topic
 from services.intake import rules
-from services.intake.crypto import CaseCipher, parse_master_key
+from services.intake.crypto import ERASED_CHILD_REF, CaseCipher
 from services.intake.inbound import InboundGate, InboundRejected
 from services.intake.models import (
     CaseEventAccepted,
@@ -93,7 +93,7 @@ class Intake:
         return cls(
             pool=pool,
             settings=settings,
-            cipher=CaseCipher(parse_master_key(settings.encryption_master_key.get_secret_value())),
+            cipher=CaseCipher.from_settings(settings),
             child_ref_key=settings.child_ref_key.get_secret_value().encode(),
             idempotency_key=settings.idempotency_hmac_key.get_secret_value().encode(),
             inbound=kw.pop("inbound", None) or InboundGate.build(settings),
@@ -216,9 +216,7 @@ with l as (
     select $9, $7, $8, 'case.create', 'ok', case_id, $27, $10 from c
 ), o as (
     insert into {SCHEMA}.outbox(event_id, topic, key, event_type, envelope)
-    select $25, $28, case_id::text, $26,
-           jsonb_set($29::jsonb, '{{data,linked_case_id}}', coalesce(to_jsonb(linked_case_id), 'null'::jsonb))
-    from c
+    select $25, $28, case_id::text, $26, $29::jsonb from c
 )
 select linked from l
 """
@@ -272,14 +270,19 @@ async def identify(
                 inbox_id, INBOUND_CONSUMER, IDENTIFICATION_SUBMITTED,
             )
             if claimed is None:
-                row = await conn.fetchrow(f"select case_id, child_ref, linked_case_id from {SCHEMA}.cases "
-                                          "where case_id = $1", case_id)
+                row = await conn.fetchrow(
+                    f"select c.linked_case_id, k.wrapped_key, k.master_key_id from {SCHEMA}.cases c "
+                    f"left join {SCHEMA}.case_keys k using (case_id) where c.case_id = $1", case_id)
+                token = (intake.cipher.token(case_id, row["wrapped_key"], row["master_key_id"])
+                         if row is not None and row["wrapped_key"] is not None else ERASED_CHILD_REF)
+                linked = row["linked_case_id"] if row is not None else None
                 return Identified(IdentificationAccepted(
-                    case_id=case_id, child_ref=(row and row["child_ref"]) or ref,
-                    linked_case_id=row and row["linked_case_id"]), replayed=True)
+                    case_id=case_id, child_ref=token, repeat_identification=linked is not None,
+                    linked_case_id=await _visible_link(conn, actor=actor, linked=linked)), replayed=True)
         # serialised per child (advisory lock inside), so the second of two simultaneous reports links
         linked = await conn.fetchval(f"select {SCHEMA}.first_case_of($1)", ref)
-        answer = IdentificationAccepted(case_id=case_id, child_ref=ref, linked_case_id=linked)
+        answer = IdentificationAccepted(case_id=case_id, child_ref=sealed.token, repeat_identification=linked is not None,
+                                        linked_case_id=await _visible_link(conn, actor=actor, linked=linked))
         if idempotency_key is not None:
             inserted = await conn.fetchval(
                 f"insert into {SCHEMA}.idempotency_keys(subject, key, request_hash, case_id, response) "
@@ -299,7 +302,7 @@ async def identify(
                 await _audit(conn, actor=actor, action="case.create", outcome="replayed", case_id=previous.case_id)
                 return Identified(previous, replayed=True)
 
-        envelope = _identified_event(actor=actor, request=request, case_id=case_id, ref=ref, linked=linked,
+        envelope = _identified_event(actor=actor, request=request, case_id=case_id, token=sealed.token,
                                      age=age, worst=worst, correlationid=correlationid, causationid=causationid)
         # One statement, one round trip: case, wrapped key, history, audit and outbox rows
         # (the outbox columns are those of shared.outbox.append).
@@ -314,28 +317,41 @@ async def _identify_one_statement(intake: Intake, *, actor: Actor, request: Iden
                                   case_id: uuid.UUID, ref: str, age: int, worst: bool, sealed: Any,
                                   correlationid: str | None, causationid: str | None) -> Identified:
     # linked_case_id is set by the statement, from the lookup under the child's lock
-    envelope = _identified_event(actor=actor, request=request, case_id=case_id, ref=ref, linked=None,
+    envelope = _identified_event(actor=actor, request=request, case_id=case_id, token=sealed.token,
                                  age=age, worst=worst, correlationid=correlationid, causationid=causationid)
     async with intake.pool.acquire() as conn:
         linked = await conn.fetchval(_IDENTIFY_ONE_STATEMENT, *_case_args(
             actor=actor, request=request, case_id=case_id, ref=ref, linked=None, age=age, worst=worst,
             sealed=sealed, envelope=envelope))
-    intake.on_commit()
-    return Identified(IdentificationAccepted(case_id=case_id, child_ref=ref, linked_case_id=linked))
+        intake.on_commit()
+        visible = await _visible_link(conn, actor=actor, linked=linked)
+    return Identified(IdentificationAccepted(case_id=case_id, child_ref=sealed.token, linked_case_id=visible,
+                                             repeat_identification=linked is not None))
 
 
-def _identified_event(*, actor: Actor, request: IdentificationRequest, case_id: uuid.UUID, ref: str,
-                      linked: uuid.UUID | None, age: int, worst: bool, correlationid: str | None,
-                      causationid: str | None) -> Envelope:
-    """The published `case.identified`: pseudonym and categories only."""
+async def _visible_link(conn: asyncpg.Connection, *, actor: Actor, linked: uuid.UUID | None) -> uuid.UUID | None:
+    """The linked case id when this actor may read that case too, else None: a link tells that
+    two cases are one child, so it is shown only to a reader allowed to see both."""
+    if linked is None:
+        return None
+    case = await conn.fetchrow(f"select case_id, municipality, reporter_agency, reporter_municipality "
+                               f"from {SCHEMA}.cases where case_id = $1", linked)
+    return linked if case is not None and await _authorise(conn, actor=actor, case=case) else None
+
+
+def _identified_event(*, actor: Actor, request: IdentificationRequest, case_id: uuid.UUID, token: str,
+                      age: int, worst: bool, correlationid: str | None, causationid: str | None) -> Envelope:
+    """The published `case.identified`: a per-case token and categories only (no link to other
+    cases, the month rather than the day, no activity code: shared.events.CaseIdentified)."""
     child = request.child
     data = CaseIdentified(
-        case_id=case_id, municipality=request.municipality, child_ref=ref, linked_case_id=linked,
-        identified_on=request.identified_on, reporter_agency=actor.agency,
+        case_id=case_id, municipality=request.municipality, child_ref=token,
+        identified_month=f"{request.identified_on.year:04d}-{request.identified_on.month:02d}",
+        reporter_agency=actor.agency,
         report_source=request.report_source, reported_by=actor.sub, age_band=rules.age_band(age),
         compulsory_school_age=rules.is_compulsory_school_age(age), sex=child.sex,
         community=child.community, school_status=child.school_status, sector=request.work.sector,
-        activity=request.work.activity, hazardous=request.work.hazardous, worst_form=worst,
+        hazardous=request.work.hazardous, worst_form=worst,
         employer_involved=request.work.employer_involved,
     )
     return Envelope.wrap(data, source=actor.source, subject=case_id,
@@ -391,7 +407,9 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
             denied = True
             await _audit(conn, actor=actor, action="case.read", outcome="denied", case_id=case_id)
         else:
-            key = await conn.fetchval(f"select wrapped_key from {SCHEMA}.case_keys where case_id = $1", case_id)
+            key = await conn.fetchrow(f"select wrapped_key, master_key_id from {SCHEMA}.case_keys "
+                                      "where case_id = $1", case_id)
+            linked = await _visible_link(conn, actor=actor, linked=case["linked_case_id"])
             history = await conn.fetch(
                 f"select event_id, event_type, at, actor, agency from {SCHEMA}.case_events "
                 "where case_id = $1 order by at, event_id", case_id)
@@ -402,12 +420,15 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
         raise CaseNotFound(f"no case {case_id}")
     if denied:
         raise _denied(actor, case_id)
-    personal = None
+    personal = token = None
     if key is not None and case["pii_ciphertext"] is not None:
-        raw = intake.cipher.open(case_id, ciphertext=case["pii_ciphertext"], wrapped_key=key)
+        raw = intake.cipher.open(case_id, ciphertext=case["pii_ciphertext"], wrapped_key=key["wrapped_key"],
+                                 kid=key["master_key_id"])
         personal = PersonalView.model_validate(orjson.loads(raw))
+        token = intake.cipher.token(case_id, key["wrapped_key"], key["master_key_id"])
     return CaseView(
-        case_id=case_id, child_ref=case["child_ref"], linked_case_id=case["linked_case_id"],
+        case_id=case_id, child_ref=token, linked_case_id=linked,
+        repeat_identification=case["linked_case_id"] is not None,
         municipality=case["municipality"], status=case["status"], identified_on=case["identified_on"],
         report_source=case["report_source"], reporter_agency=case["reporter_agency"],
         reporter_municipality=case["reporter_municipality"], reported_by=case["reported_by"],
@@ -555,10 +576,24 @@ class Erasure:
 
 
 async def erase_case(intake: Intake | asyncpg.Pool, *, case_id: uuid.UUID, actor: Actor) -> Erasure:
-    """Crypto-erase one case: delete its data key (the ciphertext becomes unreadable for good, also in
-    backups), drop the ciphertext and the child_ref, forget idempotency answers naming it. The
-    case's non-personal facts (municipality, sector, age band, history) stay for the statistics."""
+    """Erase one case's identity and pseudonyms, in one transaction:
+
+    - delete its data key (crypto-erasure: the ciphertext, also any copy of it in an older backup,
+      no longer opens, and the per-case token derived from that key can no longer be computed),
+      and drop the ciphertext;
+    - drop the cross-case pseudonym (`cases.child_ref`, the HMAC of names and birth year that
+      links cases of one child) and every link to or from the case: cases that linked to it link
+      to the earliest remaining earlier case of the same child, or to none;
+    - rewrite intake's outbox (the durable event log `make run` replays into an empty broker): the
+      case's `case.identified` keeps its facts but its child_ref becomes ERASED_CHILD_REF, and no
+      row keeps a linked_case_id naming the case (rows written before per-case tokens carried it);
+    - delete the Idempotency-Key answers of the case and unname it in other answers.
+
+    The case's non-personal facts (municipality, sector, age band, history, audit) stay for the
+    statistics and the legal trail. What erasure cannot reach (broker records, WAL, backups):
+    README, Privacy."""
     pool = intake.pool if isinstance(intake, Intake) else intake
+    cid = str(case_id)
     async with pool.acquire() as conn, conn.transaction():
         case = await conn.fetchrow(f"select case_id, erased_at from {SCHEMA}.cases where case_id = $1 for update",
                                    case_id)
@@ -570,18 +605,75 @@ async def erase_case(intake: Intake | asyncpg.Pool, *, case_id: uuid.UUID, actor
             already = case["erased_at"] is not None
             await conn.execute(f"delete from {SCHEMA}.case_keys where case_id = $1", case_id)
             erased_at = await conn.fetchval(
-                f"update {SCHEMA}.cases set pii_ciphertext = null, child_ref = null, "
+                f"update {SCHEMA}.cases set pii_ciphertext = null, child_ref = null, linked_case_id = null, "
                 "erased_at = coalesce(erased_at, now()), updated_at = now() where case_id = $1 returning erased_at",
                 case_id)
+            await conn.execute(
+                f"""update {SCHEMA}.cases c set linked_case_id = (
+                        select f.case_id from {SCHEMA}.cases f
+                        where f.child_ref = c.child_ref and (f.created_at, f.case_id) < (c.created_at, c.case_id)
+                        order by f.created_at, f.case_id limit 1)
+                    where c.linked_case_id = $1""", case_id)
+            await conn.execute(
+                f"""update {SCHEMA}.outbox set envelope = jsonb_set(jsonb_set(envelope, '{{data,child_ref}}',
+                        to_jsonb($2::text)), '{{data,linked_case_id}}', 'null'::jsonb)
+                    where key = $1 and event_type = 'case.identified'""", cid, ERASED_CHILD_REF)
+            await conn.execute(
+                f"""update {SCHEMA}.outbox set envelope = jsonb_set(envelope, '{{data,linked_case_id}}', 'null'::jsonb)
+                    where event_type = 'case.identified' and envelope #>> '{{data,linked_case_id}}' = $1""", cid)
             await conn.execute(f"delete from {SCHEMA}.idempotency_keys where case_id = $1", case_id)
+            await conn.execute(
+                f"""update {SCHEMA}.idempotency_keys set response = jsonb_set(response, '{{linked_case_id}}', 'null'::jsonb)
+                    where response ->> 'linked_case_id' = $1""", cid)
             await _audit(conn, actor=actor, action="case.erase", outcome="ok", case_id=case_id)
     if problem is not None:
         raise problem
     return Erasure(case_id=case_id, erased_at=erased_at, already=already)
 
 
+# --- master key rotation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    newest: str  # the kid every data key is now wrapped with
+    rewrapped: int  # data keys re-wrapped by this run
+    by_kid: dict[str, int]  # data keys per master key id after the run
+    unknown: dict[str, int]  # data keys wrapped by a kid not configured here (cannot be re-wrapped)
+
+
+async def key_status(pool: asyncpg.Pool, cipher: CaseCipher) -> Rotation:
+    rows = await pool.fetch(f"select master_key_id, count(*) as n from {SCHEMA}.case_keys group by 1 order by 1")
+    by_kid = {r["master_key_id"]: r["n"] for r in rows}
+    return Rotation(newest=cipher.master_key_id, rewrapped=0, by_kid=by_kid,
+                    unknown={k: n for k, n in by_kid.items() if k not in cipher.kids})
+
+
+async def rotate_keys(pool: asyncpg.Pool, cipher: CaseCipher, *, batch: int = 200) -> Rotation:
+    """Re-wrap every data key not wrapped by the newest master key, online: short transactions of
+    `batch` rows, each row locked (`skip locked`) only while it is re-wrapped, so identifications,
+    reads and erasures go on meanwhile (they unwrap with whichever configured kid a row names).
+    An erasure that deleted a key meanwhile simply leaves nothing to re-wrap."""
+    old = [k for k in cipher.kids if k != cipher.master_key_id]
+    done = 0
+    while old:
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"select case_id, wrapped_key, master_key_id from {SCHEMA}.case_keys "
+                "where master_key_id = any($1::text[]) order by case_id limit $2 for update skip locked", old, batch)
+            for r in rows:
+                wrapped, kid = cipher.rewrap(r["case_id"], r["wrapped_key"], r["master_key_id"])
+                await conn.execute(f"update {SCHEMA}.case_keys set wrapped_key = $2, master_key_id = $3 "
+                                   "where case_id = $1", r["case_id"], wrapped, kid)
+        done += len(rows)
+        if len(rows) < batch:
+            break
+    status = await key_status(pool, cipher)
+    return Rotation(newest=status.newest, rewrapped=done, by_kid=status.by_kid, unknown=status.unknown)
+
+
 __all__ = [
     "Actor", "Intake", "identify", "get_case", "record_case_event", "apply_referral_event",
     "parse_inbound", "submit_inbound", "erase_case", "IntakeError", "Forbidden", "CaseNotFound",
-    "Conflict", "Invalid", "IdempotencyKeyReused", "InboundRejected",
+    "Conflict", "Invalid", "IdempotencyKeyReused", "InboundRejected", "rotate_keys", "key_status", "Rotation",
 ]

@@ -27,6 +27,7 @@ from services.notifications.channels import (
 from services.notifications.directory import SEED_FILE, Officer, default_language, parse_roster
 from services.notifications.render import render
 from shared import outbox
+from shared.redact import redact_contacts
 from shared.db import migrate
 from shared.events import (
     Channel,
@@ -157,7 +158,7 @@ class Cause:
 
 def _notification_envelope(model: type, row: dict[str, Any] | asyncpg.Record, **extra: Any) -> Envelope:
     data = model(notification_id=row["notification_id"], referral_id=row["referral_id"],
-                 case_id=row["case_id"], recipient=row["recipient"], channel=Channel(row["channel"]),
+                 case_id=row["case_id"], channel=Channel(row["channel"]),
                  cause_event_type=row["cause_event_type"], **extra)
     return Envelope.wrap(data, source=SOURCE, subject=str(row["case_id"]),
                          correlationid=row["correlation_id"], causationid=row["event_id"])
@@ -217,7 +218,7 @@ async def _create_notifications(
         # notification is written when it existed already (every step selects from its insert).
         sent = Envelope.wrap(
             NotificationSent(notification_id=p.notification_id, referral_id=facts.get("referral_id"),
-                             case_id=facts.get("case_id"), recipient=p.recipient, channel=Channel.inapp,
+                             case_id=facts.get("case_id"), channel=Channel.inapp,
                              cause_event_type=cause_event_type, attempt=1),
             source=SOURCE, subject=str(facts.get("case_id")), correlationid=correlation_id, causationid=event_id)
         alert = await conn.fetchrow(
@@ -583,6 +584,8 @@ class DeliveryLoop:
             error = str(exc)
         except Exception as exc:  # noqa: BLE001 - an unexpected sender bug must not stop the loop
             error = f"{type(exc).__name__}: {exc}"[:300]
+        if error is not None:  # an SMTP or gateway answer may quote the officer's address
+            error = redact_contacts(error)
         lease.recording.add(r["notification_id"])  # from here on the keeper leaves this row alone
         attempt = r["attempts"] + 1
         # A failure is recorded only under this replica's lease token; a success always (the

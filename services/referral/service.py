@@ -167,7 +167,7 @@ async def _close_with_case(conn: asyncpg.Connection, envelope: Envelope, now: da
     for r in rows:
         event = envelope.follow(ReferralClosed(
             referral_id=r["referral_id"], case_id=case.case_id, municipality=r["municipality"],
-            agency=AgencyType(r["agency"]), office_id=r["office_id"], actor=envelope.source,
+            agency=AgencyType(r["agency"]), office_id=r["office_id"],
             from_status=ReferralStatus(r["from_status"]), to_status=ReferralStatus.closed,
             case_reason=case.reason,
         ), source=SERVICE)
@@ -381,7 +381,7 @@ async def act(deps: Deps, *, claims: Claims, referral_id: uuid.UUID, action: sta
 
         base = dict(referral_id=referral_id, case_id=row["case_id"], municipality=row["municipality"],
                     agency=AgencyType(row["agency"]), office_id=row["office_id"],
-                    actor=claims.sub, from_status=current, to_status=to)
+                    from_status=current, to_status=to)  # who acted: the history row, not the topic
         sets = {"status": to.value, "updated_at": now}
         detail: dict[str, Any] = {}
         data: EventData

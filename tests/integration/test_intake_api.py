@@ -65,7 +65,8 @@ async def test_identification_is_published_without_personal_data_and_readable_by
         assert r.status_code == 201, r.text
         answer = r.json()
         case_id = answer["case_id"]
-        assert answer["child_ref"].startswith("cr_") and answer["linked_case_id"] is None
+        assert answer["child_ref"].startswith("ct_") and answer["linked_case_id"] is None
+        assert answer["repeat_identification"] is False
         assert r.headers["location"] == f"/v1/cases/{case_id}"
 
         records = await read_all(env, topics.case_events, min_count=1)
@@ -129,7 +130,10 @@ async def test_idempotency_key_returns_the_first_answer_and_refuses_another_body
         await conn.close()
 
 
-async def test_two_agencies_reporting_one_child_get_one_child_ref_and_a_link(env):
+async def test_two_agencies_reporting_one_child_link_inside_intake_only(env):
+    """Intake still recognises a second report of one child (same normalised names and birth
+    year), but the topic carries a per-case token and no link, and a reporter learns the earlier
+    case's id only when allowed to read that case."""
     topics = Topics(env.topic_prefix)
     async with running(create_app(env, run_consumer=False)) as client:
         first = await client.post("/v1/identifications", json=identification(), headers=police(env))
@@ -141,18 +145,34 @@ async def test_two_agencies_reporting_one_child_get_one_child_ref_and_a_link(env
         second = await client.post("/v1/identifications", json=second_body,
                                    headers=officer(env, "csw", "prishtine", roles=("reporter",)))
         assert first.status_code == second.status_code == 201, second.text
-        assert second.json()["child_ref"] == first.json()["child_ref"]
-        assert second.json()["linked_case_id"] == first.json()["case_id"]
+        # per-case tokens: two cases of one child carry unrelated child_refs
+        assert second.json()["child_ref"] != first.json()["child_ref"]
+        assert second.json()["child_ref"].startswith("ct_")
+        # csw/prishtine may not read police/prizren's case: it learns a repeat, not which case
+        assert second.json()["repeat_identification"] is True and second.json()["linked_case_id"] is None
+        # the first reporter may read both of its own cases: it gets the link
+        third = await client.post("/v1/identifications", json=identification(), headers=police(env))
+        assert third.json()["linked_case_id"] == first.json()["case_id"]
+        assert third.json()["repeat_identification"] is True
+        view = (await client.get(f"/v1/cases/{third.json()['case_id']}", headers=police(env))).json()
+        assert view["linked_case_id"] == first.json()["case_id"] and view["repeat_identification"] is True
+        assert view["child_ref"] == third.json()["child_ref"]
         other_child = await client.post(
             "/v1/identifications", headers=police(env),
             json=identification(child={**identification()["child"], "given_name": "Besnik"}))
-        assert other_child.json()["child_ref"] != first.json()["child_ref"]
+        assert other_child.json()["repeat_identification"] is False
         assert other_child.json()["linked_case_id"] is None
 
-        records = await read_all(env, topics.case_events, min_count=3)
+        records = await read_all(env, topics.case_events, min_count=4)
         by_case = {parse_envelope(r.value).subject: parse_envelope(r.value).data for r in records}
-        linked = by_case[second.json()["case_id"]]
-        assert str(linked.linked_case_id) == first.json()["case_id"] and linked.worst_form
+        for answer in (first, second, third):
+            published = by_case[answer.json()["case_id"]]
+            assert published.child_ref == answer.json()["child_ref"] and published.linked_case_id is None
+            assert published.identified_on is None and published.activity is None
+            assert published.identified_month == date.today().strftime("%Y-%m")
+        assert by_case[second.json()["case_id"]].worst_form
+        for r in records:  # no link between cases of one child on the topic
+            assert first.json()["case_id"].encode() not in r.value or parse_envelope(r.value).subject == first.json()["case_id"]
 
 
 async def test_scope_rules_and_an_audit_row_for_every_read(env):
@@ -295,7 +315,7 @@ async def test_erase_makes_the_personal_data_unreadable_and_keeps_the_facts(env)
             assert view["sector"] == "scrap_metal_waste"
             # the same child reported again no longer links to the erased case
             again = (await client.post("/v1/identifications", json=identification(), headers=police(env))).json()
-            assert again["linked_case_id"] is None
+            assert again["linked_case_id"] is None and again["repeat_identification"] is False
             with pytest.raises(service.CaseNotFound):
                 await service.erase_case(intake, case_id=uuid.uuid4(), actor=actor)
         finally:
