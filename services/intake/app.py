@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from shared import access
 from shared.auth import Verifier
 from shared.db import create_pool, migrate
 from shared.kafka import make_producer
@@ -122,6 +123,7 @@ async def _stop_tasks(tasks: list[asyncio.Task]) -> None:
 
 
 def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_consumer: bool = True) -> FastAPI:
+    access.policy()  # shared/access_policy.yaml, validated at start: a bad file stops the service here
     settings = settings or Settings()
     registry = CollectorRegistry()
     metrics = Metrics(registry)

@@ -12,13 +12,21 @@ from sse_starlette.sse import EventSourceResponse
 
 from services.notifications import service
 from services.notifications.models import Alert, Inbox
-from shared.auth import CurrentClaims
+from shared import access
+from shared.auth import Claims, CurrentClaims
 
 router = APIRouter(prefix="/v1/inbox", tags=["inbox"])
 
 
 def _state(request: Request) -> Any:
     return request.app.state.notifications
+
+
+def _own_inbox(claims: Claims) -> None:
+    """The inbox is the caller's own (shared/access_policy.yaml, inbox.read)."""
+    decision = access.allowed(claims, "inbox.read", access.Resource(owner=claims.sub))
+    if not decision:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, decision.reason)
 
 
 @router.get("", response_model=Inbox, summary="The caller's alerts, newest first")
@@ -28,12 +36,14 @@ async def inbox(
     unacked_only: Annotated[bool, Query(description="Only alerts not acknowledged yet")] = False,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> dict:
+    _own_inbox(claims)
     return await service.list_inbox(_state(request).pool, recipient=claims.sub, unacked_only=unacked_only,
                                     limit=limit)
 
 
 @router.post("/{alert_id}/ack", response_model=Alert, summary="Acknowledge one of the caller's alerts")
 async def ack(request: Request, claims: CurrentClaims, alert_id: UUID) -> dict:
+    _own_inbox(claims)
     st = _state(request)
     alert = await service.ack_alert(st.pool, alert_id=alert_id, recipient=claims.sub)
     if alert is None:
@@ -45,6 +55,7 @@ async def ack(request: Request, claims: CurrentClaims, alert_id: UUID) -> dict:
 @router.get("/stream", summary="Server-sent events: `alert` for each new alert of the caller",
             response_class=EventSourceResponse)
 async def stream(request: Request, claims: CurrentClaims) -> EventSourceResponse:
+    _own_inbox(claims)
     st = _state(request)
     hub: service.AlertHub = st.hub
     queue = hub.subscribe(claims.sub)
