@@ -80,8 +80,11 @@ class Grant:
     def describe(self) -> str:
         if self.public:
             return "anyone, also without a token"
-        return (f"{'/'.join(sorted(self.roles))} of {', '.join(sorted(self.agencies))} "
-                f"({self.scope.replace('_', ' ')})")
+        roles = sorted(self.roles)
+        roles_txt = roles[0] if len(roles) == 1 else f"{', '.join(roles[:-1])} or {roles[-1]}"
+        where = {"self": "their own items", "own_office": "their own office's",
+                 "own_municipality": "in their municipality", "national": "anywhere"}[self.scope]
+        return f"a {roles_txt} of {', '.join(sorted(self.agencies))} ({where})"
 
 
 @dataclass(frozen=True)

@@ -517,8 +517,7 @@ async def record_case_event(intake: Intake, *, actor: Actor, case_id: uuid.UUID,
             problem = CaseNotFound(f"no case {case_id}")
         elif decision is not None and decision.status == 403:
             await _audit(conn, actor=actor, action=f"case.event:{event.type}", outcome="denied", case_id=case_id)
-            problem = Forbidden(f"{actor.agency.value}/{actor.municipality} may not record "
-                                f"{event.type!r} on case {case_id}: {decision.reason}")
+            problem = Forbidden(f"{event.type!r} on case {case_id} refused: {decision.reason}")
         elif decision is not None and decision.status == 409 and case["status"] != "closed":
             await _audit(conn, actor=actor, action=f"case.event:{event.type}", outcome="conflict", case_id=case_id)
             problem = Conflict(f"case {case_id}: {decision.reason}")
