@@ -381,5 +381,25 @@ def render_matrix(p: Policy | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # python -m shared.access: print the matrix for the README
-    sys.stdout.write(render_matrix())
+README_BEGIN = "<!-- access matrix: python -m shared.access -->\n"
+README_END = "<!-- end access matrix -->"
+
+
+def write_readme(path: Path) -> bool:
+    """Put the rendered matrix between the README's markers; True when it changed."""
+    text = path.read_text(encoding="utf-8")
+    if README_BEGIN not in text or README_END not in text:
+        raise PolicyError(f"{path}: add the markers {README_BEGIN.strip()} and {README_END} where the matrix goes")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = head + README_BEGIN + render_matrix() + README_END + tail
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+if __name__ == "__main__":  # python -m shared.access [--readme README.md]: the matrix for the README
+    if len(sys.argv) == 3 and sys.argv[1] == "--readme":
+        print("updated" if write_readme(Path(sys.argv[2])) else "already current")
+    else:
+        sys.stdout.write(render_matrix())

@@ -153,7 +153,7 @@ def test_changing_hazardous_or_the_sector_needs_the_reclassify_rule():
 
 def test_the_readme_matrix_is_the_rendering_of_the_policy_file():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    begin, end = "<!-- access matrix: python -m shared.access -->\n", "<!-- end access matrix -->"
+    begin, end = access.README_BEGIN, access.README_END
     assert begin in readme and end in readme, "README lacks the access matrix markers"
     table = readme.split(begin, 1)[1].split(end, 1)[0]
-    assert table == render_matrix(), "README's access matrix is stale: paste `python -m shared.access`"
+    assert table == render_matrix(), "README's access matrix is stale: run `python -m shared.access --readme README.md`"
