@@ -73,6 +73,21 @@ class CaseCipher:
         except InvalidTag:
             raise DecryptionError(f"the data key of case {case_id} does not open with this master key") from None
 
+    def seal_note(self, case_id: uuid.UUID, *, wrapped_key: bytes, plaintext: bytes) -> bytes:
+        """A free-text note on the case (e.g. the coordinator's override reason) under the case's
+        own data key: erased with the case."""
+        data_key = self.unwrap(case_id, wrapped_key)
+        n = os.urandom(NONCE_BYTES)
+        return n + AESGCM(data_key).encrypt(n, plaintext, self._aad(case_id, "note"))
+
+    def open_note(self, case_id: uuid.UUID, *, ciphertext: bytes, wrapped_key: bytes) -> bytes:
+        data_key = self.unwrap(case_id, wrapped_key)
+        try:
+            return AESGCM(data_key).decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:],
+                                            self._aad(case_id, "note"))
+        except InvalidTag:
+            raise DecryptionError(f"a note of case {case_id} does not open with its key") from None
+
     def open(self, case_id: uuid.UUID, *, ciphertext: bytes, wrapped_key: bytes) -> bytes:
         data_key = self.unwrap(case_id, wrapped_key)
         try:

@@ -200,7 +200,7 @@ class ClosedIn(_Outcome):
         None, min_length=10, max_length=500,
         description="The coordinator's reason for closing a worst-form case while a police or prosecution "
                     "referral is still open (shared/access_policy.yaml, case.close_override); recorded on the "
-                    "case's event. Describe the decision, not the child: no names, dates of birth or addresses.")
+                    "case's event, encrypted like the case's personal data and never put on a topic.")
 
 
 class UpdatedIn(Strict):

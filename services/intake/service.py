@@ -421,7 +421,7 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
         else:
             key = await conn.fetchval(f"select wrapped_key from {SCHEMA}.case_keys where case_id = $1", case_id)
             history = await conn.fetch(
-                f"select event_id, event_type, at, actor, agency, detail from {SCHEMA}.case_events "
+                f"select event_id, event_type, at, actor, agency, detail, note_ciphertext from {SCHEMA}.case_events "
                 "where case_id = $1 order by at, event_id", case_id)
             offices = await conn.fetch(f"select distinct office_id from {SCHEMA}.case_access "
                                        "where case_id = $1 order by office_id", case_id)
@@ -449,10 +449,18 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
         created_at=case["created_at"], updated_at=case["updated_at"], erased_at=case["erased_at"],
         personal=personal,
         history=[CaseHistoryItem(event_id=h["event_id"], type=h["event_type"], at=h["at"], by=h["actor"],
-                                 agency=h["agency"],
-                                 detail=orjson.loads(h["detail"]) if h["detail"] else None) for h in history],
+                                 agency=h["agency"], detail=_history_detail(intake, case_id, h, key))
+                 for h in history],
         referred_to=[r["office_id"] for r in offices if r["office_id"]],
     )
+
+
+def _history_detail(intake: Intake, case_id: uuid.UUID, row: asyncpg.Record, key: bytes | None) -> dict | None:
+    detail = orjson.loads(row["detail"]) if row["detail"] else None
+    if row["note_ciphertext"] is not None and key is not None:
+        reason = intake.cipher.open_note(case_id, ciphertext=row["note_ciphertext"], wrapped_key=key).decode()
+        detail = {**(detail or {}), "override_reason": reason}
+    return detail
 
 
 # --- follow-up events -----------------------------------------------------------------------------------
@@ -533,15 +541,21 @@ async def record_case_event(intake: Intake, *, actor: Actor, case_id: uuid.UUID,
             await conn.execute(
                 f"update {SCHEMA}.cases set {sets + ', ' if sets else ''}updated_at = now() where case_id = $1",
                 case_id, *changes.values())
-            detail = None
+            detail, note = None, None
             if decision is not None and decision.overridden:
-                detail = orjson.dumps({"override_reason": event.override_reason,
-                                       "overrode_open_referrals": sorted(
-                                           set(access.policy().action("case.close").blocked_while_open))}).decode()
+                blocked = access.policy().action("case.close").blocked_while_open
+                open_now = await conn.fetch(f"select distinct agency from {SCHEMA}.case_access "
+                                            "where case_id = $1 and open", case_id)
+                detail = orjson.dumps({"coordinator_override": True, "overrode_open_referrals": sorted(
+                    r["agency"] for r in open_now if r["agency"] in blocked)}).decode()
+                key = await conn.fetchval(f"select wrapped_key from {SCHEMA}.case_keys where case_id = $1", case_id)
+                if key is not None:  # an erased case keeps no free text
+                    note = intake.cipher.seal_note(case_id, wrapped_key=key,
+                                                   plaintext=event.override_reason.encode())
             await conn.execute(
-                f"insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency, detail) "
-                "values($1,$2,$3,$4,$5,$6::jsonb)", envelope.id, case_id, envelope.type, actor.sub,
-                actor.agency.value, detail)
+                f"insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency, detail, "
+                "note_ciphertext) values($1,$2,$3,$4,$5,$6::jsonb,$7)", envelope.id, case_id, envelope.type,
+                actor.sub, actor.agency.value, detail, note)
             action = f"case.event:{envelope.type}" + (":override" if detail else "")
             await _audit(conn, actor=actor, action=action, outcome="ok", case_id=case_id)
             await outbox.append(conn, schema=SCHEMA, topic=Topic.case_events, envelope=envelope)
@@ -650,6 +664,8 @@ async def erase_case(intake: Intake | asyncpg.Pool, *, case_id: uuid.UUID, actor
                 "erased_at = coalesce(erased_at, now()), updated_at = now() where case_id = $1 returning erased_at",
                 case_id)
             await conn.execute(f"delete from {SCHEMA}.idempotency_keys where case_id = $1", case_id)
+            await conn.execute(f"update {SCHEMA}.case_events set note_ciphertext = null "
+                               "where case_id = $1 and note_ciphertext is not null", case_id)
             await _audit(conn, actor=actor, action="case.erase", outcome="ok", case_id=case_id)
     if problem is not None:
         raise problem

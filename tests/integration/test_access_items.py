@@ -118,8 +118,13 @@ async def test_a_worst_form_case_waits_for_its_police_referral_unless_the_coordi
         assert view["status"] == "closed"
         closing = [h for h in view["history"] if h["type"] == "case.closed"]
         assert closing[0]["detail"]["override_reason"] == reason
+        assert closing[0]["detail"]["overrode_open_referrals"] == ["police", "prosecution"]
         audit = await conn.fetch("select action from intake.audit where case_id = $1", uuid.UUID(case_id))
         assert "case.event:case.closed:override" in [a["action"] for a in audit]
+        # free text is kept under the case's data key, not in clear (erased with the case)
+        stored = await conn.fetchrow("select detail::text, note_ciphertext from intake.case_events "
+                                     "where case_id = $1 and event_type = 'case.closed'", uuid.UUID(case_id))
+        assert b"prosecutor" not in stored["note_ciphertext"] and "prosecutor" not in stored["detail"]
 
         # the referrals close, and every office whose referral closed is told
         async def closed_referrals():
