@@ -157,3 +157,14 @@ def test_the_readme_matrix_is_the_rendering_of_the_policy_file():
     assert begin in readme and end in readme, "README lacks the access matrix markers"
     table = readme.split(begin, 1)[1].split(end, 1)[0]
     assert table == render_matrix(), "README's access matrix is stale: run `python -m shared.access --readme README.md`"
+
+
+def test_the_policy_module_is_pure():
+    import subprocess
+    import sys
+
+    code = ("import sys, shared.access as a; a.policy(); "
+            "bad = [m for m in ('fastapi', 'starlette', 'faust', 'asyncpg', 'aiokafka') if m in sys.modules]; "
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
