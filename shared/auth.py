@@ -59,11 +59,16 @@ class Claims(BaseModel):
         return v
 
     def has_role(self, *roles: str) -> bool:
-        return any(r in self.roles for r in roles)
+        """Whether the token holds one of `roles` that its agency may hold (shared/access_policy.yaml:
+        a labour-inspectorate token with role `coordinator` does not hold it)."""
+        from shared.access import policy
+
+        held = policy().effective_roles(self)
+        return any(r in held for r in roles)
 
     @property
     def is_coordinator(self) -> bool:
-        return self.agency is AgencyType.coordinator or Role.coordinator in self.roles
+        return self.has_role(Role.coordinator)
 
     def coordinates(self, municipality: str) -> bool:
         return self.is_coordinator and self.municipality in (municipality, "*")

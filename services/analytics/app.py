@@ -24,6 +24,7 @@ from services.analytics.service import Live, NotPublishedYet, Publisher
 from services.analytics.views import STATIC_DIR, router
 from services.analytics.rebuild import declare_changelog
 from services.analytics.worker import Worker, build_worker
+from shared import access
 from shared.settings import Settings
 from shared.kafka import broker_ready
 from shared.metrics import lag_sampler
@@ -34,6 +35,7 @@ log = logging.getLogger("clms.analytics")
 
 
 def create_app(settings: Settings, *, stream_coalesce_s: float = 0.1) -> FastAPI:
+    access.policy()  # shared/access_policy.yaml, validated at start: a bad file stops the service here
     registry = CollectorRegistry()
     aggregate = Aggregate()
     state: dict[str, Worker] = {}

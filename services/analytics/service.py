@@ -28,7 +28,8 @@ from services.analytics.counting import (
     LogHistogram,
 )
 from services.analytics.disclosure import Rules, next_boundary, public_view
-from shared.auth import Claims, Role
+from shared import access
+from shared.auth import Claims
 from shared.reference import municipalities
 
 log = logging.getLogger("clms.analytics")
@@ -46,20 +47,14 @@ class Viewer:
 
     @property
     def is_public(self) -> bool:
-        c = self.claims
-        if c is None:
-            return True
-        privileged = c.is_coordinator or Role.analyst in c.roles
-        return not privileged or (Role.public in c.roles and not c.has_role(Role.coordinator, Role.analyst))
+        """No exact figure anywhere (shared/access_policy.yaml, analytics.exact)."""
+        return access.policy().reach(self.claims, "analytics.exact") is None
 
     def exact_for(self, municipality: str | None) -> bool:
         """`municipality=None` means a national figure (a sum over municipalities)."""
-        if self.is_public:
+        if self.claims is None:
             return False
-        assert self.claims is not None
-        if municipality is None:
-            return self.claims.municipality == "*"
-        return self.claims.municipality in (municipality, "*")
+        return bool(access.allowed(self.claims, "analytics.exact", access.Resource(municipality=municipality)))
 
 
 @dataclass(frozen=True)

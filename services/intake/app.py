@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from shared.db import create_pool, migrate_service
+from shared import access
 from shared.kafka import make_producer
 from shared.outbox import OutboxRelay, backlog, run_retention
 from shared.settings import Settings
@@ -122,6 +123,7 @@ async def _stop_tasks(tasks: list[asyncio.Task]) -> None:
 
 
 def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_consumer: bool = True) -> FastAPI:
+    access.policy()  # shared/access_policy.yaml, validated at start: a bad file stops the service here
     settings = settings or Settings()
     registry = CollectorRegistry()
     metrics = Metrics(registry)

@@ -161,6 +161,21 @@ class CaseCipher:
     def token(self, case_id: uuid.UUID, wrapped_key: bytes, kid: str | None = None) -> str:
         return child_token(self.unwrap(case_id, wrapped_key, kid), case_id)
 
+    def seal_note(self, case_id: uuid.UUID, *, wrapped_key: bytes, plaintext: bytes) -> bytes:
+        """A free-text note on the case (e.g. the coordinator's override reason) under the case's
+        own data key: erased with the case."""
+        data_key = self.unwrap(case_id, wrapped_key)
+        n = os.urandom(NONCE_BYTES)
+        return n + AESGCM(data_key).encrypt(n, plaintext, self._aad(case_id, "note"))
+
+    def open_note(self, case_id: uuid.UUID, *, ciphertext: bytes, wrapped_key: bytes) -> bytes:
+        data_key = self.unwrap(case_id, wrapped_key)
+        try:
+            return AESGCM(data_key).decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:],
+                                            self._aad(case_id, "note"))
+        except InvalidTag:
+            raise DecryptionError(f"a note of case {case_id} does not open with its key") from None
+
     def open(self, case_id: uuid.UUID, *, ciphertext: bytes, wrapped_key: bytes, kid: str | None = None) -> bytes:
         data_key = self.unwrap(case_id, wrapped_key, kid)
         try:

@@ -200,6 +200,11 @@ class SchoolEnrolledIn(_Outcome):
 class ClosedIn(_Outcome):
     type: Literal["closed", "case.closed"]
     reason: CaseClosedReason
+    override_reason: str | None = Field(
+        None, min_length=10, max_length=500,
+        description="The coordinator's reason for closing a worst-form case while a police or prosecution "
+                    "referral is still open (shared/access_policy.yaml, case.close_override); recorded on the "
+                    "case's event, encrypted like the case's personal data and never put on a topic.")
 
 
 class UpdatedIn(Strict):
@@ -252,6 +257,7 @@ class CaseHistoryItem(BaseModel):
     at: datetime
     by: str
     agency: str
+    detail: dict[str, Any] | None = Field(None, description="e.g. the coordinator's override_reason")
 
 
 class CaseView(BaseModel):
@@ -320,7 +326,7 @@ class InboundEnvelope(BaseModel):
     @classmethod
     def _agency_source(cls, v: str) -> str:
         agency, municipality = v.split("/", 1)
-        allowed = sorted(a.value for a in rules.IDENTIFYING_AGENCIES)
+        allowed = sorted(a.value for a in rules.identifying_agencies())
         if agency not in allowed:
             raise ValueError(f"agency {agency!r} does not identify children; allowed: {', '.join(allowed)}")
         from shared.reference import municipality_slugs

@@ -33,21 +33,20 @@ import re
 import unicodedata
 from datetime import date
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import yaml
 
 from shared.events import WORST_FORM_SECTORS, AgeBand, AgencyType, Sector
+
+if TYPE_CHECKING:
+    from shared.access import Resource
 
 CHILD_REF_VERSION = "v1"
 CHILD_REF_PREFIX = "cr_"
 
 MAX_AGE = 17
 COMPULSORY_SCHOOL_AGES = range(6, 16)  # 6-15 inclusive (Law 04/L-032 on pre-university education)
-
-# Agencies whose officers identify children and may record identifications.
-IDENTIFYING_AGENCIES: frozenset[AgencyType] = frozenset(
-    {AgencyType.police, AgencyType.labour_inspectorate, AgencyType.csw, AgencyType.education, AgencyType.ngo}
-)
 
 # Activities that are worst forms whatever their sector (ILO C182 Art. 3(a): forced begging).
 WORST_FORM_ACTIVITIES: frozenset[str] = frozenset({"forced_begging"})
@@ -129,28 +128,21 @@ def check_activity(sector: Sector, activity: str) -> None:
         )
 
 
-def may_report(agency: AgencyType, roles: tuple[str, ...]) -> bool:
-    return agency in IDENTIFYING_AGENCIES and "reporter" in roles
+def identifying_agencies() -> frozenset[AgencyType]:
+    """Agencies whose officers identify children: those that may hold the `reporter` role in
+    the access policy (shared/access_policy.yaml)."""
+    from shared.access import policy
+
+    return frozenset(AgencyType(a) for a in policy().roles["reporter"])
 
 
-# Roles of an agency officer that may see a case their agency reported or holds a referral for.
-CASE_READER_ROLES: frozenset[str] = frozenset({"reporter", "caseworker", "duty_officer", "supervisor"})
+def case_resource(*, case_municipality: str, reporter_agency: str, reporter_municipality: str,
+                  holders: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset(),
+                  **facts: object) -> "Resource":
+    """A case as the access policy sees it: its municipality and the offices involved (the
+    reporting office and every office holding a referral for it)."""
+    from shared.access import Resource
 
-
-def may_access_case(*, agency: AgencyType, municipality: str, roles: tuple[str, ...],
-                    case_municipality: str, reporter_agency: str, reporter_municipality: str,
-                    holders: frozenset[tuple[str, str]] | set[tuple[str, str]]) -> bool:
-    """Who may read a case (and record follow-up events on it):
-
-    - the coordinator of the case's municipality (or a national coordinator, municipality "*");
-    - an officer (reporter, caseworker, duty officer, supervisor) of the reporting agency office
-      (same agency and municipality as the reporter);
-    - an officer of an agency office holding a referral for the case (from referral.created).
-    Anyone else: no (403).
-    """
-    if agency is AgencyType.coordinator or "coordinator" in roles:
-        return municipality in (case_municipality, "*")
-    if not CASE_READER_ROLES.intersection(roles):
-        return False
-    office = (agency.value, municipality)
-    return office == (reporter_agency, reporter_municipality) or office in holders
+    return Resource(municipality=case_municipality,
+                    offices=frozenset({(reporter_agency, reporter_municipality), *holders}),
+                    facts=facts)

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 from pydantic import ValidationError
 
-from shared import outbox
+from shared import access, outbox
 from shared.events import (
     IDENTIFICATION_SUBMITTED,
     AgencyType,
@@ -29,7 +29,10 @@ from shared.events import (
     CaseUpdated,
     Envelope,
     EventData,
+    ReferralClosed,
+    ReferralCompleted,
     ReferralCreated,
+    ReferralDeclined,
     SchoolStatus,
     describe_validation_error,
 )
@@ -55,6 +58,10 @@ from services.intake.models import (
 SCHEMA = "intake"
 REFERRAL_ACCESS_CONSUMER = "intake.referral-access"
 INBOUND_CONSUMER = "intake.agency-inbound"
+# Referral events intake keeps: who holds a referral for a case (may read it) and whether it is
+# still open (closing a worst-form case waits for open police and prosecution referrals).
+REFERRAL_EVENTS_KEPT = frozenset({"referral.created", "referral.completed", "referral.declined",
+                                  "referral.closed"})
 
 
 # --- context and errors ------------------------------------------------------------------------
@@ -243,12 +250,30 @@ async def identify(
 
     `idempotency_key` (HTTP) or `inbox_id` (inbound event) make a retry return the first answer.
     """
-    if not rules.may_report(actor.agency, actor.roles):
-        raise Forbidden(
-            f"only officers with the reporter role of an identifying agency "
-            f"({', '.join(sorted(a.value for a in rules.IDENTIFYING_AGENCIES))}) may record identifications; "
-            f"this token is {actor.agency.value} with roles {list(actor.roles) or 'none'}"
-        )
+    decision = access.allowed(actor, "case.create", access.Resource(municipality=request.municipality))
+    if not decision:
+        raise Forbidden(decision.reason)
+    result = await _identify(intake, actor=actor, request=request, idempotency_key=idempotency_key,
+                             correlationid=correlationid, causationid=causationid, case_id=case_id,
+                             inbox_id=inbox_id)
+    linked = result.answer.linked_case_id
+    if linked is not None and not await _may_read(intake, actor=actor, case_id=linked):
+        # No identity oracle: a reporter learns of an earlier case of the child only when they
+        # may read that case (the link itself stays on the case and its event for the agencies).
+        result = Identified(result.answer.model_copy(update={"linked_case_id": None}), replayed=result.replayed)
+    return result
+
+
+async def _may_read(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> bool:
+    async with intake.pool.acquire() as conn:
+        case = await conn.fetchrow(f"select case_id, municipality, reporter_agency, reporter_municipality "
+                                   f"from {SCHEMA}.cases where case_id = $1", case_id)
+        return case is not None and bool(await _authorise(conn, actor=actor, case=case))
+
+
+async def _identify(intake: Intake, *, actor: Actor, request: IdentificationRequest, idempotency_key: str | None,
+                    correlationid: str | None, causationid: str | None, case_id: uuid.UUID | None,
+                    inbox_id: uuid.UUID | None) -> Identified:
     case_id = case_id or uuid.uuid4()
     ref = rules.child_ref(intake.child_ref_key, given_name=request.child.given_name,
                           family_name=request.child.family_name, year_of_birth=request.birth_year)
@@ -376,50 +401,49 @@ def _case_args(*, actor: Actor, request: IdentificationRequest, case_id: uuid.UU
 # --- reading ------------------------------------------------------------------------------------------
 
 
-async def _authorise(conn: asyncpg.Connection, *, actor: Actor, case: asyncpg.Record) -> bool:
-    holders = {
-        (r["agency"], r["municipality"])
-        for r in await conn.fetch(f"select agency, municipality from {SCHEMA}.case_access where case_id = $1",
-                                  case["case_id"])
-    }
-    return rules.may_access_case(
-        agency=actor.agency, municipality=actor.municipality, roles=actor.roles,
+async def _case_resource(conn: asyncpg.Connection, case: asyncpg.Record, **facts: Any) -> access.Resource:
+    rows = await conn.fetch(f"select agency, municipality, open from {SCHEMA}.case_access where case_id = $1",
+                            case["case_id"])
+    return rules.case_resource(
         case_municipality=case["municipality"], reporter_agency=case["reporter_agency"],
-        reporter_municipality=case["reporter_municipality"], holders=holders,
-    )
+        reporter_municipality=case["reporter_municipality"],
+        holders={(r["agency"], r["municipality"]) for r in rows},
+        open_referral_agencies=sorted({r["agency"] for r in rows if r["open"]}), **facts)
 
 
-def _denied(actor: Actor, case_id: uuid.UUID) -> Forbidden:
-    return Forbidden(
-        f"{actor.agency.value}/{actor.municipality} may not see case {case_id}: a case is open to the "
-        "reporting agency office, agency offices holding a referral for it and the municipality's coordinator"
-    )
+async def _authorise(conn: asyncpg.Connection, *, actor: Actor, case: asyncpg.Record,
+                     action: str = "case.read", **facts: Any) -> access.Decision:
+    return access.allowed(actor, action, await _case_resource(conn, case, **facts))
+
+
+def _denied(actor: Actor, case_id: uuid.UUID, decision: access.Decision) -> Forbidden:
+    return Forbidden(f"{actor.agency.value}/{actor.municipality} may not see case {case_id}: {decision.reason}")
 
 
 async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseView:
     """The decrypted case for an authorised reader. Every attempt leaves an audit row."""
-    denied = False
+    denied: access.Decision | None = None
     async with intake.pool.acquire() as conn, conn.transaction():
         case = await conn.fetchrow(f"select * from {SCHEMA}.cases where case_id = $1", case_id)
         if case is None:
             await _audit(conn, actor=actor, action="case.read", outcome="not_found", case_id=case_id)
-        elif not await _authorise(conn, actor=actor, case=case):
-            denied = True
+        elif not (decision := await _authorise(conn, actor=actor, case=case)):
+            denied = decision
             await _audit(conn, actor=actor, action="case.read", outcome="denied", case_id=case_id)
         else:
             key = await conn.fetchrow(f"select wrapped_key, master_key_id from {SCHEMA}.case_keys "
                                       "where case_id = $1", case_id)
             linked = await _visible_link(conn, actor=actor, linked=case["linked_case_id"])
             history = await conn.fetch(
-                f"select event_id, event_type, at, actor, agency from {SCHEMA}.case_events "
+                f"select event_id, event_type, at, actor, agency, detail, note_ciphertext from {SCHEMA}.case_events "
                 "where case_id = $1 order by at, event_id", case_id)
             offices = await conn.fetch(f"select distinct office_id from {SCHEMA}.case_access "
                                        "where case_id = $1 order by office_id", case_id)
             await _audit(conn, actor=actor, action="case.read", outcome="ok", case_id=case_id)
     if case is None:
         raise CaseNotFound(f"no case {case_id}")
-    if denied:
-        raise _denied(actor, case_id)
+    if denied is not None:
+        raise _denied(actor, case_id, denied)
     personal = token = None
     if key is not None and case["pii_ciphertext"] is not None:
         raw = intake.cipher.open(case_id, ciphertext=case["pii_ciphertext"], wrapped_key=key["wrapped_key"],
@@ -439,9 +463,18 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
         created_at=case["created_at"], updated_at=case["updated_at"], erased_at=case["erased_at"],
         personal=personal,
         history=[CaseHistoryItem(event_id=h["event_id"], type=h["event_type"], at=h["at"], by=h["actor"],
-                                 agency=h["agency"]) for h in history],
+                                 agency=h["agency"], detail=_history_detail(intake, case_id, h, key))
+                 for h in history],
         referred_to=[r["office_id"] for r in offices if r["office_id"]],
     )
+
+
+def _history_detail(intake: Intake, case_id: uuid.UUID, row: asyncpg.Record, key: bytes | None) -> dict | None:
+    detail = orjson.loads(row["detail"]) if row["detail"] else None
+    if row["note_ciphertext"] is not None and key is not None:
+        reason = intake.cipher.open_note(case_id, ciphertext=row["note_ciphertext"], wrapped_key=key).decode()
+        detail = {**(detail or {}), "override_reason": reason}
+    return detail
 
 
 # --- follow-up events -----------------------------------------------------------------------------------
@@ -472,18 +505,44 @@ def _outcome_data(case: asyncpg.Record, actor: Actor, event: Any) -> tuple[Event
     return data, changes
 
 
+def _event_actions(event: Any) -> list[str]:
+    """The access-policy actions one follow-up event needs (shared/access_policy.yaml, case_events)."""
+    changed: list[str] = []
+    if isinstance(event, UpdatedIn):
+        changed = [f for f in ("hazardous", "sector") if getattr(event, f) is not None]
+    return access.policy().case_event_actions(event.type, changed)
+
+
+async def _event_decision(conn: asyncpg.Connection, *, actor: Actor, case: asyncpg.Record,
+                          event: Any) -> access.Decision:
+    """Each event type has its own rule; an update of `hazardous` or the sector needs the
+    reclassify rule too; closing looks at the open referrals of a worst-form case."""
+    facts = {"worst_form": case["worst_form"], "override_reason": getattr(event, "override_reason", None)}
+    resource = await _case_resource(conn, case, **facts)
+    decision = access.Decision(False, "no rule", status=403)
+    for action in _event_actions(event):
+        decision = access.allowed(actor, action, resource)
+        if not decision:
+            return decision
+    return decision
+
+
 async def record_case_event(intake: Intake, *, actor: Actor, case_id: uuid.UUID, event: Any,
                             correlationid: str | None = None) -> CaseEventAccepted:
     """Child withdrawn / school enrolled / closed / updated: case row + audit + outbox, one transaction."""
     problem: IntakeError | None = None
     async with intake.pool.acquire() as conn, conn.transaction():
         case = await conn.fetchrow(f"select * from {SCHEMA}.cases where case_id = $1 for update", case_id)
+        decision = None if case is None else await _event_decision(conn, actor=actor, case=case, event=event)
         if case is None:
             await _audit(conn, actor=actor, action="case.event", outcome="not_found", case_id=case_id)
             problem = CaseNotFound(f"no case {case_id}")
-        elif not await _authorise(conn, actor=actor, case=case):
-            await _audit(conn, actor=actor, action="case.event", outcome="denied", case_id=case_id)
-            problem = _denied(actor, case_id)
+        elif decision is not None and decision.status == 403:
+            await _audit(conn, actor=actor, action=f"case.event:{event.type}", outcome="denied", case_id=case_id)
+            problem = Forbidden(f"{event.type!r} on case {case_id} refused: {decision.reason}")
+        elif decision is not None and decision.status == 409 and case["status"] != "closed":
+            await _audit(conn, actor=actor, action=f"case.event:{event.type}", outcome="conflict", case_id=case_id)
+            problem = Conflict(f"case {case_id}: {decision.reason}")
         elif case["status"] == "closed":
             await _audit(conn, actor=actor, action="case.event", outcome="conflict", case_id=case_id)
             problem = Conflict(f"case {case_id} is closed; no further events can be recorded on it")
@@ -496,10 +555,23 @@ async def record_case_event(intake: Intake, *, actor: Actor, case_id: uuid.UUID,
             await conn.execute(
                 f"update {SCHEMA}.cases set {sets + ', ' if sets else ''}updated_at = now() where case_id = $1",
                 case_id, *changes.values())
+            detail, note = None, None
+            if decision is not None and decision.overridden:
+                blocked = access.policy().action("case.close").blocked_while_open
+                open_now = await conn.fetch(f"select distinct agency from {SCHEMA}.case_access "
+                                            "where case_id = $1 and open", case_id)
+                detail = orjson.dumps({"coordinator_override": True, "overrode_open_referrals": sorted(
+                    r["agency"] for r in open_now if r["agency"] in blocked)}).decode()
+                key = await conn.fetchval(f"select wrapped_key from {SCHEMA}.case_keys where case_id = $1", case_id)
+                if key is not None:  # an erased case keeps no free text
+                    note = intake.cipher.seal_note(case_id, wrapped_key=key,
+                                                   plaintext=event.override_reason.encode())
             await conn.execute(
-                f"insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency) "
-                "values($1,$2,$3,$4,$5)", envelope.id, case_id, envelope.type, actor.sub, actor.agency.value)
-            await _audit(conn, actor=actor, action=f"case.event:{envelope.type}", outcome="ok", case_id=case_id)
+                f"insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency, detail, "
+                "note_ciphertext) values($1,$2,$3,$4,$5,$6::jsonb,$7)", envelope.id, case_id, envelope.type,
+                actor.sub, actor.agency.value, detail, note)
+            action = f"case.event:{envelope.type}" + (":override" if detail else "")
+            await _audit(conn, actor=actor, action=action, outcome="ok", case_id=case_id)
             await outbox.append(conn, schema=SCHEMA, topic=Topic.case_events, envelope=envelope)
             status = changes.get("status", case["status"])
     if problem is not None:
@@ -522,6 +594,11 @@ async def apply_referral_event(intake: Intake, *, envelope: Envelope) -> bool:
                 f"insert into {SCHEMA}.case_access(case_id, agency, municipality, referral_id, office_id) "
                 "values($1, $2, $3, $4, $5) on conflict do nothing",
                 data.case_id, data.agency.value, data.municipality, data.referral_id, data.office_id)
+        elif isinstance(data, (ReferralCompleted, ReferralDeclined, ReferralClosed)):
+            # no longer open (the office keeps read access to the case it worked on)
+            await conn.execute(
+                f"update {SCHEMA}.case_access set open = false, closed_at = now() "
+                "where referral_id = $1 and open", data.referral_id)
     return True
 
 
@@ -625,6 +702,8 @@ async def erase_case(intake: Intake | asyncpg.Pool, *, case_id: uuid.UUID, actor
             await conn.execute(
                 f"""update {SCHEMA}.idempotency_keys set response = jsonb_set(response, '{{linked_case_id}}', 'null'::jsonb)
                     where response ->> 'linked_case_id' = $1""", cid)
+            await conn.execute(f"update {SCHEMA}.case_events set note_ciphertext = null "
+                               "where case_id = $1 and note_ciphertext is not null", case_id)
             await _audit(conn, actor=actor, action="case.erase", outcome="ok", case_id=case_id)
     if problem is not None:
         raise problem

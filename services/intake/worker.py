@@ -113,7 +113,7 @@ class IntakeConsumer:
                         envelope = parse_envelope(record.value if record.value is not None else b"null")
                     except EnvelopeError as exc:
                         raise service.InboundRejected(classify_error(exc.reason), exc.reason) from None
-                    if envelope.type == "referral.created":
+                    if envelope.type in service.REFERRAL_EVENTS_KEPT:
                         await service.apply_referral_event(self.intake, envelope=envelope)
                 return
             except asyncio.CancelledError:

@@ -19,6 +19,7 @@ from services.notifications import service, views
 from services.notifications.channels import EmailSender, SmsWebhookSender
 from services.notifications.worker import register
 from shared.db import create_pool, migrate_service
+from shared import access
 from shared.events import Envelope
 from shared.kafka import make_producer
 from shared.outbox import OutboxRelay, run_retention
@@ -34,6 +35,7 @@ log = logging.getLogger("clms.notifications")
 
 
 def create_app(settings: Settings) -> FastAPI:
+    access.policy()  # shared/access_policy.yaml, validated at start: a bad file stops the service here
     registry = CollectorRegistry()
     deliveries = Counter("clms_notifications_deliveries", "Delivery outcomes by channel",
                          ["outcome", "channel"], registry=registry)

@@ -10,6 +10,7 @@ turns the event and those officers into notifications with deterministic ids.
 | referral.declined                        | the municipal coordinator                              |
 | referral.acknowledged/accepted/completed | the officer who reported the case (`reported_by`)      |
 | re-alert (created, unacknowledged)       | the office supervisor                                  |
+| referral.closed (the case was closed)    | on-duty officers of the office and its supervisor      |
 
 Channels: in-app always (when the officer has it); e-mail when the officer has an address;
 SMS (costly, intrusive) only for time-critical events: an urgent or high-priority new
@@ -31,11 +32,14 @@ CREATED = "referral.created"
 TO_REPORTER = frozenset({"referral.acknowledged", "referral.accepted", "referral.completed"})
 TO_SUPERVISOR_AND_COORDINATOR = frozenset({"referral.overdue", "referral.escalated"})
 TO_COORDINATOR = frozenset({"referral.declined"})
+# The case was closed and the office's open referral with it: the office must know to stop.
+TO_OFFICE = frozenset({"referral.closed"})
 # Events that show the office has seen the referral: no re-alert after these.
 HANDLED = frozenset({"referral.acknowledged", "referral.accepted", "referral.declined",
                      "referral.completed", "referral.closed"})
 SMS_WORTHY = frozenset({"referral.overdue", "referral.escalated", REALERT})
-TEMPLATED = frozenset({CREATED, *TO_REPORTER, *TO_SUPERVISOR_AND_COORDINATOR, *TO_COORDINATOR, REALERT})
+TEMPLATED = frozenset({CREATED, *TO_REPORTER, *TO_SUPERVISOR_AND_COORDINATOR, *TO_COORDINATOR, *TO_OFFICE,
+                       REALERT})
 
 AudienceKind = Literal["office_on_duty", "office_supervisor", "coordinator", "officer"]
 
@@ -92,6 +96,8 @@ def audiences(event_type: str, *, office_id: str, municipality: str, reported_by
         return [Audience("office_supervisor", office_id), Audience("officer", coordinator)]
     if event_type in TO_COORDINATOR:
         return [Audience("officer", coordinator)]
+    if event_type in TO_OFFICE:
+        return [Audience("office_on_duty", office_id), Audience("office_supervisor", office_id)]
     if event_type in TO_REPORTER:
         return [Audience("officer", reported_by)] if reported_by else []
     return []

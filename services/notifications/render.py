@@ -27,7 +27,7 @@ LOCAL_TZ = ZoneInfo("Europe/Belgrade")  # Kosovo's civil time (CET/CEST)
 
 ALLOWED_FIELDS = frozenset({
     "referral_id", "case_id", "municipality", "agency", "office_id", "priority", "deadline",
-    "legal_basis", "age_band", "sector", "status", "reason", "outcome", "within_deadline",
+    "legal_basis", "age_band", "sector", "status", "reason", "outcome", "within_deadline", "case_reason",
 })
 
 
@@ -92,6 +92,7 @@ def context(facts: dict[str, Any], *, language: str, base_url: str) -> dict[str,
         "status": str(f.get("status") or "–").replace("_", " "),
         "reason": str(f.get("reason") or "–").replace("_", " "),
         "outcome": str(f.get("outcome") or "–").replace("_", " "),
+        "case_reason": str(f.get("case_reason") or "–").replace("_", " "),
         "within_deadline": f.get("within_deadline"),
         "link": referral_link(base_url, referral_id=f.get("referral_id")),
     }

@@ -15,7 +15,8 @@ from sse_starlette.sse import EventSourceResponse
 
 from services.notifications import service
 from services.notifications.models import Alert, Inbox
-from shared.auth import MISSING_TOKEN, CurrentClaims, TokenError, Verified, authenticate
+from shared import access
+from shared.auth import MISSING_TOKEN, Claims, CurrentClaims, TokenError, Verified, authenticate
 from shared.guard import StreamTicket, guard_of
 
 router = APIRouter(prefix="/v1/inbox", tags=["inbox"])
@@ -25,6 +26,13 @@ def _state(request: Request) -> Any:
     return request.app.state.notifications
 
 
+def _own_inbox(claims: Claims) -> None:
+    """The inbox is the caller's own (shared/access_policy.yaml, inbox.read)."""
+    decision = access.allowed(claims, "inbox.read", access.Resource(owner=claims.sub))
+    if not decision:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, decision.reason)
+
+
 @router.get("", response_model=Inbox, summary="The caller's alerts, newest first")
 async def inbox(
     request: Request,
@@ -32,12 +40,14 @@ async def inbox(
     unacked_only: Annotated[bool, Query(description="Only alerts not acknowledged yet")] = False,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> dict:
+    _own_inbox(claims)
     return await service.list_inbox(_state(request).pool, recipient=claims.sub, unacked_only=unacked_only,
                                     limit=limit)
 
 
 @router.post("/{alert_id}/ack", response_model=Alert, summary="Acknowledge one of the caller's alerts")
 async def ack(request: Request, claims: CurrentClaims, alert_id: UUID) -> dict:
+    _own_inbox(claims)
     st = _state(request)
     alert = await service.ack_alert(st.pool, alert_id=alert_id, recipient=claims.sub)
     if alert is None:
@@ -83,6 +93,7 @@ async def _stream_caller(
 async def stream(request: Request, caller: Annotated[Verified, Depends(_stream_caller)]) -> EventSourceResponse:
     """Ends with an `expired` event when the caller's token expires (open a new stream with a
     fresh token); at most SSE_MAX_PER_USER streams per user (429 beyond)."""
+    _own_inbox(caller.claims)
     st = _state(request)
     claims = caller.claims
     release = guard_of(request).open_stream(claims.sub)

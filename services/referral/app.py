@@ -17,6 +17,7 @@ from services.referral.rules import RuleSet, load_rules
 from services.referral.views import router
 from services.referral.worker import build_worker, deadline_loop
 from shared.db import create_pool, migrate_service
+from shared import access
 from shared.kafka import DeadLetter, make_producer
 from shared.outbox import OutboxRelay, backlog, run_retention
 from shared.settings import Settings
@@ -58,6 +59,7 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
     """The one composition root. `clock` (tests) replaces the wall clock for deadlines and
     timestamps; `rules` replaces the rule file. A rule file that does not validate raises
     `RulesError` here, naming the rule and field, before anything starts."""
+    access.policy()  # shared/access_policy.yaml, validated at start: a bad file stops the service here
     ruleset = rules or load_rules(settings.referral_rules_file)
     registry = CollectorRegistry()
     metrics = Metrics(registry)

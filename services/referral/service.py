@@ -19,7 +19,8 @@ import orjson
 
 from services.referral import states
 from services.referral.rules import RuleSet
-from shared.auth import Claims, Role
+from shared import access
+from shared.auth import Claims
 from shared.events import (
     AgencyType,
     CaseClosed,
@@ -44,7 +45,6 @@ from shared.topics import Topic
 SCHEMA = "referral"
 SERVICE = "referral"  # envelope source and actor of what the service itself does
 CONSUMER = "referral.case-events"  # inbox consumer name
-ACTING_ROLES = (Role.caseworker, Role.duty_officer, Role.supervisor)
 _ID_NAMESPACE = uuid.UUID("6f2b0f8e-8d1e-4c55-9a51-2f7f0c0e4a11")
 
 Clock = Callable[[], datetime]
@@ -277,12 +277,20 @@ def _in_municipality(claims: Claims, municipality: str) -> bool:
     return claims.municipality in (municipality, "*")
 
 
+def _referral(agency: str, municipality: str) -> access.Resource:
+    """A referral as the access policy sees it: addressed to one office of one municipality."""
+    return access.Resource(municipality=municipality, offices=frozenset({(agency, municipality)}))
+
+
+def decide(claims: Claims, action: str, *, agency: str, municipality: str) -> access.Decision:
+    """`referral.read` or `referral.act` on a referral to `agency` in `municipality`
+    (shared/access_policy.yaml: the receiving office's caseworkers, duty officers and supervisors,
+    and the municipality's coordinator)."""
+    return access.allowed(claims, action, _referral(agency, municipality))
+
+
 def may_handle(claims: Claims, *, agency: str, municipality: str) -> bool:
-    """The receiving agency's caseworkers in that municipality, or its coordinator."""
-    if claims.coordinates(municipality):
-        return True
-    return (claims.agency.value == agency and _in_municipality(claims, municipality)
-            and claims.has_role(*ACTING_ROLES))
+    return bool(decide(claims, "referral.act", agency=agency, municipality=municipality))
 
 
 @dataclass(frozen=True)
@@ -305,15 +313,15 @@ def scoped_filters(claims: Claims, f: Filters) -> Filters:
     Asking explicitly for another municipality or agency is a 403, never a silently empty list.
     """
     muni = f.municipality
-    if claims.is_coordinator:
-        if muni and not _in_municipality(claims, muni):
+    reach = access.policy().reach(claims, "referral.read")
+    if reach in ("own_municipality", "national"):
+        if muni and reach == "own_municipality" and not _in_municipality(claims, muni):
             raise Forbidden(f"a coordinator of {claims.municipality} cannot see referrals in {muni}")
-        if claims.municipality != "*":
+        if claims.municipality != "*" and reach == "own_municipality":
             muni = claims.municipality
         return Filters(**{**f.__dict__, "municipality": muni})
-    if not claims.has_role(*ACTING_ROLES):
-        raise Forbidden("only caseworkers, duty officers and supervisors of the receiving agency, "
-                        "or the municipal coordinator, may see referrals")
+    if reach is None:
+        raise Forbidden(access.allowed(claims, "referral.read", _referral("-", "-")).reason)
     if f.agency and f.agency is not claims.agency:
         raise Forbidden(f"{claims.agency.value} staff cannot see referrals addressed to {f.agency.value}")
     if muni and not _in_municipality(claims, muni):
@@ -347,9 +355,9 @@ async def get_referral(deps: Deps, *, claims: Claims, referral_id: uuid.UUID) ->
         row = await conn.fetchrow(f"select * from {SCHEMA}.referral where referral_id = $1", referral_id)
         if row is None:
             raise NotFound(f"no referral {referral_id}")
-        if not may_handle(claims, agency=row["agency"], municipality=row["municipality"]):
-            raise Forbidden(f"referral {referral_id} is addressed to {row['office_id']}; "
-                            f"{claims.agency.value} staff of {claims.municipality} may not see it")
+        decision = decide(claims, "referral.read", agency=row["agency"], municipality=row["municipality"])
+        if not decision:
+            raise Forbidden(f"referral {referral_id} is addressed to {row['office_id']}; {decision.reason}")
         history = await conn.fetch(
             f"select at, actor, action, from_status, to_status, detail from {SCHEMA}.referral_history "
             "where referral_id = $1 order by id", referral_id)
@@ -370,9 +378,10 @@ async def act(deps: Deps, *, claims: Claims, referral_id: uuid.UUID, action: sta
             f"select * from {SCHEMA}.referral where referral_id = $1 for update", referral_id)
         if row is None:
             raise NotFound(f"no referral {referral_id}")
-        if not may_handle(claims, agency=row["agency"], municipality=row["municipality"]):
-            raise Forbidden(f"only {row['agency']} caseworkers of {row['municipality']} or the "
-                            f"coordinator of {row['municipality']} may {action.value} this referral")
+        decision = decide(claims, "referral.act", agency=row["agency"], municipality=row["municipality"])
+        if not decision:
+            raise Forbidden(f"may not {action.value} referral {referral_id} (addressed to {row['office_id']}): "
+                            f"{decision.reason}")
         current = ReferralStatus(row["status"])
         try:
             to = states.next_status(current, action)

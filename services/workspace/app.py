@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.workspace import service
 from services.workspace.sessions import Sessions
 from services.workspace.views import STATIC_DIR, SignInRequired, finish, router
+from shared import access
 from shared.settings import Settings
 from shared.guard import harden
 from shared.web import install_error_handlers, ops_router
@@ -54,6 +55,7 @@ class SecurityHeaders:
 
 
 def create_app(settings: Settings, *, api_timeout_s: float = 10.0) -> FastAPI:
+    access.policy()  # shared/access_policy.yaml, validated at start: a bad file stops the service here
     registry = CollectorRegistry()
 
     @contextlib.asynccontextmanager

@@ -26,6 +26,7 @@ from services.workspace import models, oidc, service
 from services.workspace.models import LANGUAGE_NAMES, LANGUAGES, Words
 from services.workspace.service import ApiError
 from services.workspace.sessions import COOKIE, Session, Sessions, same
+from shared import access
 from shared.auth import Claims, mint_token
 from shared.events import CaseClosedReason, Community, DeclineReason, ReferralOutcome, ReportSource, Sex, SchoolStatus
 from shared.reference import municipalities
@@ -124,8 +125,8 @@ def context(request: Request, s: Session, **kw: Any) -> dict[str, Any]:
         "html_lang": "sr-Latn" if s.language == "sr" else s.language,
         "languages": [(code, LANGUAGE_NAMES[code]) for code in LANGUAGES],
         "csrf": s.csrf, "claims": claims, "flash": flash, "path": request.url.path,
-        "may_report": bool(claims) and claims.agency.value in models.REPORTING_AGENCIES
-        and "reporter" in claims.roles,
+        # shared/access_policy.yaml decides; the intake API enforces the same rule
+        "may_report": bool(claims) and access.policy().reach(claims, "case.create") is not None,
         "is_coordinator": bool(claims) and claims.is_coordinator,
         **kw,
     }

@@ -44,7 +44,7 @@ async def test_caseworkers_act_on_their_referrals_and_coordinators_see_the_munic
         # --- who sees what ---------------------------------------------------------------
         assert (await client.get("/v1/referrals")).status_code == 401
         r = await client.get("/v1/referrals", headers=reporter)
-        assert r.status_code == 403 and "caseworkers" in r.json()["detail"]
+        assert r.status_code == 403 and "caseworker" in r.json()["detail"]
         mine = (await client.get("/v1/referrals", headers=csw)).json()["items"]
         assert [(i["agency"], i["municipality"], i["office_id"]) for i in mine] == [("csw", "prizren", "csw.prizren")]
         ref = mine[0]

@@ -35,7 +35,10 @@ def test_viewer_exactness():
     assert not Viewer(police).exact_for("prizren")
     public = _claims(sub="x", agency="ngo", roles=("public",))
     assert not Viewer(public).exact_for("prizren")
-    analyst = _claims(sub="analyst.x", agency="ngo", municipality="*", roles=("analyst",))
+    # roles are bound to agencies (shared/access_policy.yaml): an NGO token's `analyst` gives nothing
+    ngo_analyst = _claims(sub="analyst.x", agency="ngo", municipality="*", roles=("analyst",))
+    assert not Viewer(ngo_analyst).exact_for(None) and not Viewer(ngo_analyst).exact_for("gjilan")
+    analyst = _claims(sub="analyst.x", agency="coordinator", municipality="*", roles=("analyst",))
     assert Viewer(analyst).exact_for(None) and Viewer(analyst).exact_for("gjilan")
 
 

@@ -85,10 +85,19 @@ def test_every_sector_has_activities_and_unknown_ones_name_the_allowed_codes():
 
 
 def test_only_reporters_of_identifying_agencies_may_report():
-    assert rules.may_report(AgencyType.police, ("reporter",))
-    assert not rules.may_report(AgencyType.police, ("caseworker",))
-    assert not rules.may_report(AgencyType.prosecution, ("reporter",))
-    assert not rules.may_report(AgencyType.coordinator, ("reporter",))
+    from shared.access import Resource, allowed
+    from shared.auth import Claims
+
+    def may_report(agency, roles):
+        return bool(allowed(Claims(sub="x", agency=agency, municipality="prizren", roles=roles), "case.create",
+                            Resource(municipality="prizren")))
+
+    assert may_report(AgencyType.police, ("reporter",))
+    assert not may_report(AgencyType.police, ("caseworker",))
+    assert not may_report(AgencyType.prosecution, ("reporter",))
+    assert not may_report(AgencyType.coordinator, ("reporter",))
+    assert rules.identifying_agencies() == {AgencyType.police, AgencyType.labour_inspectorate, AgencyType.csw,
+                                            AgencyType.education, AgencyType.ngo}
 
 
 # --- encryption ---------------------------------------------------------------------------------

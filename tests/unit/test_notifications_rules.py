@@ -122,6 +122,8 @@ def test_policy_routes_each_event_type_to_the_right_people():
         assert _who(t) == ["police.prizren.duty"]
     assert _who("referral.acknowledged", reported_by=None) == []
     assert _who(policy.REALERT) == ["csw.prizren.supervisor"]
+    # the case closed and the office's referral with it: the office is told (issue 16)
+    assert _who("referral.closed") == ["csw.prizren.duty", "csw.prizren.duty2", "csw.prizren.supervisor"]
     assert _who("referral.unknown") == []
 
 
