@@ -27,6 +27,7 @@ from services.analytics.service import Live, MonthRange, Publisher, Snapshot, Vi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.background import BackgroundTask
 
+from shared import access
 from shared.auth import CurrentClaims, OptionalClaims, TokenError, Verified, authenticate
 from shared.guard import StreamTicket, guard_of
 from shared.reference import municipality_slugs
@@ -205,6 +206,9 @@ async def stream_ticket(request: Request, claims: CurrentClaims) -> dict:
     """EventSource cannot send an Authorization header and a token never goes into a URL: POST
     here with the bearer token, then open `GET /v1/stream?ticket=<ticket>` within the ticket's
     lifetime. The ticket works once, for this stream and this user only."""
+    decision = access.allowed(claims, "analytics.stream_ticket", access.Resource(owner=claims.sub))
+    if not decision:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, decision.reason)
     verified = Verified(claims=claims, exp=request.state.token_exp, iat=0)
     ticket, ttl = guard_of(request).tickets.issue(verified, stream=STREAM)
     return {"ticket": ticket, "expires_in": round(ttl, 1), "url": f"{STREAM}?ticket={ticket}"}

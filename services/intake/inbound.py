@@ -130,7 +130,7 @@ class SenderRegistry:
                              "[<public JWK>, ...]}}`")
         from shared.reference import municipality_slugs
 
-        identifying = {a.value for a in rules.IDENTIFYING_AGENCIES}
+        identifying = {a.value for a in rules.identifying_agencies()}
         slugs = set(municipality_slugs())
         out: dict[str, list[jwk.JWK]] = {}
         for office, entries in doc["senders"].items():

@@ -463,7 +463,7 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
         created_at=case["created_at"], updated_at=case["updated_at"], erased_at=case["erased_at"],
         personal=personal,
         history=[CaseHistoryItem(event_id=h["event_id"], type=h["event_type"], at=h["at"], by=h["actor"],
-                                 agency=h["agency"], detail=_history_detail(intake, case_id, h, key))
+                                 agency=h["agency"], detail=_history_detail(intake, case_id, h, key["wrapped_key"] if key is not None else None))
                  for h in history],
         referred_to=[r["office_id"] for r in offices if r["office_id"]],
     )

@@ -65,6 +65,7 @@ async def stream_ticket(request: Request, claims: CurrentClaims) -> dict:
     """EventSource cannot send an Authorization header and a token never goes into a URL: POST
     here with the bearer token, then open `GET /v1/inbox/stream?ticket=<ticket>` within the
     ticket's lifetime. The ticket works once, for this stream and this user only."""
+    _own_inbox(claims)
     verified = Verified(claims=claims, exp=request.state.token_exp, iat=0)
     ticket, ttl = guard_of(request).tickets.issue(verified, stream=STREAM)
     return {"ticket": ticket, "expires_in": round(ttl, 1), "url": f"{STREAM}?ticket={ticket}"}

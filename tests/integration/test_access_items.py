@@ -176,8 +176,10 @@ async def test_a_guessed_identity_learns_nothing_about_another_agency_case(env):
         r = await client.post("/v1/identifications", headers=ngo, json=guess)
         assert r.status_code == 201
         answer = r.json()
-        assert answer["child_ref"] == first["child_ref"]  # the same child for the system ...
-        assert answer["linked_case_id"] is None  # ... but the NGO is not told another agency knows her
+        # the same child for the system (a repeat), but per-case tokens differ and the NGO is not
+        # told which case, so it cannot learn that another agency knows her
+        assert answer["child_ref"] != first["child_ref"] and answer["repeat_identification"] is True
+        assert answer["linked_case_id"] is None
         again = await client.post("/v1/identifications", headers={**ngo, "Idempotency-Key": "g-1"}, json=guess)
         replay = await client.post("/v1/identifications", headers={**ngo, "Idempotency-Key": "g-1"}, json=guess)
         assert again.json()["linked_case_id"] is None and replay.json()["linked_case_id"] is None

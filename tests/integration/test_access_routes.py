@@ -179,6 +179,7 @@ def probes(case_id: str, referral_id: str, case_resource: Resource, referral_res
         Probe("notifications", "POST", "/v1/inbox/{alert_id}/ack", f"/v1/inbox/{uuid.uuid4()}/ack", own,
               frozenset({404})),  # not an alert of the caller
         Probe("notifications", "GET", "/v1/inbox/stream", "/v1/inbox/stream", own, frozenset({200}), stream=True),
+        Probe("notifications", "POST", "/v1/inbox/stream/ticket", "/v1/inbox/stream/ticket", own, frozenset({200})),
     ]
     published = lambda c: p.allowed(c, "analytics.published")  # noqa: E731
     for route, url in (("/v1/counts/municipalities", "/v1/counts/municipalities"),
@@ -190,6 +191,9 @@ def probes(case_id: str, referral_id: str, case_resource: Resource, referral_res
                        ("/", "/"), ("/static", "/static/style.css")):
         out.append(Probe("analytics", "GET", route, url, published, frozenset({200})))
     out.append(Probe("analytics", "GET", "/v1/stream", "/v1/stream", published, frozenset({200}), stream=True))
+    out.append(Probe("analytics", "POST", "/v1/stream/ticket", "/v1/stream/ticket",
+                     lambda c: p.allowed(c, "analytics.stream_ticket", Resource(owner=c.sub if c else None)),
+                     frozenset({200})))
     for municipality in (None, "prizren"):
         out.append(Probe("analytics", "GET", "/v1/time-to-acknowledge", "/v1/time-to-acknowledge",
                          lambda c, m=municipality: p.allowed(c, "analytics.exact", Resource(municipality=m)),
