@@ -1,5 +1,5 @@
-# One image for every service: `clms serve intake|referral|notifications|analytics`
-# (each service runs its API and its worker in one process).
+# One image for every service: `clms serve intake|referral|notifications|analytics|workspace`
+# (each service runs its API and its worker in one process; the workspace serves the pages).
 #
 # Stage 1 builds a virtual environment from the pinned lock file (regenerate it with `make lock`);
 # compilers exist only here, for any dependency without a wheel. Stage 2 copies the finished
@@ -27,7 +27,7 @@ RUN /opt/clms/bin/pip install --no-deps . \
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="clms-referral-services" \
-      org.opencontainers.image.description="CLMS referral services (intake, referral, notifications, analytics)"
+      org.opencontainers.image.description="CLMS referral services (intake, referral, notifications, analytics, workspace)"
 RUN groupadd --system --gid 10001 clms \
  && useradd --system --uid 10001 --gid clms --home-dir /home/clms --create-home --shell /usr/sbin/nologin clms
 COPY --from=build /opt/clms /opt/clms
@@ -40,6 +40,6 @@ ENV PATH=/opt/clms/bin:$PATH \
     CLMS_DATA_DIR=/tmp/clms
 USER 10001:10001
 WORKDIR /home/clms
-EXPOSE 8001 8002 8003 8004
+EXPOSE 8001 8002 8003 8004 8005
 ENTRYPOINT ["clms", "serve"]
 CMD ["intake"]

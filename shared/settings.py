@@ -81,11 +81,12 @@ class Settings(BaseSettings):
     workspace_analytics_url: str | None = Field(None, alias="WORKSPACE_ANALYTICS_URL")
     # Prometheus /metrics is served on its own monitoring port, never on the public API port
     # (exact operational counts are no business of API clients). Unset: API port + 1000
-    # (9001-9004); 0: no metrics endpoint at all.
+    # (9001-9005); 0: no metrics endpoint at all.
     intake_metrics_port: int | None = Field(None, alias="INTAKE_METRICS_PORT", ge=0, le=65535)
     referral_metrics_port: int | None = Field(None, alias="REFERRAL_METRICS_PORT", ge=0, le=65535)
     notifications_metrics_port: int | None = Field(None, alias="NOTIFICATIONS_METRICS_PORT", ge=0, le=65535)
     analytics_metrics_port: int | None = Field(None, alias="ANALYTICS_METRICS_PORT", ge=0, le=65535)
+    workspace_metrics_port: int | None = Field(None, alias="WORKSPACE_METRICS_PORT", ge=0, le=65535)
     metrics_host: str | None = Field(None, alias="METRICS_HOST")  # unset: CLMS_HOST
     public_base_url: str = Field("http://127.0.0.1", alias="CLMS_PUBLIC_BASE_URL")
     # faust table store of the analytics service: "memory://" (rebuilt from the changelog at

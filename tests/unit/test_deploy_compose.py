@@ -15,7 +15,8 @@ from shared.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-APPS = ("intake", "referral", "notifications", "analytics")
+SERVICES_ = ("intake", "referral", "notifications", "analytics")  # API + Kafka worker each
+APPS = (*SERVICES_, "workspace")  # the workspace: pages over the four APIs, no Kafka, no database
 WITH_DB = ("intake", "referral", "notifications")
 
 
@@ -63,7 +64,7 @@ def test_depends_on_uses_conditions(name):
             assert name in ("prometheus",), f"{name} must wait for {dep} to be healthy"
 
 
-@pytest.mark.parametrize("name", APPS)
+@pytest.mark.parametrize("name", SERVICES_)
 def test_app_services_start_after_broker_security_topics_and_database(name):
     deps = SERVICES[name]["depends_on"]
     assert deps["kafka"]["condition"] == "service_healthy"
@@ -77,7 +78,7 @@ def test_app_services_start_after_broker_security_topics_and_database(name):
     assert SERVICES[name]["command"] == [name]  # the image's entrypoint is `clms serve`
 
 
-@pytest.mark.parametrize("name", APPS)
+@pytest.mark.parametrize("name", SERVICES_)
 def test_each_service_authenticates_as_its_own_principal(name):
     env = SERVICES[name]["environment"]
     access = yaml.safe_load((ROOT / "deploy/kafka/access.yaml").read_text())
@@ -104,7 +105,8 @@ def test_each_service_uses_its_own_database_role(name):
     assert owner.username == name and owner.password == "${POSTGRES_%s_PASSWORD}" % name.upper()
     roles = (ROOT / "deploy/postgres/roles.sql").read_text()
     assert f"CREATE SCHEMA IF NOT EXISTS {name}" in roles and f"AUTHORIZATION {name};" in roles
-    assert "DATABASE_URL" not in SERVICES["analytics"]["environment"]
+    for other in ("analytics", "workspace"):
+        assert not {"DATABASE_URL", "DATABASE_MIGRATION_URL"} & set(SERVICES[other]["environment"])
 
 
 def test_secrets_reach_only_the_services_that_use_them():
@@ -114,10 +116,42 @@ def test_secrets_reach_only_the_services_that_use_them():
     assert env["notifications"]["WEBHOOK_SECRET"].startswith("${WEBHOOK_SECRET")
     for n in APPS:
         for key, owner in (("ENCRYPTION_MASTER_KEY", "intake"), ("CHILD_REF_KEY", "intake"),
-                           ("WEBHOOK_SECRET", "notifications")):
+                           ("IDEMPOTENCY_HMAC_KEY", "intake"), ("WEBHOOK_SECRET", "notifications")):
             if n != owner:
                 assert "${" not in env[n][key], f"{n} must not receive {key}"
     assert env["notifications"]["SMTP_HOST"] == "mailpit" and env["notifications"]["SMTP_PORT"] == "1025"
+
+
+def test_the_workspace_runs_from_the_image_and_reaches_only_the_four_apis():
+    """The workspace (browser pages) is one container of the same image: `clms serve workspace`,
+    healthcheck on /healthz, started once the four APIs are healthy; it calls them by their
+    compose names and ports on the `api` network and is on no broker or database network, with
+    no Kafka credential, no database URL and no service secret."""
+    ws = SERVICES["workspace"]
+    env = ws["environment"]
+    assert ws["image"] == SERVICES["intake"]["image"] and ws["command"] == ["workspace"]
+    assert ws["user"] == "10001:10001" and ws["read_only"] is True and ws["cap_drop"] == ["ALL"]
+    s = Settings(_env_file=None, **{k: interpolate(str(v)) for k, v in env.items()})
+    assert s.workspace_port == 8005 and s.metrics_port_for("workspace") == 9005
+    assert "127.0.0.1:8005/healthz" in " ".join(ws["healthcheck"]["test"])
+    assert ws["ports"] == ["127.0.0.1:8005:8005"]
+    assert {d: c["condition"] for d, c in ws["depends_on"].items()} == {a: "service_healthy" for a in SERVICES_}
+    # the APIs by name on the network they share with the workspace, on their container ports
+    assert set(ws["networks"]) == {"api", "metrics"}
+    for api in SERVICES_:
+        port = int(SERVICES[api]["environment"][f"{api.upper()}_PORT"])
+        assert s.api_url(api) == f"http://{api}:{port}", api
+        assert "api" in SERVICES[api]["networks"], f"{api} is not reachable from the workspace"
+    assert not [k for k in env if k.startswith(("KAFKA_", "DATABASE_"))]
+    for key in ("CHILD_REF_KEY", "ENCRYPTION_MASTER_KEY", "IDEMPOTENCY_HMAC_KEY", "WEBHOOK_SECRET"):
+        assert env[key] == "not-used-by-workspace"
+    # OIDC sign-in from .env, off when unset; development sign-in signs with the shared JWT_SECRET
+    for key in ("OIDC_ISSUER", "OIDC_CLIENT_ID", "OIDC_CLIENT_SECRET", "OIDC_JWKS_URL"):
+        assert env[key] == "${%s:-}" % key
+    assert env["JWT_SECRET"] == SERVICES["intake"]["environment"]["JWT_SECRET"]
+    # alert e-mails and SMS link to the workspace as it is published
+    assert SERVICES["notifications"]["environment"]["WORKSPACE_URL"] == env["WORKSPACE_URL"]
+    assert interpolate(env["WORKSPACE_URL"]) == "http://127.0.0.1:8005"
 
 
 def test_host_ports_are_loopback_only_and_kafka_exposes_no_plaintext_listener():
