@@ -226,8 +226,11 @@ class CaseIdentified(_CaseData):
 class CaseUpdated(_CaseData):
     """Changed categories only (R re-routes, A moves the case between breakdown cells):
     school_status, sector, hazardous, employer_involved as in CaseIdentified; the activity code
-    and the caseworker's id are not published (no consumer needs them), only the agency
-    (`updated_by_agency`)."""
+    and the caseworker's id are not published (no consumer needs them). `updated_by_agency` has
+    no consumer in this repository either; it stays because it is the provenance of the fact
+    (which agency asserts it) for agency systems reading the topic, and it tells nothing the
+    envelope's `source` (`<agency>/<municipality>`) does not already say: an agency, never an
+    officer."""
 
     event_type: ClassVar[str] = "case.updated"
     school_status: SchoolStatus | None = None
@@ -238,12 +241,19 @@ class CaseUpdated(_CaseData):
 
 
 class _CaseOutcome(_CaseData):
-    """Withdrawn / enrolled / closed. `on` is the day the agency confirmed it: no consumer in this
-    repository reads it (A counts the stage, R closes referrals on case.closed by `reason`); it is
-    a date about the case, not the child's, kept in v1 for agency systems reading the topic.
-    `confirmed_by_agency` names an agency, never an officer."""
+    """Withdrawn / enrolled / closed: A counts the stage reached, R closes the case's open
+    referrals on case.closed (`reason`, which N renders in the referral.closed alert).
 
-    on: date
+    | field | consumer | why / how coarse |
+    |---|---|---|
+    | case_id, municipality | R, A | the key; the municipality's counts |
+    | on | none | no longer published (null): no consumer reads the day the agency confirmed it, and an exact per-case date helps single a child out. Intake keeps it (`intake.case_events.confirmed_on`, shown in the case's history to those who may read the case). Records written before this change carry it and still parse |
+    | confirmed_by_agency | none in this repository | the provenance of the fact (which agency asserts it) for agency systems reading the topic; the envelope's `source` (`<agency>/<municipality>`) already names that agency, so it adds nothing; an agency, never an officer |
+    | reason (case.closed) | R -> N | R closes the open referrals with it, N puts it in the referral.closed alert |
+    """
+
+    on: date | None = Field(None, description="Deprecated, not published (older records): the day the agency "
+                                              "confirmed it; intake keeps it in the case's history")
     confirmed_by_agency: AgencyType
 
 

@@ -2,7 +2,11 @@
 --   <service>      owns the schema and runs the migrations (DATABASE_MIGRATION_URL);
 --   <service>_app  the runtime role of DATABASE_URL: reads and writes the tables, creates and
 --                  drops nothing, and may only INSERT into intake.audit (it cannot update,
---                  delete or truncate audit rows, nor drop the trigger that forbids it).
+--                  delete or truncate audit rows, nor drop the trigger that forbids it); on the
+--                  history tables it may only add rows (and read them back where the service
+--                  shows them): referral.referral_history and intake.case_events (SELECT,
+--                  INSERT; intake may clear case_events.note_ciphertext, which erasure does),
+--                  notifications.delivery_attempts (INSERT).
 -- Run once as the database owner (docker-compose: deploy/postgres/initdb/10-roles.sh; managed
 -- PostgreSQL: `psql -v intake_password=... -v intake_app_password=... -v referral_password=...
 --   -v referral_app_password=... -v notifications_password=... -v notifications_app_password=...
@@ -78,4 +82,19 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA notifications TO no
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA notifications TO notifications_app;
 SELECT 'REVOKE ALL ON intake.audit FROM intake_app; GRANT INSERT ON intake.audit TO intake_app'
  WHERE to_regclass('intake.audit') IS NOT NULL
+\gexec
+-- The history tables back to INSERT (+ SELECT where the service reads them back) too: intake
+-- migration 031, referral migration 002, notifications migration 003 do the same for a new database.
+SELECT 'REVOKE ALL ON intake.case_events FROM intake_app; '
+       'GRANT SELECT, INSERT, UPDATE (note_ciphertext) ON intake.case_events TO intake_app'
+ WHERE EXISTS (SELECT 1 FROM pg_attribute
+                WHERE attrelid = to_regclass('intake.case_events') AND attname = 'note_ciphertext')
+\gexec
+SELECT 'REVOKE ALL ON referral.referral_history FROM referral_app; '
+       'GRANT SELECT, INSERT ON referral.referral_history TO referral_app'
+ WHERE to_regclass('referral.referral_history') IS NOT NULL
+\gexec
+SELECT 'REVOKE ALL ON notifications.delivery_attempts FROM notifications_app; '
+       'GRANT INSERT ON notifications.delivery_attempts TO notifications_app'
+ WHERE to_regclass('notifications.delivery_attempts') IS NOT NULL
 \gexec

@@ -257,6 +257,8 @@ class CaseHistoryItem(BaseModel):
     at: datetime
     by: str
     agency: str
+    on: date | None = Field(None, description="The day the agency confirmed a withdrawal, an enrolment or the "
+                                              "closure (kept here, not published on clms.case-events)")
     detail: dict[str, Any] | None = Field(None, description="e.g. the coordinator's override_reason")
 
 

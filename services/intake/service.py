@@ -435,7 +435,8 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
                                       "where case_id = $1", case_id)
             linked = await _visible_link(conn, actor=actor, linked=case["linked_case_id"])
             history = await conn.fetch(
-                f"select event_id, event_type, at, actor, agency, detail, note_ciphertext from {SCHEMA}.case_events "
+                f"select event_id, event_type, at, actor, agency, detail, note_ciphertext, confirmed_on "
+                f"from {SCHEMA}.case_events "
                 "where case_id = $1 order by at, event_id", case_id)
             offices = await conn.fetch(f"select distinct office_id from {SCHEMA}.case_access "
                                        "where case_id = $1 order by office_id", case_id)
@@ -463,7 +464,7 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
         created_at=case["created_at"], updated_at=case["updated_at"], erased_at=case["erased_at"],
         personal=personal,
         history=[CaseHistoryItem(event_id=h["event_id"], type=h["event_type"], at=h["at"], by=h["actor"],
-                                 agency=h["agency"], detail=_history_detail(intake, case_id, h, key["wrapped_key"] if key is not None else None))
+                                 agency=h["agency"], on=h["confirmed_on"], detail=_history_detail(intake, case_id, h, key["wrapped_key"] if key is not None else None))
                  for h in history],
         referred_to=[r["office_id"] for r in offices if r["office_id"]],
     )
@@ -481,15 +482,16 @@ def _history_detail(intake: Intake, case_id: uuid.UUID, row: asyncpg.Record, key
 
 
 def _outcome_data(case: asyncpg.Record, actor: Actor, event: Any) -> tuple[EventData, dict[str, Any]]:
-    """The published fact and the column changes for one follow-up event."""
+    """The published fact and the column changes for one follow-up event. The day the agency
+    confirmed an outcome (`on`) is not published: intake keeps it in case_events.confirmed_on."""
     base = dict(case_id=case["case_id"], municipality=case["municipality"])
     if isinstance(event, ChildWithdrawnIn):
-        return CaseChildWithdrawn(**base, on=event.on, confirmed_by_agency=actor.agency), {}
+        return CaseChildWithdrawn(**base, confirmed_by_agency=actor.agency), {}
     if isinstance(event, SchoolEnrolledIn):
-        return (CaseSchoolEnrolled(**base, on=event.on, confirmed_by_agency=actor.agency),
+        return (CaseSchoolEnrolled(**base, confirmed_by_agency=actor.agency),
                 {"school_status": SchoolStatus.enrolled_attending.value})
     if isinstance(event, ClosedIn):
-        return (CaseClosed(**base, on=event.on, confirmed_by_agency=actor.agency, reason=event.reason),
+        return (CaseClosed(**base, confirmed_by_agency=actor.agency, reason=event.reason),
                 {"status": "closed"})
     assert isinstance(event, UpdatedIn)
     changes: dict[str, Any] = {}
@@ -568,8 +570,8 @@ async def record_case_event(intake: Intake, *, actor: Actor, case_id: uuid.UUID,
                                                    plaintext=event.override_reason.encode())
             await conn.execute(
                 f"insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency, detail, "
-                "note_ciphertext) values($1,$2,$3,$4,$5,$6::jsonb,$7)", envelope.id, case_id, envelope.type,
-                actor.sub, actor.agency.value, detail, note)
+                "note_ciphertext, confirmed_on) values($1,$2,$3,$4,$5,$6::jsonb,$7,$8)", envelope.id, case_id,
+                envelope.type, actor.sub, actor.agency.value, detail, note, getattr(event, "on", None))
             action = f"case.event:{envelope.type}" + (":override" if detail else "")
             await _audit(conn, actor=actor, action=action, outcome="ok", case_id=case_id)
             await outbox.append(conn, schema=SCHEMA, topic=Topic.case_events, envelope=envelope)

@@ -1,8 +1,10 @@
 """Issue 15, item 5: `clms erase` erases. Real broker, real PostgreSQL, intake + referral +
-notifications running in this process (so every schema holds rows about the cases).
+notifications + analytics running in this process (so every schema holds rows about the cases,
+and analytics' faust changelog `<prefix>analytics-analytics-cases-changelog` holds their states).
 
 After erasing every case of one child, the whole database (every table of every schema) and
-every topic of the test (case, referral, notification and dead-letter topics) are scanned for the
+every topic of the test (case, referral, notification and dead-letter topics, analytics' table
+changelog) are scanned for the
 child's name, guardian phone, the cross-case pseudonym intake keeps for linking and the per-case
 tokens the cases had. What may remain is exactly what the README's Privacy section says remains,
 asserted here record by record: the case.identified records already on clms.case-events (and a
@@ -21,6 +23,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from typer.testing import CliRunner
 
+from services.analytics.app import create_app as analytics_app
+from services.analytics.counting import BREAKDOWNS
+from services.analytics.rebuild import changelog_topic
 from services.intake.app import create_app as intake_app
 from services.intake.cli import intake_app as intake_cli
 from services.notifications.app import create_app as notifications_app
@@ -120,7 +125,7 @@ async def test_erase_leaves_no_identity_or_pseudonym_readable_in_the_database_or
     try:
         intake = intake_app(settings)
         async with running(intake) as client, running(referral_app(settings)), \
-                running(notifications_app(settings)):
+                running(notifications_app(settings)), running(analytics_app(settings)):
             first = (await client.post("/v1/identifications", json=child(),
                                        headers={**police(settings), "Idempotency-Key": "erase-me-1"})).json()
             second = (await client.post("/v1/identifications", json=child(notes=None),
@@ -145,6 +150,15 @@ async def test_erase_leaves_no_identity_or_pseudonym_readable_in_the_database_or
             finally:
                 await conn.close()
             tokens = [first["child_ref"], second["child_ref"]]
+            # analytics has folded each case, its referrals and its alerts into its table
+            changelog = changelog_topic(settings, settings.analytics_app_id)
+
+            async def folded() -> bool:
+                states = {r.key: orjson.loads(r.value) for r in await read_all(
+                    settings, changelog, timeout_s=2, idle_s=0.2) if r.value}
+                return all((s := states.get(cid.encode())) and s["id"] and s["r"] and s["n"]
+                           for cid in (*cases, other["case_id"]))
+            await wait_until(folded, timeout_s=90, what="analytics' changelog to hold every case with referrals and alerts")
 
             # a consumer dead-letters a damaged copy of the first case's case.identified
             original = next(r for r in await read_all(settings, topics.case_events, min_count=3)
@@ -236,6 +250,16 @@ async def test_erase_leaves_no_identity_or_pseudonym_readable_in_the_database_or
             assert orjson.loads(r.value)["data"]["linked_case_id"] is None
     on_case_events = sorted(h[0] for t, _, h in remaining if t == topics.case_events)
     assert on_case_events == sorted([tokens[0], tokens[0], tokens[1]])
+
+    # 4. analytics' table changelog (compacted, so its latest record per case stays for good) was
+    # part of that scan and held none of them; it carries categories only, keyed by case id
+    states = [r for t, r in await topic_records(settings) if t == changelog and r.value]
+    assert {r.key.decode() for r in states} >= {*cases, other["case_id"]}  # the scan is not blind
+    for r in states:
+        state = orjson.loads(r.value)
+        assert set(state) == {"mu", "mo", "fm", "id", "w", "e", "c", "r", "n", "s"}, state
+        assert state["mu"] == "prizren" and set(state["id"]) == set(BREAKDOWNS)
+        assert all(set(ref) == {"a", "m", "s", "c", "k", "t", "ac", "cp", "o"} for ref in state["r"].values())
 
 
 async def test_erase_relinks_later_cases_and_unnames_the_case_in_older_outbox_rows(env):

@@ -120,6 +120,31 @@ def test_every_case_identified_field_has_its_reason_next_to_the_model():
         assert name in doc, f"CaseIdentified.{name} has no line in the model's field table"
 
 
+def test_case_outcomes_need_no_day_and_still_read_older_records_with_it():
+    """case.child_withdrawn / school_enrolled / closed are published without `on` (no consumer
+    reads the day); records written before still parse, and analytics counts either form."""
+    cid = uuid.uuid4()
+    for model, extra in ((ev.CaseChildWithdrawn, {}), (ev.CaseSchoolEnrolled, {}),
+                         (ev.CaseClosed, {"reason": "resolved"})):
+        new = model(case_id=cid, municipality="prizren", confirmed_by_agency=ev.AgencyType.csw, **extra)
+        assert new.on is None
+        old = ev.parse_envelope({**builders.envelope(new).to_dict(),
+                                 "data": {**new.model_dump(mode="json"), "on": "2026-02-14"}})
+        assert old.data.on == date(2026, 2, 14)
+    state, _ = apply_event(CaseState(), builders.envelope(
+        ev.CaseChildWithdrawn(case_id=cid, municipality="prizren", confirmed_by_agency=ev.AgencyType.csw)))
+    assert state.withdrawn
+
+
+def test_every_case_outcome_field_has_its_reason_next_to_the_model():
+    doc = ev.CaseClosed.__mro__[1].__doc__ or ""  # _CaseOutcome, the table of its fields
+    rows = [line.strip().split("|")[1] for line in doc.splitlines() if line.strip().startswith("| ")]
+    listed = {name.strip().split(" ")[0] for row in rows for name in row.split(",")}
+    for model in (ev.CaseChildWithdrawn, ev.CaseSchoolEnrolled, ev.CaseClosed):
+        for name in model.model_fields:
+            assert name in listed, f"{model.__name__}.{name} has no line in _CaseOutcome's field table"
+
+
 def test_production_refuses_the_development_master_key_inside_encryption_master_keys():
     from shared.settings import Settings
     from tests.unit.test_deploy_settings import REAL
