@@ -201,8 +201,11 @@ def _notification_args(
 ) -> None:
     """The statement arguments of one event's notifications: e-mail/SMS rows (`_INSERT_NOTIFICATION`,
     delivered later by the DeliveryLoop) go to `plain`, in-app ones (`_INSERT_INAPP`) to `inapp`."""
+    rendered: dict[str, Any] = {}  # the same words on every channel: rendered once per language
     for p in planned:
-        msg = render(template, p.language, facts, base_url=settings.workspace_url)
+        msg = rendered.get(p.language)
+        if msg is None:
+            msg = rendered[p.language] = render(template, p.language, facts, base_url=settings.workspace_url)
         is_inapp = p.channel == "inapp"
         args = (
             p.notification_id, event_id, template, cause_event_type, facts.get("referral_id"),
