@@ -7,8 +7,9 @@ in the same run beside our figure; prints the table and writes bench/results/lat
     .venv/bin/python -m bench --only intake,e2e
 
 Parts: intake (req/s, p50/p99 at 32 clients vs the FastAPI+asyncpg baseline), referral and
-analytics (worker events/s vs the faust baseline), e2e (police POST -> officer inbox alert at a
-steady 100/s), rebuild (analytics from 1,000,000 events; --quick: 100,000) and peak RSS.
+analytics (worker events/s vs the faust baseline), notifications (referral.created/s applied by
+its worker, target 1,000), e2e (police POST -> officer inbox alert at a steady 100/s), rebuild
+(analytics from 1,000,000 events; --quick: 100,000) and peak RSS.
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import analytics, e2e, intake, referral
+from bench import analytics, e2e, intake, notifications, referral
 from bench.stack import start_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-PARTS = ("intake", "referral", "analytics", "e2e", "rebuild")
+PARTS = ("intake", "referral", "notifications", "analytics", "e2e", "rebuild")
 console = Console(width=None if sys.stdout.isatty() else 130)
 
-FULL = dict(intake_rounds=3, intake_duration=8.0, referral_n=3000, referral_baseline_n=10000,
+FULL = dict(intake_rounds=3, intake_duration=8.0, referral_n=3000, referral_baseline_n=10000, notifications_n=4000,
             analytics_n=20000, analytics_baseline_n=10000, e2e_rate=100.0, e2e_seconds=60.0,
             e2e_low_rate=10.0, e2e_low_seconds=20.0, e2e_drain_s=180.0, rebuild_n=1_000_000)
-QUICK = dict(intake_rounds=1, intake_duration=4.0, referral_n=1000, referral_baseline_n=3000,
+QUICK = dict(intake_rounds=1, intake_duration=4.0, referral_n=1000, referral_baseline_n=3000, notifications_n=1000,
              analytics_n=4000, analytics_baseline_n=3000, e2e_rate=100.0, e2e_seconds=15.0,
              e2e_low_rate=10.0, e2e_low_seconds=10.0, e2e_drain_s=60.0, rebuild_n=100_000)
 
@@ -95,6 +96,14 @@ async def run_all(cfg: dict, parts: tuple[str, ...]) -> tuple[list[dict], dict]:
             rows.append(row("referral worker events/s", round(r["referral_events_per_s"]),
                             round(r["baseline_events_per_s"]), round(r["ratio"], 2), ">= 0.5x faust baseline",
                             r["ratio"] >= 0.5))
+        if "notifications" in parts:
+            log("notifications: worker on preloaded referral.created (the faust baseline is the referral part's)")
+            r = await notifications.run(stack, n=cfg["notifications_n"], baseline_n=0)
+            raw["notifications"] = r
+            base = raw.get("referral", {}).get("baseline_events_per_s")
+            ours = r["notifications_events_per_s"]
+            rows.append(row("notifications worker referral.created/s", round(ours), round(base) if base else None,
+                            round(ours / base, 2) if base else None, ">= 1,000/s", ours >= notifications.TARGET))
         if "analytics" in parts:
             log("analytics: faust worker fold, restart, fast rebuild, then the faust baseline")
             r = await analytics.run(stack, n=cfg["analytics_n"], baseline_n=cfg["analytics_baseline_n"], log=log)

@@ -89,6 +89,11 @@ def create_app(settings: Settings) -> FastAPI:
                 alerts = await service.record_event(conn, envelope=envelope, settings=settings, cause=cause)
             fan_out(alerts)
 
+        async def handle_many(items: list[tuple[Envelope, service.Cause]]) -> None:
+            async with st.pool.acquire() as conn, conn.transaction():
+                alerts = await service.record_events(conn, items=items, settings=settings)
+            fan_out(alerts)
+
         async def realert_loop() -> None:
             interval = max(0.1, min(5.0, settings.realert_after_s / 4))
             while True:
@@ -101,7 +106,8 @@ def create_app(settings: Settings) -> FastAPI:
                 await asyncio.sleep(interval)
 
         st.faust = make_faust_app(settings, "notifications")
-        st.processor = register(st.faust, topics=topics, group=settings.group_id("notifications"), handle=handle)
+        st.processor = register(st.faust, topics=topics, group=settings.group_id("notifications"),
+                                handle=handle, handle_many=handle_many)
         st.tasks = [
             asyncio.create_task(st.relay.run(), name="outbox-relay"),
             asyncio.create_task(run_retention(st.pool, schema=service.SCHEMA, settings=settings), name="retention"),

@@ -50,7 +50,13 @@ def _env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,  # a typo in a template fails the unit tests, not an officer
         autoescape=False,  # plain-text e-mail and SMS
         keep_trailing_newline=False,
+        auto_reload=False,  # templates ship with the service: no stat() of the files per message
     )
+
+
+@functools.cache
+def _template(language: str, event_type: str) -> jinja2.Template:
+    return _env().get_template(f"{language}/{event_type}.j2")
 
 
 def _label(kind: str, code: Any, language: str) -> str:
@@ -102,7 +108,7 @@ def render(event_type: str, language: str, facts: dict[str, Any], *, base_url: s
     if language not in LANGUAGES:
         language = "sq"
     ctx = context(facts, language=language, base_url=base_url)
-    text = _env().get_template(f"{language}/{event_type}.j2").render(ctx)
+    text = _template(language, event_type).render(ctx)
     subject, _, body = text.partition(BODY_MARKER)
     subject = " ".join(subject.split())
     body = body.strip("\n").rstrip() + "\n"

@@ -132,7 +132,12 @@ async def resolve(conn: asyncpg.Connection, audiences: list[policy.Audience], *,
     rows = await conn.fetch(
         f"select * from {S}.officers where office_id = any($1::text[]) or officer_id = any($2::text[])",
         offices, subjects)
-    directory = [_contact(r) for r in rows]
+    return _select(audiences, [_contact(r) for r in rows], municipality=municipality)
+
+
+def _select(audiences: list[policy.Audience], directory: list[policy.Contact], *,
+            municipality: str) -> list[policy.Contact]:
+    """The officers of each audience among `directory` (a slice that holds every one of them)."""
     out: list[policy.Contact] = []
     for a in audiences:
         found = policy.select(a, directory)
@@ -189,6 +194,56 @@ _INSERT_INAPP = f"""
     select a.*, pg_notify($28, $29) as notified from a"""
 
 
+def _notification_args(
+    *, settings: Settings, planned: list[policy.Planned], event_id: uuid.UUID, template: str,
+    cause_event_type: str, facts: dict[str, Any], correlation_id: str, cause: Cause | None,
+    plain: list[tuple], inapp: list[tuple],
+) -> None:
+    """The statement arguments of one event's notifications: e-mail/SMS rows (`_INSERT_NOTIFICATION`,
+    delivered later by the DeliveryLoop) go to `plain`, in-app ones (`_INSERT_INAPP`) to `inapp`."""
+    rendered: dict[str, Any] = {}  # the same words on every channel: rendered once per language
+    for p in planned:
+        msg = rendered.get(p.language)
+        if msg is None:
+            msg = rendered[p.language] = render(template, p.language, facts, base_url=settings.workspace_url)
+        is_inapp = p.channel == "inapp"
+        args = (
+            p.notification_id, event_id, template, cause_event_type, facts.get("referral_id"),
+            facts.get("case_id"), p.recipient, p.channel, p.language, msg.subject, msg.body, msg.link,
+            "sent" if is_inapp else "pending", 1 if is_inapp else 0, settings.notify_max_attempts,
+            correlation_id, cause.topic if cause else None, cause.partition if cause else None,
+            cause.offset if cause else None,
+            cause.key.decode(errors="replace") if cause and cause.key else None,
+            cause.value if cause else None,
+        )
+        if not is_inapp:
+            plain.append(args)
+            continue
+        # In-app: notification, inbox alert, delivery attempt, outbox row and the NOTIFY for other
+        # replicas' streams in ONE statement (the agent is latency-bound on round trips:
+        # bench/README.md, Performance). Nothing but the notification is written when it existed
+        # already (every step selects from its insert).
+        sent = Envelope.wrap(
+            NotificationSent(notification_id=p.notification_id, referral_id=facts.get("referral_id"),
+                             case_id=facts.get("case_id"), channel=Channel.inapp,
+                             cause_event_type=cause_event_type, attempt=1),
+            source=SOURCE, subject=str(facts.get("case_id")), correlationid=correlation_id, causationid=event_id)
+        inapp.append((*args, facts.get("priority"), sent.id, Topic.notification_events.value, sent.subject,
+                      sent.type, sent.to_json_bytes().decode(), NOTIFY_CHANNEL,
+                      orjson.dumps({"alert_id": str(p.notification_id), "recipient": p.recipient}).decode()))
+
+
+async def _write_notifications(conn: asyncpg.Connection, plain: list[tuple], inapp: list[tuple]
+                               ) -> list[dict[str, Any]]:
+    """Insert the notifications (idempotent on id), each kind in one pipelined round trip.
+    Returns the new in-app alerts (for the SSE fan-out after commit)."""
+    if plain:
+        await conn.executemany(_INSERT_NOTIFICATION, plain)
+    if not inapp:
+        return []
+    return [alert_dict(r) for r in await conn.fetchmany(_INSERT_INAPP, inapp)]
+
+
 async def _create_notifications(
     conn: asyncpg.Connection, *, settings: Settings, planned: list[policy.Planned], event_id: uuid.UUID,
     template: str, cause_event_type: str, facts: dict[str, Any], correlation_id: str,
@@ -196,38 +251,88 @@ async def _create_notifications(
 ) -> list[dict[str, Any]]:
     """Insert notifications (idempotent on id); in-app ones become inbox alerts at once.
     Returns the new alerts (for the SSE fan-out after commit)."""
+    plain: list[tuple] = []
+    inapp: list[tuple] = []
+    _notification_args(settings=settings, planned=planned, event_id=event_id, template=template,
+                       cause_event_type=cause_event_type, facts=facts, correlation_id=correlation_id,
+                       cause=cause, plain=plain, inapp=inapp)
+    return await _write_notifications(conn, plain, inapp)
+
+
+_INSERT_REFERRAL = f"""
+    insert into {S}.referrals(referral_id, case_id, municipality, agency, office_id, reported_by,
+        priority, deadline, age_band, sector, created_event_id, correlation_id)
+    values($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+    on conflict (referral_id) do nothing"""
+
+
+def _referral_args(envelope: Envelope, data: dict[str, Any]) -> tuple:
+    return (uuid.UUID(data["referral_id"]), uuid.UUID(data["case_id"]), data["municipality"], data["agency"],
+            data["office_id"], data["reported_by"], data["priority"], envelope.data.deadline, data["age_band"],
+            data["sector"], envelope.id, envelope.correlationid)
+
+
+async def record_events(conn: asyncpg.Connection, *, items: list[tuple[Envelope, Cause | None]],
+                        settings: Settings) -> list[dict[str, Any]]:
+    """Apply several referral events, in order, inside the caller's transaction: what
+    `record_event` does for each, with each run of consecutive `referral.created` events (the
+    bulk of the stream: two per identification) in a few pipelined statements for the whole run
+    instead of ~8 round trips per event. All or nothing with the caller's transaction: an error
+    leaves none of them applied (the worker then applies them one by one, so only a bad event is
+    dead-lettered). Returns the new in-app alerts."""
     alerts: list[dict[str, Any]] = []
-    for p in planned:
-        msg = render(template, p.language, facts, base_url=settings.workspace_url)
-        inapp = p.channel == "inapp"
-        args = (
-            p.notification_id, event_id, template, cause_event_type, facts.get("referral_id"),
-            facts.get("case_id"), p.recipient, p.channel, p.language, msg.subject, msg.body, msg.link,
-            "sent" if inapp else "pending", 1 if inapp else 0, settings.notify_max_attempts,
-            correlation_id, cause.topic if cause else None, cause.partition if cause else None,
-            cause.offset if cause else None,
-            cause.key.decode(errors="replace") if cause and cause.key else None,
-            cause.value if cause else None,
-        )
-        if not inapp:
-            await conn.execute(_INSERT_NOTIFICATION, *args)  # delivered later by the DeliveryLoop
+    run: list[tuple[Envelope, Cause | None]] = []
+    for envelope, cause in items:
+        if envelope.type == policy.CREATED:
+            run.append((envelope, cause))
             continue
-        # In-app: notification, inbox alert, delivery attempt, outbox row and the NOTIFY for other
-        # replicas' streams in ONE statement (one round trip instead of five; the agent is
-        # latency-bound on round trips: bench/README.md, Performance). Nothing but the
-        # notification is written when it existed already (every step selects from its insert).
-        sent = Envelope.wrap(
-            NotificationSent(notification_id=p.notification_id, referral_id=facts.get("referral_id"),
-                             case_id=facts.get("case_id"), channel=Channel.inapp,
-                             cause_event_type=cause_event_type, attempt=1),
-            source=SOURCE, subject=str(facts.get("case_id")), correlationid=correlation_id, causationid=event_id)
-        alert = await conn.fetchrow(
-            _INSERT_INAPP, *args, facts.get("priority"), sent.id, Topic.notification_events.value, sent.subject,
-            sent.type, sent.to_json_bytes().decode(), NOTIFY_CHANNEL,
-            orjson.dumps({"alert_id": str(p.notification_id), "recipient": p.recipient}).decode())
-        if alert is not None:
-            alerts.append(alert_dict(alert))
+        if run:
+            alerts += await _record_created(conn, items=run, settings=settings)
+            run = []
+        alerts += await record_event(conn, envelope=envelope, settings=settings, cause=cause)
+    if run:
+        alerts += await _record_created(conn, items=run, settings=settings)
     return alerts
+
+
+async def _record_created(conn: asyncpg.Connection, *, items: list[tuple[Envelope, Cause | None]],
+                          settings: Settings) -> list[dict[str, Any]]:
+    """`record_event` for consecutive `referral.created` events, with the same result: one inbox
+    claim statement for all (an event claimed before, or twice in the run, is applied once),
+    their referral rows, one directory lookup for their offices, then every notification in
+    two pipelined statements. (The facts of a created event are its own data; its audience is
+    its office's duty officers, so neither needs the stored referral row.)"""
+    claimed = {r["event_id"] for r in await conn.fetch(
+        f"""insert into {S}.inbox(event_id, consumer, event_type)
+            select id, $2, $3 from unnest($1::uuid[]) as id
+            on conflict do nothing returning event_id""",
+        [e.id for e, _ in items], CONSUMER, policy.CREATED)}
+    fresh: list[tuple[Envelope, Cause | None, dict[str, Any]]] = []
+    for envelope, cause in items:
+        if envelope.id in claimed:
+            claimed.discard(envelope.id)  # a second copy in the same run is not applied again
+            fresh.append((envelope, cause, envelope.data.model_dump(mode="json")))
+    if not fresh:
+        return []
+    await conn.executemany(_INSERT_REFERRAL, [_referral_args(e, d) for e, _, d in fresh])
+    offices = sorted({d["office_id"] for _, _, d in fresh})
+    directory = [_contact(r) for r in await conn.fetch(
+        f"select * from {S}.officers where office_id = any($1::text[])", offices)]
+    plain: list[tuple] = []
+    inapp: list[tuple] = []
+    for envelope, cause, data in fresh:
+        facts: dict[str, Any] = dict(data)
+        facts["referral_id"], facts["case_id"] = uuid.UUID(data["referral_id"]), uuid.UUID(data["case_id"])
+        audiences = policy.audiences(envelope.type, office_id=data["office_id"], municipality=data["municipality"],
+                                     reported_by=data["reported_by"])
+        recipients = _select(audiences, directory, municipality=data["municipality"])
+        planned = policy.plan(envelope.id, envelope.type, recipients, priority=facts.get("priority"))
+        if not planned:
+            log.warning("no recipient for %s %s (office %s)", envelope.type, envelope.id, data["office_id"])
+        _notification_args(settings=settings, planned=planned, event_id=envelope.id, template=envelope.type,
+                           cause_event_type=envelope.type, facts=facts, correlation_id=envelope.correlationid,
+                           cause=cause, plain=plain, inapp=inapp)
+    return await _write_notifications(conn, plain, inapp)
 
 
 async def record_event(conn: asyncpg.Connection, *, envelope: Envelope, settings: Settings,
@@ -242,14 +347,7 @@ async def record_event(conn: asyncpg.Connection, *, envelope: Envelope, settings
     data = envelope.data.model_dump(mode="json")
     referral_id = uuid.UUID(data["referral_id"])
     if envelope.type == policy.CREATED:
-        await conn.execute(
-            f"""insert into {S}.referrals(referral_id, case_id, municipality, agency, office_id, reported_by,
-                    priority, deadline, age_band, sector, created_event_id, correlation_id)
-                values($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                on conflict (referral_id) do nothing""",
-            referral_id, uuid.UUID(data["case_id"]), data["municipality"], data["agency"], data["office_id"],
-            data["reported_by"], data["priority"], envelope.data.deadline, data["age_band"], data["sector"],
-            envelope.id, envelope.correlationid)
+        await conn.execute(_INSERT_REFERRAL, *_referral_args(envelope, data))
     elif envelope.type in policy.HANDLED:
         await conn.execute(f"update {S}.referrals set handled_at = now() where referral_id = $1 "
                            "and handled_at is null", referral_id)

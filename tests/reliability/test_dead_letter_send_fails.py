@@ -77,7 +77,7 @@ def flaky_dead_letter_topic(monkeypatch, flaky: FlakyDeadLetters):
 
 
 async def test_a_dead_letter_that_cannot_be_sent_holds_the_partition_until_it_is_sent(env, monkeypatch):
-    """The plain per-event loop (`StreamProcessor.run`: notifications and analytics use it)."""
+    """The plain per-event loop (`StreamProcessor.run`: analytics uses it; the batch loops fall back to it)."""
     topics = Topics(env.topic_prefix)
     good = builders.envelope()
     key = b"one-partition"
