@@ -258,7 +258,9 @@ async def test_erase_leaves_no_identity_or_pseudonym_readable_in_the_database_or
     for r in states:
         state = orjson.loads(r.value)
         assert set(state) == {"mu", "mo", "fm", "id", "w", "e", "c", "r", "n", "s"}, state
-        assert state["mu"] == "prizren" and set(state["id"]) == set(BREAKDOWNS)
+        # a case's referral events can reach analytics before its case.identified (another
+        # topic): such a state has no identification categories yet
+        assert state["id"] is None or (state["mu"] == "prizren" and set(state["id"]) == set(BREAKDOWNS))
         assert all(set(ref) == {"a", "m", "s", "c", "k", "t", "ac", "cp", "o"} for ref in state["r"].values())
 
 
