@@ -239,3 +239,21 @@ def test_webhook_signature_verifies_and_tampering_fails():
 
 def test_future_deadline_fixture_is_sane():
     assert datetime.fromisoformat(_facts()["deadline"]) > datetime.now(timezone.utc) - timedelta(minutes=1)
+
+
+def test_every_label_is_a_whole_sentence_in_each_language():
+    """A comma inside an unquoted YAML flow mapping splits a label ("extractive work (mines")."""
+    from pathlib import Path
+
+    import yaml
+
+    import services.notifications
+
+    labels = yaml.safe_load((Path(services.notifications.__file__).parent / "templates/labels.yaml").read_text())
+    for group, entries in labels.items():
+        if not isinstance(entries, dict):
+            continue
+        for key, texts in entries.items():
+            if isinstance(texts, dict):
+                assert set(texts) <= {"sq", "sr", "en"} and all(isinstance(t, str) for t in texts.values()), \
+                    f"{group}.{key}: {texts}"
