@@ -95,9 +95,16 @@ def classpath(*, progress=print) -> str:
 
 
 def _cluster_id(seed: str) -> str:
-    """A KRaft cluster id (base64url of 16 bytes, no padding), fixed per log directory."""
-    raw = uuid.uuid5(uuid.NAMESPACE_URL, seed).bytes
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """A KRaft cluster id (base64url of 16 bytes, no padding), fixed per log directory. Like
+    Kafka's own Uuid.randomUuid, never one that starts with "-": the storage tool's argument
+    parser would read it as an option ("argument --cluster-id/-t: expected one argument")."""
+    attempt = 0
+    while True:
+        raw = uuid.uuid5(uuid.NAMESPACE_URL, f"{seed}#{attempt}" if attempt else seed).bytes
+        cluster_id = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+        attempt += 1
 
 
 LOG4J = """\
@@ -220,7 +227,7 @@ class EmbeddedKafka:
         props = self.data_dir / "server.properties"
         props.write_text(self._properties())
         if not (self.data_dir / "kraft-logs" / "meta.properties").exists():
-            fmt = ["format", "-t", _cluster_id(str(self.data_dir)), "-c", str(props), "--ignore-formatted"]
+            fmt = ["format", f"--cluster-id={_cluster_id(str(self.data_dir))}", "-c", str(props), "--ignore-formatted"]
             if self.secured:
                 fmt += ["--add-scram", f"SCRAM-SHA-512=[name={ADMIN_USER},password={self.admin_password}]"]
             done = subprocess.run(self._java("kafka.tools.StorageTool", *fmt, cp=cp),

@@ -48,3 +48,11 @@ def test_the_broker_is_pinned_to_a_release_the_python_clients_speak():
     # Kafka 4.0 removed protocol versions aiokafka 0.14 still sends (KIP-896)
     major = int(kafka_broker.kafka_version().split(".")[0])
     assert major == 3, "see shared/broker/pom.xml before moving to Kafka 4"
+
+
+def test_a_cluster_id_never_reads_as_an_option_to_the_storage_tool():
+    # about 1 in 64 base64url ids start with "-": the storage tool then refused to format
+    ids = [kafka_broker._cluster_id(f"/tmp/clms-test-{i}") for i in range(2000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)
+    assert kafka_broker._cluster_id("/same/dir") == kafka_broker._cluster_id("/same/dir")
