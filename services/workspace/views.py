@@ -231,12 +231,8 @@ async def signin_callback(request: Request, code: str | None = None, state: str 
     except oidc.SignInFailed as exc:
         return page(request, s, "message.html", status_code=403, title=words.t("sign_in_title"),
                     message=f"{words.t('sign_in_failed')} {exc}")
-    new = _sessions(request).sign_in(s, token=done.token, claims=done.claims, expires_at=done.expires_at)
-    request.state.session = new
-    nxt = pending.next_path if pending else "/"
-    if nxt == "/":
-        nxt = "/coordinator" if done.claims.is_coordinator else "/inbox"
-    return redirect(request, nxt)
+    return _signed_in(request, s, token=done.token, claims=done.claims, expires_at=done.expires_at,
+                      next_path=pending.next_path if pending else "/")
 
 
 @router.post("/signin")
@@ -257,12 +253,17 @@ async def signin(request: Request) -> Response:
     token = mint_token(settings, sub=officer.sub, agency=officer.agency, municipality=officer.municipality,
                        roles=officer.roles, ttl_s=ttl)
     claims = Claims(sub=officer.sub, agency=officer.agency, municipality=officer.municipality, roles=officer.roles)
-    new = _sessions(request).sign_in(s, token=token, claims=claims, expires_at=time.time() + ttl - 60)
-    request.state.session = new
-    nxt = safe_next(form.get("next"))
-    if nxt == "/":
-        nxt = "/coordinator" if claims.is_coordinator else "/inbox"
-    return redirect(request, nxt)
+    return _signed_in(request, s, token=token, claims=claims, expires_at=time.time() + ttl - 60,
+                      next_path=safe_next(form.get("next")))
+
+
+def _signed_in(request: Request, s, *, token: str, claims: Claims, expires_at: float,  # noqa: ANN001
+               next_path: str) -> Response:
+    """Both sign-ins end here: a new session, then the page asked for or the user's landing page."""
+    request.state.session = _sessions(request).sign_in(s, token=token, claims=claims, expires_at=expires_at)
+    if next_path == "/":
+        next_path = "/coordinator" if claims.is_coordinator else "/inbox"
+    return redirect(request, next_path)
 
 
 @router.post("/signout")
