@@ -362,3 +362,24 @@ async def test_simultaneous_reports_of_one_child_all_link_to_the_first(env):
     first = [b for b in bodies if b["linked_case_id"] is None]
     assert len(first) == 1
     assert all(b["linked_case_id"] == first[0]["case_id"] for b in bodies if b is not first[0])
+
+
+async def test_a_later_report_links_to_the_first_case_even_when_a_linked_case_has_an_earlier_timestamp(env):
+    # created_at is a transaction's start time: a report that waited on the child's lock while the
+    # first one committed carries an earlier created_at than the case it links to. The third report
+    # must still link to the first case (the root of the chain), not to that second one.
+    async with running(create_app(env, run_consumer=False, run_relay=False)) as client:
+        first = (await client.post("/v1/identifications", json=identification(), headers=police(env))).json()
+        second = (await client.post("/v1/identifications", json=identification(), headers=police(env))).json()
+        assert second["linked_case_id"] == first["case_id"]
+        conn = await asyncpg.connect(env.database_url)
+        try:
+            await conn.execute("update intake.cases set created_at = created_at - interval '1 second' "
+                               "where case_id = $1", uuid.UUID(second["case_id"]))
+        finally:
+            await conn.close()
+        third = (await client.post("/v1/identifications", json=identification(), headers=police(env))).json()
+        assert third["linked_case_id"] == first["case_id"]
+        keyed = await client.post("/v1/identifications", json=identification(),
+                                  headers={**police(env), "Idempotency-Key": str(uuid.uuid4())})
+        assert keyed.json()["linked_case_id"] == first["case_id"]
