@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.errors import ServiceError
 from shared.logs import bound, new_correlation_id
 from shared.metrics import STREAMS, Sampler
 
@@ -140,3 +141,8 @@ def install_error_handlers(app: FastAPI) -> None:
             errors.append({"field": _loc(err), "message": msg, "type": err.get("type")})
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse(status_code=422, content={"detail": summary, "errors": errors})
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        # shared.errors: raised by use cases in every service, mapped here once
+        return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=exc.headers or None)
