@@ -28,15 +28,6 @@ def cli_settings() -> Settings:
     return s.model_copy(update=updates) if updates else s
 
 
-async def stop_quietly(consumer) -> None:  # noqa: ANN001
-    """Stop a group-less consumer; aiokafka 0.14 can raise CancelledError from its no-group
-    coordinator when stopped right after start."""
-    import contextlib
-
-    with contextlib.suppress(asyncio.CancelledError):
-        await consumer.stop()
-
-
 def fail(message: str) -> None:
     err.print(f"[red]error:[/] {message}")
     raise typer.Exit(2)
@@ -107,7 +98,7 @@ def topics(
     """List every topic with its partitions and end offsets (`--create` declares missing ones)."""
     from clms.output import emit
     from clms.reports import TopicInfo, topics_report
-    from shared.kafka import ensure_topics, make_admin, make_consumer
+    from shared.kafka import ensure_topics, make_admin, make_consumer, stop_quietly, topic_partitions
     from shared.topics import REGISTRY, Topics
 
     settings = cli_settings()
@@ -134,18 +125,12 @@ def topics(
         await consumer.start()
         found = []
         try:
-            from aiokafka import TopicPartition
-
             for spec in REGISTRY:
                 name = names.name(spec.topic)
                 if name not in existing:
                     found.append(TopicInfo(name, spec.key))
                     continue
-                parts = consumer.partitions_for_topic(name) or set()
-                if not parts:
-                    await consumer._client.force_metadata_update()
-                    parts = consumer.partitions_for_topic(name) or set()
-                tps = [TopicPartition(name, p) for p in sorted(parts)]
+                tps = await topic_partitions(consumer, name)
                 ends = await consumer.end_offsets(tps) if tps else {}
                 found.append(TopicInfo(name, spec.key, len(tps), tuple(ends[tp] for tp in tps)))
         finally:

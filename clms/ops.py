@@ -7,8 +7,6 @@ trace shows event types, sources and times, so nothing personal reaches a termin
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Iterable
@@ -23,43 +21,13 @@ from aiokafka.structs import ConsumerRecord
 
 from shared.db import migrate
 from shared.events import EnvelopeError, parse_envelope
-from shared.kafka import DeadLetter, PartitionLag, group_lag, make_admin, make_consumer, make_producer
+from shared.kafka import (DeadLetter, PartitionLag, group_lag, make_admin, make_consumer, make_producer,
+                          read_topic, stop_quietly, topic_partitions)
 from shared.settings import Settings
 from shared.topics import Topic, Topics, consumed_by
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 REPLAY_HEADER = "dlq_replay_of"
-
-
-async def read_topic(settings: Settings, topic: str) -> list[ConsumerRecord]:
-    """Every record on `topic` up to its end offsets at the time of the call."""
-    consumer = make_consumer(settings, group=None)
-    await consumer.start()
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        pending = {tp for tp in tps if ends[tp] > 0}
-        records: list[ConsumerRecord] = []
-        deadline = time.monotonic() + 60
-        while pending and time.monotonic() < deadline:
-            batch = await consumer.getmany(*pending, timeout_ms=200)
-            for tp, msgs in batch.items():
-                records.extend(m for m in msgs if m.offset < ends[tp])
-            for tp in list(pending):
-                if await consumer.position(tp) >= ends[tp]:
-                    pending.discard(tp)
-        return records
-    finally:
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer.stop()
 
 
 # --- dead letters ------------------------------------------------------------------------------
@@ -154,11 +122,7 @@ async def read_record(settings: Settings, topic: str, partition: int, offset: in
     await consumer.start()
     try:
         tp = TopicPartition(topic, partition)
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        if partition not in parts:
+        if tp not in await topic_partitions(consumer, topic):
             return None
         consumer.assign([tp])
         first = (await consumer.beginning_offsets([tp]))[tp]
@@ -175,8 +139,7 @@ async def read_record(settings: Settings, topic: str, partition: int, offset: in
                     return None  # compacted away
         return None
     finally:
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer.stop()
+        await stop_quietly(consumer)
 
 
 def _jws_payload(raw: bytes | None) -> dict | None:

@@ -7,12 +7,15 @@ The same settings drive aiokafka here and faust in `shared.streams`, so security
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.redact import redact_contacts
@@ -91,10 +94,70 @@ async def send_envelope(producer: AIOKafkaProducer, topic: str, envelope: Envelo
     )
 
 
+async def stop_quietly(client: AIOKafkaConsumer) -> None:
+    """Stop a consumer; aiokafka 0.14 can raise CancelledError from a group-less consumer's
+    coordinator when it is stopped right after start."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await client.stop()
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The partitions of `topic`, in order; [] when the broker does not know the topic.
+
+    A consumer learns the topics when it starts; for one declared since, its metadata is
+    refreshed once. aiokafka has no public call for that refresh, so this is the one place
+    that reaches into the client for it."""
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+    return [TopicPartition(topic, p) for p in sorted(parts)]
+
+
+async def read_topic(settings: Settings, topic: str, *, min_count: int = 0, idle_s: float = 0.0,
+                     timeout_s: float = 60.0) -> list[ConsumerRecord]:
+    """Every record on `topic` from its beginning, read with a group-less consumer (nothing
+    committed, no group disturbed), at least up to the end offsets at the time of the call.
+
+    `min_count`: wait for at least that many records (TimeoutError after `timeout_s`, naming
+    the topic and the count). `idle_s`: then read on until no record came for that long."""
+    consumer = make_consumer(settings, group=None)
+    await consumer.start()
+    try:
+        tps = await topic_partitions(consumer, topic)
+        consumer.assign(tps)
+        if tps:
+            await consumer.seek_to_beginning(*tps)
+        return await _read_assigned(consumer, tps, topic, min_count=min_count, idle_s=idle_s,
+                                    timeout_s=timeout_s)
+    finally:
+        await stop_quietly(consumer)
+
+
+async def _read_assigned(consumer: AIOKafkaConsumer, tps: list[TopicPartition], topic: str, *,
+                         min_count: int, idle_s: float, timeout_s: float) -> list[ConsumerRecord]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    ends = await consumer.end_offsets(tps) if tps else {}
+    records: list[ConsumerRecord] = []
+    last_new = loop.time()
+    while tps and loop.time() < deadline:
+        caught_up = all([await consumer.position(tp) >= ends[tp] for tp in tps])
+        if caught_up and len(records) >= min_count and loop.time() - last_new >= idle_s:
+            return records
+        if caught_up:  # more are awaited: the end offsets move as they arrive
+            ends = await consumer.end_offsets(tps)
+        for msgs in (await consumer.getmany(*tps, timeout_ms=100)).values():
+            records.extend(msgs)
+            last_new = loop.time() if msgs else last_new
+    if len(records) < min_count:
+        raise TimeoutError(f"expected at least {min_count} records on {topic} within {timeout_s:.0f}s, "
+                           f"got {len(records)}" + ("" if tps else " (the broker does not know the topic)"))
+    return records
+
+
 async def broker_ready(producer: AIOKafkaProducer | None, timeout_s: float = 2.0) -> str | None:
     """Readiness check: None when the broker answers a metadata request, else why not."""
-    import asyncio
-
     if producer is None:
         return "not started"
     try:
@@ -131,43 +194,29 @@ async def group_lag(settings: Settings, groups: list[str] | set[str]) -> list[Pa
     """Committed offset vs end offset on every registry topic for the given consumer groups
     (full group ids). Committed offsets are fetched by a member that never joins (OffsetFetch
     through the coordinator): the admin client's call for it does not decode on Tansu 0.6.0."""
-    import asyncio
-    import contextlib
-
-    from aiokafka import TopicPartition
-
     topics = Topics(settings.topic_prefix)
     known = {settings.group_id(g): {topics.name(t) for t in ts} for g, ts in consumed_by().items()}
-    rows: list[PartitionLag] = []
     reader = make_consumer(settings, group=None)
     await reader.start()
     try:
-        tps = []
-        for name in Topics(settings.topic_prefix).all():
-            parts = reader.partitions_for_topic(name)
-            if not parts:
-                await reader._client.force_metadata_update()
-                parts = reader.partitions_for_topic(name) or set()
-            tps += [TopicPartition(name, p) for p in sorted(parts)]
+        tps = [tp for name in topics.all() for tp in await topic_partitions(reader, name)]
         ends = await reader.end_offsets(tps)
-        for group in sorted(groups):
-            member = make_consumer(settings, group=None, group_id=group)
-            await member.start()
-            try:
-                found = [(tp, await member.committed(tp)) for tp in tps]
-                # a topic the group consumes: one the registry says it reads, or one where it
-                # committed somewhere; its partitions without a commit yet count from offset 0
-                consumed = {tp.topic for tp, c in found if c is not None} | known.get(group, set())
-                for tp, committed in found:
-                    if tp.topic in consumed:
-                        rows.append(PartitionLag(group, tp.topic, tp.partition, committed, ends[tp],
-                                                 partition_lag(settings, end=ends[tp], committed=committed)))
-            finally:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await member.stop()
     finally:
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader.stop()
+        await stop_quietly(reader)
+    rows: list[PartitionLag] = []
+    for group in sorted(groups):
+        member = make_consumer(settings, group=None, group_id=group)
+        await member.start()
+        try:
+            found = [(tp, await member.committed(tp)) for tp in tps]
+        finally:
+            await stop_quietly(member)
+        # a topic the group consumes: one the registry says it reads, or one where it committed
+        # somewhere; its partitions without a commit yet count from offset 0
+        consumed = {tp.topic for tp, c in found if c is not None} | known.get(group, set())
+        rows += [PartitionLag(group, tp.topic, tp.partition, committed, ends[tp],
+                              partition_lag(settings, end=ends[tp], committed=committed))
+                 for tp, committed in found if tp.topic in consumed]
     return rows
 
 
