@@ -10,22 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.settings import Environment, Settings
+from services.intake.cli import app as intake_commands
+from services.notifications.cli import app as notifications_commands
+from shared.settings import Environment, Settings, operator_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console()
 err = Console(stderr=True)
-
-
-def cli_settings() -> Settings:
-    """Settings for operator commands: the environment, else the embedded stack `make run` starts."""
-    s = Settings()
-    updates = {}
-    if not s.kafka_bootstrap_servers:
-        updates["kafka_bootstrap_servers"] = f"127.0.0.1:{s.embedded_kafka_port}"
-    if not s.database_url:
-        updates["database_url"] = f"postgresql://postgres@127.0.0.1:{s.embedded_postgres_port}/postgres"
-    return s.model_copy(update=updates) if updates else s
 
 
 def fail(message: str) -> None:
@@ -101,7 +92,7 @@ def topics(
     from shared.kafka import ensure_topics, make_admin, make_consumer, stop_quietly, topic_partitions
     from shared.topics import REGISTRY, Topics
 
-    settings = cli_settings()
+    settings = operator_settings()
 
     async def run() -> list[TopicInfo]:
         names = Topics(settings.topic_prefix)
@@ -178,7 +169,7 @@ def dlq_list(
     from clms.output import emit
     from clms.reports import dlq_report
 
-    settings = cli_settings()
+    settings = operator_settings()
     letters = _broker_or_fail(settings, dead_letters(settings))
     sections, document = dlq_report(letters, summarise(letters), show=max(0, show))
     emit(sections, document=document, as_json=as_json, console=console)
@@ -198,7 +189,7 @@ def dlq_replay(
 
     if reason is None and not id:
         fail("say what to replay: --reason REASON or --id ID (see `clms dlq list --show 20`)")
-    settings = cli_settings()
+    settings = operator_settings()
     value = fixed.read_bytes() if fixed else None
     result = _broker_or_fail(settings, replay_dead_letters(
         settings, reason=reason, ids=id, fixed_value=value, force=force))
@@ -218,7 +209,7 @@ def lag(as_json: JsonOption = False) -> None:
     from clms.output import emit
     from clms.reports import lag_report
 
-    settings = cli_settings()
+    settings = operator_settings()
     sections, document = lag_report(_broker_or_fail(settings, consumer_lag(settings)))
     emit(sections, document=document, as_json=as_json, console=console)
 
@@ -239,7 +230,7 @@ def trace(
         _uuid.UUID(case_id)
     except ValueError:
         fail(f"{case_id!r} is not a case id (a UUID like the one POST /v1/identifications returned)")
-    settings = cli_settings()
+    settings = operator_settings()
     lines = _broker_or_fail(settings, trace_case(settings, case_id))
     if not lines:
         fail(f"no events found for case {case_id}")
@@ -261,7 +252,7 @@ def demo(
 
     if rate <= 0 or duration <= 0:
         fail("--rate and --duration must be positive")
-    settings = cli_settings()
+    settings = operator_settings()
     base = url or f"http://{settings.host}:{settings.intake_port}"
     total = max(1, int(rate * duration))
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
@@ -293,7 +284,7 @@ def status(as_json: JsonOption = False) -> None:
     from clms.output import emit
     from clms.reports import OutboxBacklog, ServiceHealth, status_report
 
-    settings = cli_settings()
+    settings = operator_settings()
 
     async def gather() -> tuple[list, list, list, list]:
         health = []
@@ -337,19 +328,11 @@ def status(as_json: JsonOption = False) -> None:
     emit(sections, document=document, as_json=as_json, console=console)
 
 
-# --- service operator commands (each service owns its own; registered here) ----------------------
+# --- each service's own commands: mounted from its documented entry point, `services.<name>.cli.app` ---
+# (intake: `clms erase`, `clms inbound-key`, `clms keys ...`; notifications: `clms officers ...`)
 
-def _register_service_commands() -> None:
-    from services.intake.cli import erase, inbound_key, keys_app
-    from services.notifications.cli import officers_app
-
-    app.command("erase")(erase)
-    app.command("inbound-key")(inbound_key)
-    app.add_typer(keys_app, name="keys", help="Intake master keys: status, online rotation (clms keys rotate).")
-    app.add_typer(officers_app, name="officers", help="Officer directory: import a roster (CSV), list officers.")
-
-
-_register_service_commands()
+for _service_commands in (intake_commands, notifications_commands):
+    app.add_typer(_service_commands)
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ def _group() -> None:
 
 
 def _settings():  # noqa: ANN202 - the CLI's settings (environment, else the embedded stack)
-    from clms.cli import cli_settings
+    from shared.settings import operator_settings
 
-    return cli_settings()
+    return operator_settings()
 
 
 async def _erase(case_id: uuid.UUID, operator: str):  # noqa: ANN202
@@ -180,3 +180,12 @@ def inbound_key(
 
 
 __all__ += ["inbound_key"]
+
+
+# The one entry point `clms` reaches intake's commands through (clms/cli.py mounts it):
+# `clms erase`, `clms inbound-key`, `clms keys status|rotate`.
+app = typer.Typer(add_completion=False)
+app.command("erase")(erase)
+app.command("inbound-key")(inbound_key)
+app.add_typer(keys_app, name="keys", help="Intake master keys: status, online rotation (clms keys rotate).")
+__all__ += ["app"]

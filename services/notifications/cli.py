@@ -66,3 +66,8 @@ def list_(
         chans = ",".join(c for c, on in (("email", r["email"]), ("sms", r["phone"]), ("inapp", r["inapp"])) if on)
         typer.echo(f"{r['officer_id']:45} {r['office_id']:32} {r['role']:13} {r['language']}  "
                    f"{chans:16} {'on duty' if r['on_duty'] else ''}")
+
+
+# The one entry point `clms` reaches these commands through (clms/cli.py mounts it): `clms officers ...`.
+app = typer.Typer(add_completion=False)
+app.add_typer(officers_app, name="officers", help="Officer directory: import a roster (CSV), list officers.")
