@@ -233,81 +233,79 @@ def _names(value: Any, where: str) -> list[str]:
     return value
 
 
-def parse(raw: Mapping[str, Any], *, agencies_known: Iterable[str] | None = None) -> Policy:
-    """Validate the policy document; every error names the entry."""
-    if not isinstance(raw, Mapping):
-        raise PolicyError("the access policy must be a YAML mapping")
-    if raw.get("version") != 1:
-        raise PolicyError(f"version: expected 1, got {raw.get('version')!r}")
+def _agencies_of(value: Any, where: str, agencies: tuple[str, ...]) -> frozenset[str]:
+    names = _names(value, where)
+    for a in names:
+        if a not in agencies:
+            raise PolicyError(f"{where}: unknown agency {a!r}; the policy's agencies are {', '.join(agencies)}")
+    return frozenset(names)
+
+
+def _known_action(name: Any, where: str, actions: Mapping[str, Action]) -> str:
+    if name not in actions:
+        raise PolicyError(f"{where}: unknown action {name!r}; the policy's actions are {', '.join(actions)}")
+    return name
+
+
+def _agencies(raw: Mapping[str, Any], agencies_known: Iterable[str] | None) -> tuple[str, ...]:
     agencies = tuple(_names(raw.get("agencies"), "agencies"))
     if agencies_known is not None:
         unknown = sorted(set(agencies) - set(agencies_known))
         if unknown:
             raise PolicyError(f"agencies: unknown agency {unknown[0]!r}; known: {', '.join(sorted(agencies_known))}")
-    scopes = raw.get("scopes") or {}
-    if list(scopes) != list(SCOPES):
-        raise PolicyError(f"scopes: expected exactly {', '.join(SCOPES)} in that order, got {list(scopes)}")
+    return agencies
 
-    def agencies_of(value: Any, where: str) -> frozenset[str]:
-        names = _names(value, where)
-        for a in names:
-            if a not in agencies:
-                raise PolicyError(f"{where}: unknown agency {a!r}; the policy's agencies are {', '.join(agencies)}")
-        return frozenset(names)
 
+def _roles(raw: Mapping[str, Any], agencies: tuple[str, ...]) -> dict[str, frozenset[str]]:
     roles_raw = raw.get("roles") or {}
     if not isinstance(roles_raw, Mapping) or not roles_raw:
         raise PolicyError("roles: expected a mapping of role -> agencies that may hold it")
-    roles = {r: agencies_of(a, f"roles.{r}") for r, a in roles_raw.items()}
-    lead = raw.get("lead_agency")
-    if lead not in agencies:
-        raise PolicyError(f"lead_agency: unknown agency {lead!r}")
+    return {r: _agencies_of(a, f"roles.{r}", agencies) for r, a in roles_raw.items()}
 
-    actions_raw = raw.get("actions") or {}
+
+def _grant(g: Any, gw: str, agencies: tuple[str, ...], roles: Mapping[str, frozenset[str]]) -> Grant:
+    if not isinstance(g, Mapping):
+        raise PolicyError(f"{gw}: expected a mapping")
+    extra = set(g) - {"agencies", "roles", "scope", "public"}
+    if extra:
+        raise PolicyError(f"{gw}: unknown key {sorted(extra)[0]!r}")
+    if g.get("public"):
+        return Grant(frozenset(), frozenset(), "national", public=True)
+    g_agencies = _agencies_of(g.get("agencies"), f"{gw}.agencies", agencies)
+    g_roles = frozenset(_names(g.get("roles"), f"{gw}.roles"))
+    for r in sorted(g_roles):
+        if r not in roles:
+            raise PolicyError(f"{gw}.roles: unknown role {r!r}; the policy's roles are {', '.join(roles)}")
+        if not (roles[r] & g_agencies):
+            raise PolicyError(f"{gw}: role {r!r} is granted to {', '.join(sorted(g_agencies))}, "
+                              f"none of which may hold it (roles.{r})")
+    scope = g.get("scope")
+    if scope not in SCOPES:
+        raise PolicyError(f"{gw}.scope: unknown scope {scope!r}; one of {', '.join(SCOPES)}")
+    return Grant(g_agencies, g_roles, scope)
+
+
+def _actions(raw: Mapping[str, Any], agencies: tuple[str, ...],
+             roles: Mapping[str, frozenset[str]]) -> dict[str, Action]:
     actions: dict[str, Action] = {}
-    for name, spec in actions_raw.items():
+    for name, spec in (raw.get("actions") or {}).items():
         where = f"actions.{name}"
         if not isinstance(spec, Mapping) or not spec.get("grants"):
             raise PolicyError(f"{where}: give `what` and at least one grant")
         extra = set(spec) - {"what", "grants", "blocked_while_open", "override"}
         if extra:
             raise PolicyError(f"{where}: unknown key {sorted(extra)[0]!r}")
-        grants = []
-        for i, g in enumerate(spec["grants"]):
-            gw = f"{where}.grants[{i}]"
-            if not isinstance(g, Mapping):
-                raise PolicyError(f"{gw}: expected a mapping")
-            extra = set(g) - {"agencies", "roles", "scope", "public"}
-            if extra:
-                raise PolicyError(f"{gw}: unknown key {sorted(extra)[0]!r}")
-            if g.get("public"):
-                grants.append(Grant(frozenset(), frozenset(), "national", public=True))
-                continue
-            g_agencies = agencies_of(g.get("agencies"), f"{gw}.agencies")
-            g_roles = frozenset(_names(g.get("roles"), f"{gw}.roles"))
-            for r in sorted(g_roles):
-                if r not in roles:
-                    raise PolicyError(f"{gw}.roles: unknown role {r!r}; the policy's roles are {', '.join(roles)}")
-                if not (roles[r] & g_agencies):
-                    raise PolicyError(f"{gw}: role {r!r} is granted to {', '.join(sorted(g_agencies))}, "
-                                      f"none of which may hold it (roles.{r})")
-            scope = g.get("scope")
-            if scope not in SCOPES:
-                raise PolicyError(f"{gw}.scope: unknown scope {scope!r}; one of {', '.join(SCOPES)}")
-            grants.append(Grant(g_agencies, g_roles, scope))
-        blocked = agencies_of(spec.get("blocked_while_open", []), f"{where}.blocked_while_open")
+        grants = [_grant(g, f"{where}.grants[{i}]", agencies, roles) for i, g in enumerate(spec["grants"])]
+        blocked = _agencies_of(spec.get("blocked_while_open", []), f"{where}.blocked_while_open", agencies)
         actions[name] = Action(name=name, what=str(spec.get("what") or name), grants=tuple(grants),
                                blocked_while_open=blocked, override=spec.get("override"))
     for a in actions.values():
         if a.override is not None and a.override not in actions:
             raise PolicyError(f"actions.{a.name}.override: unknown action {a.override!r}")
+    return actions
 
-    def known_action(name: Any, where: str) -> str:
-        if name not in actions:
-            raise PolicyError(f"{where}: unknown action {name!r}; the policy's actions are {', '.join(actions)}")
-        return name
 
-    case_events = {k: known_action(v, f"case_events.{k}") for k, v in (raw.get("case_events") or {}).items()}
+def _routes(raw: Mapping[str, Any], actions: Mapping[str, Action]) -> dict[str, dict[str, tuple[str, ...]]]:
     routes: dict[str, dict[str, tuple[str, ...]]] = {}
     for service, table in (raw.get("routes") or {}).items():
         routes[service] = {}
@@ -315,10 +313,30 @@ def parse(raw: Mapping[str, Any], *, agencies_known: Iterable[str] | None = None
             method, _, path = str(route).partition(" ")
             if method not in {"GET", "POST", "PUT", "PATCH", "DELETE"} or not path.startswith("/"):
                 raise PolicyError(f"routes.{service}: {route!r} is not 'METHOD /path'")
-            routes[service][route] = tuple(known_action(x, f"routes.{service}.{route}")
+            routes[service][route] = tuple(_known_action(x, f"routes.{service}.{route}", actions)
                                            for x in _names(acts, f"routes.{service}.{route}"))
-    return Policy(agencies=agencies, roles=roles, actions=actions, case_events=case_events, routes=routes,
-                  lead_agency=lead, scopes=dict(scopes))
+    return routes
+
+
+def parse(raw: Mapping[str, Any], *, agencies_known: Iterable[str] | None = None) -> Policy:
+    """Validate the policy document; every error names the entry."""
+    if not isinstance(raw, Mapping):
+        raise PolicyError("the access policy must be a YAML mapping")
+    if raw.get("version") != 1:
+        raise PolicyError(f"version: expected 1, got {raw.get('version')!r}")
+    agencies = _agencies(raw, agencies_known)
+    scopes = raw.get("scopes") or {}
+    if list(scopes) != list(SCOPES):
+        raise PolicyError(f"scopes: expected exactly {', '.join(SCOPES)} in that order, got {list(scopes)}")
+    roles = _roles(raw, agencies)
+    lead = raw.get("lead_agency")
+    if lead not in agencies:
+        raise PolicyError(f"lead_agency: unknown agency {lead!r}")
+    actions = _actions(raw, agencies, roles)
+    case_events = {k: _known_action(v, f"case_events.{k}", actions)
+                   for k, v in (raw.get("case_events") or {}).items()}
+    return Policy(agencies=agencies, roles=roles, actions=actions, case_events=case_events,
+                  routes=_routes(raw, actions), lead_agency=lead, scopes=dict(scopes))
 
 
 def load(path: Path | str | None = None) -> Policy:
