@@ -5,42 +5,24 @@ from its changelog, and a new deployment (new app id) rebuilds them from the top
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from datetime import date
 
 import httpx
 import pytest
-import uvicorn
 
 from services.analytics.app import create_app
 from services.analytics.rebuild import rebuild
-from shared.embedded import free_port
 from shared.kafka import make_producer, send_envelope
 from shared.reference import municipality_slugs
 from shared.topics import Topics
 from tests import builders
-from tests.apps import scrape, bearer, running
+from tests.apps import scrape, bearer, running, served
 from tests.infra import wait_until
 from tests.kafka_helpers import produce
 
 pytestmark = pytest.mark.integration
-
-
-@contextlib.asynccontextmanager
-async def served(app):
-    """The app (lifespan already running) behind a real HTTP server: SSE needs real streaming."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                                           log_config=None, access_log=False))
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, timeout_s=10, what="uvicorn to start")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def _next_counts(lines) -> dict:

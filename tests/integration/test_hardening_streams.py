@@ -4,41 +4,23 @@ notifications service (real broker, real PostgreSQL, a real HTTP server for SSE)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import asyncpg
 import httpx
 import pytest
-import uvicorn
 
 from services.notifications import service
 from services.notifications.app import create_app
 from shared.auth import mint_token
 from shared.db import migrate
-from shared.embedded import free_port
 from shared.settings import Environment
-from tests.apps import running
+from tests.apps import running, served
 from tests.infra import wait_until
 
 pytestmark = pytest.mark.integration
 
 DUTY = dict(sub="csw.prizren.duty", agency="csw", municipality="prizren", roles=["duty_officer"])
-
-
-@contextlib.asynccontextmanager
-async def served(app):
-    """The app (lifespan already running) behind a real HTTP server: SSE needs real streaming."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                                           log_config=None, access_log=False))
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, timeout_s=10, what="uvicorn to start")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def events_of(response: httpx.Response) -> list[str]:

@@ -15,7 +15,6 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-import uvicorn
 
 from services.notifications import policy
 from services.notifications.app import create_app
@@ -28,7 +27,7 @@ from shared.db import migrate
 from shared.embedded import free_port
 from shared.kafka import DeadLetter
 from shared.topics import Topics
-from tests.apps import bearer, running
+from tests.apps import bearer, running, served as http_server
 from tests.infra import wait_until
 from tests.kafka_helpers import produce, read_all
 
@@ -77,20 +76,6 @@ async def sink_and_settings(env, **extra):
         yield sink, settings
     finally:
         await sink.stop()
-
-
-@contextlib.asynccontextmanager
-async def http_server(app):
-    """The app over real HTTP (SSE needs a streaming transport); the lifespan runs elsewhere."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_config=None))
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started, timeout_s=10, what="uvicorn to start")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 async def notification_events(env, min_count: int) -> list[ev.Envelope]:

@@ -9,14 +9,12 @@ import base64
 import hashlib
 import json
 import secrets
-import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import jwt
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -25,6 +23,7 @@ from fastapi.testclient import TestClient
 from services.workspace.app import create_app
 from shared.embedded import free_port
 from shared.settings import Settings
+from tests.apps import served_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -88,16 +87,8 @@ class Provider:
 @pytest.fixture(scope="module")
 def provider():
     p = Provider()
-    server = uvicorn.Server(uvicorn.Config(p.app, host="127.0.0.1", port=p.port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline, "the test identity provider did not start"
-        time.sleep(0.05)
-    yield p
-    server.should_exit = True
-    thread.join(10)
+    with served_in_thread(p.app, port=p.port, what="the test identity provider"):
+        yield p
 
 
 def workspace(provider: Provider) -> TestClient:

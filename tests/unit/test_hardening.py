@@ -9,7 +9,6 @@ tested here happens before a route runs)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 
@@ -17,7 +16,6 @@ import asyncpg
 import httpx
 import jwt
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -27,6 +25,7 @@ from shared.auth import Claims, DevelopmentTokensRefused, TokenError, Verifier, 
 from shared.embedded import free_port
 from shared.settings import Settings
 from shared.web import ops_router
+from tests.apps import served_in_thread
 
 PROD = dict(CLMS_ENV="production", JWT_SECRET="x" * 40, CHILD_REF_KEY="y" * 40,
             ENCRYPTION_MASTER_KEY="QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=", WEBHOOK_SECRET="z" * 40,
@@ -138,16 +137,8 @@ class Issuer:
 @pytest.fixture(scope="module")
 def issuer():
     i = Issuer()
-    server = uvicorn.Server(uvicorn.Config(i.app, host="127.0.0.1", port=i.port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline, "the local issuer did not start"
-        time.sleep(0.05)
-    yield i
-    server.should_exit = True
-    thread.join(10)
+    with served_in_thread(i.app, port=i.port, what="the local issuer"):
+        yield i
 
 
 async def test_unknown_key_ids_refresh_the_key_set_at_most_once_per_interval(issuer):
