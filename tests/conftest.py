@@ -8,15 +8,26 @@ import uuid
 import pytest
 
 from shared.kafka import ensure_topics
-from tests.infra import Infra, create_database, drop_database, start_infra
+from tests.infra import KEPT_LOGS, LIVE_SYSTEMS, Infra, create_database, drop_database, keep_logs, start_infra
 
 
 INFRA_LINES: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter):
-    for line in INFRA_LINES:
+    for line in INFRA_LINES + KEPT_LOGS:
         terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that fails keeps the logs of every whole system running at that moment (the e2e and
+    reliability tests' services, broker and database), named in the run's closing summary."""
+    report = yield
+    if report.failed:
+        for label, folder in list(LIVE_SYSTEMS.items()):
+            keep_logs(folder, f"{item.name}-{label}", f"{item.nodeid} failed ({report.when})")
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +42,8 @@ def infra(request):
     else:
         print(line, flush=True)
     yield infra
+    if request.session.testsfailed and infra.data_dir is not None:  # the broker's and PostgreSQL's logs
+        keep_logs(infra.data_dir, f"infra-{infra.data_dir.name}", "tests failed; the embedded broker and database")
     infra.close()
 
 

@@ -48,6 +48,7 @@ class Infra:
     broker_why: str = ""
     embedded_broker: EmbeddedBroker | EmbeddedKafka | None = None
     embedded_postgres: EmbeddedPostgres | None = None
+    data_dir: Path | None = None  # the embedded broker's and PostgreSQL's folder (their logs too)
     _cleanup: list[Any] = field(default_factory=list)
 
     @property
@@ -99,7 +100,7 @@ def start_infra() -> Infra:
         infra._cleanup += [kafka.stop, pg.stop]
         return infra
     tmp = Path(tempfile.mkdtemp(prefix="clms-test-"))
-    infra = Infra("", "", "embedded")
+    infra = Infra("", "", "embedded", data_dir=tmp)
     if env_kafka:
         infra.bootstrap = env_kafka
         infra.broker_kind = os.environ.get("CLMS_BROKER_KIND", "kafka")
@@ -126,6 +127,29 @@ def start_infra() -> Infra:
         infra._cleanup.append(pg.stop)
     infra._cleanup.append(lambda: shutil.rmtree(tmp, ignore_errors=True))
     return infra
+
+
+# --- logs of a failed run ----------------------------------------------------------------------------
+
+LOGS = Path(__file__).resolve().parent / "artifacts" / "logs"
+LIVE_SYSTEMS: dict[str, Path] = {}  # label -> data folder of each whole system running now (tests/e2e/harness.py)
+KEPT_LOGS: list[str] = []  # one line per copy, repeated in the run's closing summary
+
+
+def keep_logs(source: Path, label: str, why: str) -> Path | None:
+    """Copy the *.log files below `source` (the services', the broker's, PostgreSQL's; not the
+    broker's data segments) to tests/artifacts/logs/<label>, and say so in the run's summary."""
+    files = [f for f in source.rglob("*.log") if "kraft-logs" not in f.parts and f.is_file()]
+    if not files:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:120]
+    dest = LOGS / safe
+    for f in files:
+        target = dest / f.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+    KEPT_LOGS.append(f"[logs] {why}: {len(files)} log file(s) kept in {dest}")
+    return dest
 
 
 def _with_database(url: str, database: str) -> str:

@@ -19,6 +19,7 @@ from clms.dev import SERVICES, Supervisor
 from shared.auth import mint_token
 from shared.embedded import free_port
 from shared.settings import Settings
+from tests.infra import LIVE_SYSTEMS, keep_logs
 
 
 @dataclass
@@ -84,19 +85,20 @@ async def running_system(data_dir: Path | None = None, *, services: tuple[str, .
         sup.env.pop(k, None)
     sup.env.update(env)
     sup.service_env.update(service_env or {})
+    LIVE_SYSTEMS[own_dir.name] = own_dir  # a failing test keeps its logs (tests/conftest.py)
     try:
         sup.start_infrastructure()
         await sup.prepare()
         sup.start_services()
         sup.wait_ready(timeout_s=120)
         yield System(sup, sup.settings)
-    except BaseException:
+    except BaseException as exc:
         # keep the services' logs of a failed run where CI and people can read them
-        keep = Path(__file__).resolve().parents[1] / "artifacts" / f"logs-{own_dir.name}"
         with contextlib.suppress(OSError):
-            shutil.copytree(sup.log_dir, keep, dirs_exist_ok=True)
+            keep_logs(own_dir, own_dir.name, f"the system in {own_dir} failed ({type(exc).__name__})")
         raise
     finally:
+        LIVE_SYSTEMS.pop(own_dir.name, None)
         sup.stop()
         shutil.rmtree(own_dir, ignore_errors=True)
 

@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from datetime import date, timedelta
 
@@ -37,7 +38,6 @@ CHILD = {"given_name": "Qendresa", "family_name": "Xhemajlitestaj"}
 GUARDIAN = {"name": "Mirlindatest Xhemajlitestaj", "relationship": "mother", "phone": "+383 44 987 654"}
 NOTES = "Seen near the Lumbardhi bridge with a cart, Rruga e Testimit 17"
 DOB = (date.today() - timedelta(days=12 * 365 + 100)).isoformat()
-JOURNEY: dict[str, str] = {}  # what the first journey created, for the operator tests below
 PERSONAL_VALUES = [CHILD["given_name"], CHILD["family_name"], GUARDIAN["name"], "987 654", "Lumbardhi", DOB,
                    "Inboundtestova", "Rexhepitestaj"]
 
@@ -88,24 +88,55 @@ async def referrals_of(client: httpx.AsyncClient, system: System, *, municipalit
     return r.json()["items"]
 
 
-@pytest.mark.smoke
-async def test_police_identification_in_prizren_reaches_both_agencies_their_officers_and_the_counts(system):
+@dataclass
+class Journey:
+    """A police officer's identification in Prizren and its two referrals, made once per module
+    (the `prizren_journey` fixture) for every test that reads what it left, in any order."""
+
+    system: System
+    case_id: str
+    before: dict  # Prizren's counts before it
+    referrals: list[dict]
+    police: dict[str, str]
+    actions: dict[str, httpx.Response] = field(default_factory=dict)
+
+    async def complete_csw_referral(self, client: httpx.AsyncClient) -> dict[str, httpx.Response]:
+        """The CSW caseworker acknowledges, accepts and completes (once; later calls return the answers)."""
+        if not self.actions:
+            csw = next(i for i in self.referrals if i["agency"] == "csw")
+            base = f"{self.system.url('referral')}/v1/referrals/{csw['referral_id']}"
+            for action, body in (("acknowledge", None), ("accept", None), ("complete", {"outcome": "family_visited"})):
+                r = await client.post(f"{base}/{action}", json=body or {},
+                                      headers=officer(self.system, "csw", "prizren"))
+                assert r.status_code == 200, f"{action}: {r.status_code} {r.text}"
+                self.actions[action] = r
+        return self.actions
+
+
+@pytest.fixture(scope="module")
+async def prizren_journey(system) -> Journey:
     async with httpx.AsyncClient(timeout=20) as client:
         before = await prizren_numbers(client, system)
-
         police = system.headers(sub="police.prizren.duty", agency="police", municipality="prizren",
                                 roles=["reporter"])
         r = await client.post(f"{system.url('intake')}/v1/identifications", json=identification(),
                               headers={**police, "Idempotency-Key": str(uuid.uuid4())})
         assert r.status_code == 201, r.text
         case_id = r.json()["case_id"]
-        JOURNEY["case_id"] = case_id
 
         async def both_referrals():
             items = await referrals_of(client, system, municipality="prizren", case_id=case_id)
             return items if {i["agency"] for i in items} >= {"csw", "education"} else None
 
         referrals = await wait_until(both_referrals, timeout_s=30, what="referrals to CSW and education")
+    return Journey(system, case_id, before, referrals, police)
+
+
+@pytest.mark.smoke
+async def test_police_identification_in_prizren_reaches_both_agencies_their_officers_and_the_counts(system, prizren_journey):
+    journey = prizren_journey
+    case_id, before, referrals, police = journey.case_id, journey.before, journey.referrals, journey.police
+    async with httpx.AsyncClient(timeout=20) as client:
         assert {i["agency"] for i in referrals} == {"csw", "education"}
         assert {i["office_id"] for i in referrals} == {"csw.prizren", "education.prizren"}
         assert all(i["status"] == "pending" and i["deadline"] for i in referrals)
@@ -116,7 +147,7 @@ async def test_police_identification_in_prizren_reaches_both_agencies_their_offi
                 r.raise_for_status()
                 return [a for a in r.json()["items"] if a["case_id"] == case_id]
             alerts = await wait_until(alert, timeout_s=30, what=f"an inbox alert for {agency}.prizren.duty")
-            assert alerts[0]["event_type"] == "referral.created"
+            assert "referral.created" in [a["event_type"] for a in alerts], alerts
 
             async def mail(agency: str = agency):
                 r = await client.get(f"{system.mail_url}/messages")
@@ -129,13 +160,8 @@ async def test_police_identification_in_prizren_reaches_both_agencies_their_offi
             return now if now["identified"] == before["identified"] + 1 and now["referred"] == before["referred"] + 1 else None
         await wait_until(counted, timeout_s=30, what="Prizren's identified and referred counts to go up by one")
 
-        csw = next(i for i in referrals if i["agency"] == "csw")
-        caseworker = officer(system, "csw", "prizren")
-        base = f"{system.url('referral')}/v1/referrals/{csw['referral_id']}"
-        for action, body in (("acknowledge", None), ("accept", None), ("complete", {"outcome": "family_visited"})):
-            r = await client.post(f"{base}/{action}", json=body or {}, headers=caseworker)
-            assert r.status_code == 200, f"{action}: {r.status_code} {r.text}"
-        assert r.json()["status"] == "completed"
+        answers = await journey.complete_csw_referral(client)
+        assert answers["complete"].json()["status"] == "completed"
 
         async def funnel_followed():
             now = await prizren_numbers(client, system)
@@ -159,8 +185,21 @@ async def test_police_identification_in_prizren_reaches_both_agencies_their_offi
         assert open_now and not any("municipality" in ln for ln in open_now), open_now
 
 
-async def test_an_agency_system_publishing_with_librdkafka_gets_the_same_result(system):
+@dataclass
+class Submission:
+    """An identification an agency system published onto clms.agency-inbound, once per module."""
+
+    municipality: str
+    before: dict  # the municipality's counts before it
+    referrals: list[dict]
+
+
+@pytest.fixture(scope="module")
+async def agency_submission(system) -> Submission:
     from confluent_kafka import Producer
+
+    from services.intake.inbound import public_key
+    from shared.inbound import inbound_message
 
     municipality = "gjakove"
     async with httpx.AsyncClient(timeout=20) as client:
@@ -178,9 +217,6 @@ async def test_an_agency_system_publishing_with_librdkafka_gets_the_same_result(
         delivered = []
         # what the agency system publishes: its office's signature over the CloudEvent, the personal
         # part encrypted to the key `clms inbound-key` prints (here: the same settings' key)
-        from services.intake.inbound import public_key
-        from shared.inbound import inbound_message
-
         value = inbound_message(event, recipient=public_key(system.settings))
         producer.produce(Topics(system.settings.topic_prefix).agency_inbound, key=event["id"].encode(),
                          value=value, on_delivery=lambda err, msg: delivered.append(err))
@@ -191,8 +227,13 @@ async def test_an_agency_system_publishing_with_librdkafka_gets_the_same_result(
             items = await referrals_of(client, system, municipality=municipality)
             return items if {i["agency"] for i in items} >= {"csw", "education"} else None
         items = await wait_until(referred, timeout_s=30, what="referrals for the inbound identification")
-        assert {i["office_id"] for i in items} >= {f"csw.{municipality}", f"education.{municipality}"}
+    return Submission(municipality, before, items)
 
+
+async def test_an_agency_system_publishing_with_librdkafka_gets_the_same_result(system, agency_submission):
+    municipality, before = agency_submission.municipality, agency_submission.before
+    assert {i["office_id"] for i in agency_submission.referrals} >= {f"csw.{municipality}", f"education.{municipality}"}
+    async with httpx.AsyncClient(timeout=20) as client:
         async def alerted():
             r = await client.get(f"{system.url('notifications')}/v1/inbox", headers=officer(system, "csw", municipality))
             return r.json()["items"]
@@ -204,8 +245,8 @@ async def test_an_agency_system_publishing_with_librdkafka_gets_the_same_result(
         await wait_until(counted, timeout_s=30, what=f"{municipality}'s count to go up by one")
 
 
-async def test_no_personal_data_on_any_topic_or_in_any_log_line(system):
-    """Runs after the two journeys above (same module, same system)."""
+async def test_no_personal_data_on_any_topic_or_in_any_log_line(system, prizren_journey, agency_submission):
+    """After the two journeys (the fixtures make them, whatever ran before)."""
     topics = Topics(system.settings.topic_prefix)
     scanned = 0
     inbound = 0
@@ -237,26 +278,38 @@ def clms(system: System, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-async def test_clms_trace_tells_the_story_of_the_prizren_case(system):
-    case_id = JOURNEY.get("case_id")
-    assert case_id, "runs after the Prizren journey"
+async def test_clms_trace_tells_the_story_of_the_prizren_case(system, prizren_journey):
+    case_id = prizren_journey.case_id
+    async with httpx.AsyncClient(timeout=20) as client:
+        await prizren_journey.complete_csw_referral(client)
+
+        async def told():  # the notification of the caseworker's completion is the story's last line
+            r = await client.get(f"{system.url('notifications')}/v1/inbox", headers=prizren_journey.police)
+            return [a for a in r.json()["items"] if a["case_id"] == case_id and a["event_type"] == "referral.completed"]
+        await wait_until(told, timeout_s=30, what="the reporting officer to hear the referral was completed")
+    expected = ("case.identified", "referral.created", "notification.sent", "referral.acknowledged",
+                "referral.accepted", "referral.completed")
+    told_so_far: list[str] = []  # the story `clms trace --json` told last, for the failure message
+
+    def whole_story() -> list[str] | None:
+        out = clms(system, "trace", case_id, "--json")
+        assert out.returncode == 0, out.stderr
+        story = json.loads(out.stdout)
+        rows = story.get("events", story) if isinstance(story, dict) else story
+        told_so_far[:] = [r["type"] for r in rows if r["type"].split(".")[0] in ("case", "referral", "notification")]
+        return list(told_so_far) if set(expected) <= set(told_so_far) else None
+    try:
+        types = await wait_until(whole_story, timeout_s=60, interval_s=1, what="clms trace to tell the whole story")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; clms trace --json told: {told_so_far}") from None
     out = clms(system, "trace", case_id)
     assert out.returncode == 0, out.stderr
     assert "clms.case-events" in out.stdout, "piped output names whole topics"
-    story = json.loads(clms(system, "trace", case_id, "--json").stdout)
-    rows = story.get("events", story) if isinstance(story, dict) else story
-    types = [r["type"] for r in rows if r["type"].split(".")[0] in ("case", "referral", "notification")]
     assert types[0] == "case.identified", out.stdout
-    for later in ("referral.created", "notification.sent", "referral.acknowledged", "referral.accepted",
-                  "referral.completed"):
-        assert later in types, f"{later} missing from the story:\n{out.stdout}"
     assert types.index("referral.created") < types.index("referral.acknowledged") \
         < types.index("referral.accepted") < types.index("referral.completed")
     assert "referral" in out.stdout and "notifications" in out.stdout and "police/prizren" in out.stdout
     print(f"\n[e2e] clms trace: {len(types)} events, {types[0]} -> {types[-1]}")
-
-
-LAST_LAG: list = []
 
 
 async def test_clms_lag_and_status_while_a_worker_is_down_and_after(system):
@@ -264,6 +317,7 @@ async def test_clms_lag_and_status_while_a_worker_is_down_and_after(system):
     assert status.returncode == 0, status.stderr
     assert status.stdout.count("ready") >= 4, status.stdout
 
+    last_lag: list = []  # what `clms lag --json` said last, for the failure message
     system.kill("notifications")
     try:
         async with httpx.AsyncClient(timeout=20) as client:
@@ -278,14 +332,14 @@ async def test_clms_lag_and_status_while_a_worker_is_down_and_after(system):
             assert out.returncode == 0, out.stderr
             rows = json.loads(out.stdout)
             rows = rows.get("lag", rows) if isinstance(rows, dict) else rows
-            LAST_LAG[:] = rows
+            last_lag[:] = rows
             return sum(r["lag"] for r in rows
                        if r["group"].endswith("notifications") and r["topic"].endswith("referral-events"))
 
         try:
             behind = await wait_until(notifications_lag, timeout_s=60, interval_s=1, what="notifications lag to show")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; clms lag --json said: {LAST_LAG}") from None
+            raise AssertionError(f"{exc}; clms lag --json said: {last_lag}") from None
         assert behind > 0
     finally:
         system.restart("notifications")
