@@ -11,6 +11,8 @@ from shared.kafka import ensure_topics
 from tests.infra import KEPT_LOGS, LIVE_SYSTEMS, Infra, create_database, drop_database, keep_logs, start_infra
 
 
+pytest_plugins = ["pytester"]  # tests/unit/test_failed_run_keeps_logs.py runs a failing session
+
 INFRA_LINES: list[str] = []
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiokafka.structs import ConsumerRecord
 
-from shared.kafka import make_producer, read_topic
+from shared.kafka import group_lag, make_producer, read_topic
 from shared.settings import Settings
 
 
@@ -27,3 +27,13 @@ async def produce(settings: Settings, topic: str, items: list[tuple[bytes | None
             await producer.send_and_wait(topic, value, key=key, headers=headers)
     finally:
         await producer.stop()
+
+
+async def consumed_to_the_end(settings: Settings, topic: str, *services: str) -> bool:
+    """True when the consumer group of each service (`analytics` is its faust app id) has
+    committed up to the end of every partition of `topic`: every record on it is applied, so
+    nothing can still change what the service shows. Wait on this, not on a fixed sleep, before
+    asserting that something was not done twice."""
+    groups = {settings.group_id(settings.analytics_app_id if s == "analytics" else s) for s in services}
+    rows = [r for r in await group_lag(settings, groups) if r.topic == topic]
+    return {r.group for r in rows} == groups and all(r.lag == 0 for r in rows)

@@ -4,7 +4,6 @@ alert per referral, and analytics counts each case once."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import asyncpg
@@ -15,7 +14,7 @@ from shared.events import CaseIdentified, parse_envelope
 from shared.topics import Topics
 from tests.e2e.harness import System
 from tests.infra import wait_until
-from tests.kafka_helpers import read_all
+from tests.kafka_helpers import consumed_to_the_end, read_all
 
 
 async def expected_referrals(system: System, case_ids: list[str]) -> dict[str, list[str]]:
@@ -37,12 +36,16 @@ async def expected_referrals(system: System, case_ids: list[str]) -> dict[str, l
 async def assert_referred_and_alerted_exactly_once(system: System, case_ids: list[str]) -> dict[str, int]:
     expected = await expected_referrals(system, case_ids)
     want = sum(len(v) for v in expected.values())
+    topics = Topics(system.settings.topic_prefix)
     conn = await asyncpg.connect(system.settings.database_url)
     try:
         async def referrals_complete():
             n = await conn.fetchval("select count(*) from referral.referral")
             return n if n >= want else None
         await wait_until(referrals_complete, timeout_s=150, what=f"{want} referrals", interval_s=0.5)
+        # every delivery applied: a duplicate can no longer turn up after the count below
+        await wait_until(lambda: consumed_to_the_end(system.settings, topics.case_events, "referral"), timeout_s=90,
+                         what="referral to have applied every case event", interval_s=0.5)
         rows = await conn.fetch("select case_id::text as case_id, agency, referral_id, office_id from referral.referral")
         got: dict[str, list[str]] = {}
         for r in rows:
@@ -56,6 +59,8 @@ async def assert_referred_and_alerted_exactly_once(system: System, case_ids: lis
                 "select count(distinct referral_id) from notifications.alerts where event_type = 'referral.created'")
             return n if n >= len(rows) else None
         await wait_until(alerts_complete, timeout_s=150, what="an alert for every referral", interval_s=0.5)
+        await wait_until(lambda: consumed_to_the_end(system.settings, topics.referral_events, "notifications"),
+                         timeout_s=90, what="notifications to have applied every referral event", interval_s=0.5)
         per = await conn.fetch(
             "select referral_id, recipient, count(*) as n from notifications.alerts "
             "where event_type = 'referral.created' group by referral_id, recipient")
@@ -82,7 +87,9 @@ async def assert_referred_and_alerted_exactly_once(system: System, case_ids: lis
             total = sum(m["identified"] for m in r.json()["municipalities"])
             return total if total >= n else None
         total = await wait_until(analytics_total, timeout_s=150, what=f"analytics to count {n}", interval_s=0.5)
-        await asyncio.sleep(2)  # and it stays there (nothing counted twice late)
+        # and it stays there: once analytics has applied every delivery, nothing can be counted twice late
+        await wait_until(lambda: consumed_to_the_end(system.settings, topics.case_events, "analytics"), timeout_s=90,
+                         what="analytics to have applied every case event", interval_s=0.5)
         assert await analytics_total() == n
     return {"cases": n, "referrals": len(rows), "alerts": len(per), "emails": emails, "analytics": total}
 

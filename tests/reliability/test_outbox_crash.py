@@ -18,7 +18,7 @@ from shared.topics import Topic, Topics
 from tests import builders
 from tests.e2e.harness import running_system
 from tests.infra import wait_until
-from tests.kafka_helpers import read_all
+from tests.kafka_helpers import consumed_to_the_end, read_all
 
 pytestmark = pytest.mark.reliability
 
@@ -78,7 +78,9 @@ async def test_duplicates_from_a_relay_crash_reach_the_broker_but_not_the_state(
             async def referred():
                 return await conn.fetchval("select count(*) from referral.referral") >= expected
             await wait_until(referred, timeout_s=60, what=f"{expected} referrals", interval_s=0.3)
-            await _settle()
+            await wait_until(lambda: consumed_to_the_end(settings, topics.case_events, "referral", "analytics"),
+                             timeout_s=60, what="referral and analytics to have applied every delivery",
+                             interval_s=0.5)
             assert await conn.fetchval("select count(*) from referral.referral") == expected
             created = await conn.fetchval("select count(*) from referral.outbox where event_type = 'referral.created'")
             assert created == expected, "one referral.created per referral, not per delivery"
@@ -93,16 +95,9 @@ async def test_duplicates_from_a_relay_crash_reach_the_broker_but_not_the_state(
                 r = await client.get(f"{system.url('analytics')}/v1/counts/municipalities/ferizaj", headers=headers)
                 return r.json()["identified"]
             await wait_until(lambda: _at_least(counted, N), timeout_s=60, what=f"analytics to count {N}")
-            await _settle()
             assert await counted() == N, "a duplicate delivery was counted twice"
         print(f"\n[reliability] {2 * N} deliveries of {N} events -> {expected} referrals, analytics {N}")
 
 
 async def _at_least(fn, n: int) -> bool:
     return (await fn()) >= n
-
-
-async def _settle() -> None:
-    import asyncio
-
-    await asyncio.sleep(2)
