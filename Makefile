@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration bench schema clean-data clean venv
+.PHONY: run test test-unit test-integration boundaries bench schema clean-data clean venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP)
 	@$(PY) -m pytest -q tests/integration
+
+# The import contracts of pyproject.toml ([tool.importlinter]); `make test` checks them too
+# (tests/unit/test_boundaries.py).
+boundaries: $(STAMP)
+	@$(VENV)/bin/lint-imports --no-cache
 
 schema: $(STAMP)
 	@$(VENV)/bin/clms schema
