@@ -2,7 +2,9 @@
 
 The lifespan starts, in one process: the pool and migrations (+ the development seed of the
 officer directory when it is empty), the outbox relay, the faust worker on
-clms.referral-events, the delivery loop, the re-alert loop and the LISTEN feed of the SSE hub.
+clms.referral-events, the re-alert loop, the LISTEN feed of the SSE hub and, with
+NOTIFY_DELIVERY_IN_PROCESS=true (the default when the service runs alone), the e-mail/SMS
+delivery loop (else its own process: `delivery.py`).
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.notifications import service, views
-from services.notifications.channels import EmailSender, SmsWebhookSender
+from services.notifications.channels import close_senders, open_senders
+from services.notifications.delivery import DeliveryLoop
 from services.notifications.worker import register
 from shared.db import create_pool, migrate_service
 from shared import access
@@ -34,11 +39,15 @@ from shared.web import install_error_handlers, ops_router
 log = logging.getLogger("clms.notifications")
 
 
+def deliveries_counter(registry: CollectorRegistry) -> Counter:
+    return Counter("clms_notifications_deliveries", "Delivery outcomes by channel", ["outcome", "channel"],
+                   registry=registry)
+
+
 def create_app(settings: Settings) -> FastAPI:
     access.policy()  # shared/access_policy.yaml, validated at start: a bad file stops the service here
     registry = CollectorRegistry()
-    deliveries = Counter("clms_notifications_deliveries", "Delivery outcomes by channel",
-                         ["outcome", "channel"], registry=registry)
+    deliveries = deliveries_counter(registry)
     alerts_total = Counter("clms_notifications_inbox_alerts", "In-app alerts created", registry=registry)
     sse_clients = Gauge("clms_notifications_sse_clients", "Open inbox streams", registry=registry)
     st = SimpleNamespace(pool=None, relay=None, hub=service.AlertHub(), tasks=[], faust=None,
@@ -71,18 +80,18 @@ def create_app(settings: Settings) -> FastAPI:
         st.relay = OutboxRelay(pool=st.pool, schema=service.SCHEMA, producer=producer, topics=topics,
                                poll_interval_s=settings.outbox_poll_interval_s,
                                batch_size=settings.outbox_batch_size)
-        sms = SmsWebhookSender(settings)
-        email = EmailSender(settings)
-        st.delivery = service.DeliveryLoop(
-            pool=st.pool, settings=settings, senders={"email": email, "sms": sms},
-            producer=producer, topics=topics, relay=st.relay, metrics=deliveries)
+        senders = open_senders(settings) if settings.notify_delivery_in_process else {}
+        st.delivery = DeliveryLoop(
+            pool=st.pool, settings=settings, senders=senders,
+            producer=producer, topics=topics, relay=st.relay, metrics=deliveries) if senders else None
 
         def fan_out(alerts: list[dict]) -> None:
             for a in alerts:
                 st.hub.publish(a)
             alerts_total.inc(len(alerts))
             st.relay.wake()
-            st.delivery.wake()
+            if st.delivery is not None:
+                st.delivery.wake()
 
         async def handle(envelope: Envelope, *, cause: service.Cause) -> None:
             async with st.pool.acquire() as conn, conn.transaction():
@@ -111,10 +120,11 @@ def create_app(settings: Settings) -> FastAPI:
         st.tasks = [
             asyncio.create_task(st.relay.run(), name="outbox-relay"),
             asyncio.create_task(run_retention(st.pool, schema=service.SCHEMA, settings=settings), name="retention"),
-            asyncio.create_task(st.delivery.run(), name="delivery"),
             asyncio.create_task(realert_loop(), name="realert"),
             asyncio.create_task(service.listen_for_alerts(settings, st.pool, st.hub), name="alert-listener"),
         ]
+        if st.delivery is not None:  # else: its own process (services/notifications/delivery.py)
+            st.tasks.append(asyncio.create_task(st.delivery.run(), name="delivery"))
         await st.faust.start()
         try:
             yield
@@ -125,9 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
                 t.cancel()
             await asyncio.gather(*st.tasks, return_exceptions=True)
             st.tasks = []
-            await sms.aclose()
-            with contextlib.suppress(Exception):
-                await email.aclose()
+            await close_senders(senders)
             with contextlib.suppress(Exception):
                 await producer.stop()
             await st.pool.close()
@@ -155,3 +163,60 @@ def create_app(settings: Settings) -> FastAPI:
 async def service_pool(settings: Settings):  # noqa: ANN201
     # +1 connection for each background loop holding one while it works
     return await create_pool(settings, max_size=max(settings.db_pool_max, 4))
+
+
+def create_delivery_app(settings: Settings) -> FastAPI:
+    """The delivery process: the DeliveryLoop, woken by LISTEN on `PENDING_CHANNEL` (and polling
+    every NOTIFY_POLL_INTERVAL_S for retries that fall due), behind /healthz, /readyz, /metrics."""
+    registry = CollectorRegistry()
+    metrics = deliveries_counter(registry)
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = state["pool"] = await create_pool(settings, max_size=max(settings.db_pool_max, 4))
+        producer = state["producer"] = make_producer(settings)
+        senders = open_senders(settings)
+        tasks: list[asyncio.Task] = []
+        try:
+            await producer.start()
+            loop = DeliveryLoop(pool=pool, settings=settings, senders=senders, producer=producer,
+                                topics=Topics(settings.topic_prefix), metrics=metrics)
+
+            async def wake(_payload: str) -> None:
+                loop.wake()
+
+            tasks = state["tasks"] = [asyncio.create_task(loop.run(), name="delivery"),
+                                      asyncio.create_task(service.listen(settings, service.PENDING_CHANNEL, wake),
+                                                          name="delivery-wakeup")]
+            log.info("notifications delivery started")
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await close_senders(senders)
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            await pool.close()
+
+    async def check_db() -> str | None:
+        pool = state.get("pool")
+        if pool is None:
+            return "starting"
+        if not await pool.fetchval("select to_regclass($1) is not null", f"{service.SCHEMA}.notifications"):
+            return "schema not migrated yet (the notifications API/worker process applies it)"
+        return None
+
+    async def check_tasks() -> str | None:
+        dead = [t.get_name() for t in state.get("tasks", []) if t.done()]
+        return f"stopped: {', '.join(dead)}" if dead else None
+
+    app = FastAPI(title="CLMS notifications delivery", version="1", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(ops_router(
+        registry=registry,
+        checks={"database": check_db, "broker": lambda: broker_ready(state.get("producer")),
+                "workers": check_tasks}))
+    return app
+
