@@ -28,18 +28,15 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from services.notifications import policy
+from services.notifications import rules, store
 from services.notifications.channels import (
     ChannelSender,
     DeliveryError,
     OutgoingMessage,
     PermanentDeliveryError,
 )
-from services.notifications.service import (
-    CONSUMER,
-    SCHEMA,
-    notification_envelope,
-)
+from services.notifications.service import CONSUMER, notification_envelope
+from services.notifications.store import SCHEMA
 from shared import outbox
 from shared.events import NotificationFailed, NotificationSent
 from shared.kafka import DeadLetter, dead_letter
@@ -117,17 +114,7 @@ class DeliveryLoop:
         token = uuid.uuid4()
         claimed_at = loop.time()  # before the statement: the local lease ends before the database's
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                f"""update {SCHEMA}.notifications n set next_attempt_at = now() + make_interval(secs => $2),
-                        lease_token = $3
-                    from (select notification_id from {SCHEMA}.notifications
-                          where status = 'pending' and next_attempt_at <= now()
-                          order by next_attempt_at limit $1 for update skip locked) due
-                    where n.notification_id = due.notification_id
-                    returning n.*,
-                        (select email from {SCHEMA}.officers o where o.officer_id = n.recipient) as email,
-                        (select phone from {SCHEMA}.officers o where o.officer_id = n.recipient) as phone""",
-                self.batch_size, self.lease_s, token)
+            rows = await store.claim_due_deliveries(conn, limit=self.batch_size, lease_s=self.lease_s, token=token)
         if rows:
             lease = _Lease(token=token, valid_until=claimed_at + self.lease_s)
             tasks = {r["notification_id"]: asyncio.create_task(self._deliver(r, lease)) for r in rows}
@@ -161,10 +148,7 @@ class DeliveryLoop:
             asked_at = loop.time()
             try:
                 async with self.pool.acquire() as conn:
-                    kept = {r["notification_id"] for r in await conn.fetch(
-                        f"""update {SCHEMA}.notifications set next_attempt_at = now() + make_interval(secs => $3)
-                            where notification_id = any($1::uuid[]) and lease_token = $2 and status = 'pending'
-                            returning notification_id""", in_flight, lease.token, self.lease_s)}
+                    kept = await store.renew_leases(conn, in_flight, token=lease.token, lease_s=self.lease_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - database away: try again before the lease ends
@@ -184,74 +168,64 @@ class DeliveryLoop:
             log.warning("delivery of notification %s cancelled: %s", nid, why)
 
     async def _deliver(self, r: asyncpg.Record, lease: "_Lease") -> None:
+        try:
+            error, permanent = await self._send(r)
+        except asyncio.CancelledError:
+            if r["notification_id"] in lease.lost:
+                return  # not ours any more: the holder of the lease records the attempt
+            raise
+        lease.recording.add(r["notification_id"])  # from here on the keeper leaves this row alone
+        await self._record(r, lease, error=error, permanent=permanent)
+
+    async def _send(self, r: asyncpg.Record) -> tuple[str | None, bool]:
+        """Send one row on its channel: (error or None, whether the error is permanent)."""
         sender = self.senders.get(r["channel"])
         message = OutgoingMessage(
             notification_id=str(r["notification_id"]), recipient=r["recipient"], channel=r["channel"],
             address=r["email"] if r["channel"] == "email" else r["phone"], language=r["language"],
             subject=r["subject"], body=r["body"], link=r["link"])
-        error: str | None = None
-        permanent = False
         try:
             if sender is None:
                 raise PermanentDeliveryError(f"no sender for channel {r['channel']!r}")
             await sender.send(message)
-        except asyncio.CancelledError:
-            if r["notification_id"] in lease.lost:
-                return  # not ours any more: the holder of the lease records the attempt
-            raise
-        except PermanentDeliveryError as exc:
-            error, permanent = str(exc), True
+        except PermanentDeliveryError as exc:  # an SMTP or gateway answer may quote the officer's address
+            return redact_contacts(str(exc)), True
         except DeliveryError as exc:
-            error = str(exc)
+            return redact_contacts(str(exc)), False
         except Exception as exc:  # noqa: BLE001 - an unexpected sender bug must not stop the loop
-            error = f"{type(exc).__name__}: {exc}"[:300]
-        if error is not None:  # an SMTP or gateway answer may quote the officer's address
-            error = redact_contacts(error)
-        lease.recording.add(r["notification_id"])  # from here on the keeper leaves this row alone
-        attempt = r["attempts"] + 1
-        # A failure is recorded only under this replica's lease token; a success always (the
-        # message went out, no one may send it again).
+            return redact_contacts(f"{type(exc).__name__}: {exc}"[:300]), False
+        return None, False
+
+    async def _record(self, r: asyncpg.Record, lease: "_Lease", *, error: str | None, permanent: bool) -> None:
+        """Record the attempt: sent, failed for good (`notification.failed`; the dead letter
+        follows), or retried after a backoff. A failure is recorded only under this replica's
+        lease token; a success always (the message went out, no one may send it again)."""
+        nid, attempt = r["notification_id"], r["attempts"] + 1
         async with self.pool.acquire() as conn, conn.transaction():
-            if error is not None and not await conn.fetchval(
-                    f"select true from {SCHEMA}.notifications where notification_id = $1 and status = 'pending' "
-                    "and lease_token = $2 for update", r["notification_id"], lease.token):
-                log.info("notification %s attempt not recorded: the lease moved to another replica",
-                         r["notification_id"])
+            if error is not None and not await store.lock_if_leased(conn, nid, token=lease.token):
+                log.info("notification %s attempt not recorded: the lease moved to another replica", nid)
                 return
-            await conn.execute(
-                f"insert into {SCHEMA}.delivery_attempts(notification_id, attempt, ok, error) values($1, $2, $3, $4) "
-                "on conflict do nothing", r["notification_id"], attempt, error is None, error)
+            await store.record_attempt(conn, nid, attempt=attempt, error=error)
             if error is None:
-                row = await conn.fetchrow(
-                    f"""update {SCHEMA}.notifications set status = 'sent', attempts = $2, sent_at = now(),
-                        last_error = null where notification_id = $1 and status = 'pending' returning *""",
-                    r["notification_id"], attempt)
+                row = await store.mark_sent(conn, nid, attempt=attempt)
                 if row:
                     await outbox.append(conn, schema=SCHEMA, topic=Topic.notification_events,
                                         envelope=notification_envelope(NotificationSent, row, attempt=attempt))
                 self._count("sent", r["channel"])
             elif permanent or attempt >= r["max_attempts"]:
-                row = await conn.fetchrow(
-                    f"""update {SCHEMA}.notifications set status = 'failed', attempts = $2, failed_at = now(),
-                        last_error = $3 where notification_id = $1 and status = 'pending' returning *""",
-                    r["notification_id"], attempt, error)
+                row = await store.mark_failed(conn, nid, attempt=attempt, error=error)
                 if row:
                     await outbox.append(conn, schema=SCHEMA, topic=Topic.notification_events,
                                         envelope=notification_envelope(NotificationFailed, row, attempts=attempt,
-                                                                        error=error[:500]))
-                log.warning("notification %s (%s) failed after %d attempt(s): %s",
-                            r["notification_id"], r["channel"], attempt, error)
+                                                                       error=error[:500]))
+                log.warning("notification %s (%s) failed after %d attempt(s): %s", nid, r["channel"], attempt, error)
                 self._count("failed", r["channel"])
             else:
-                delay = policy.backoff_s(attempt, base_s=self.settings.notify_backoff_base_s,
-                                         max_s=self.settings.notify_backoff_max_s, jitter=random.random())
-                await conn.execute(
-                    f"""update {SCHEMA}.notifications set attempts = $2, last_error = $3,
-                        next_attempt_at = now() + make_interval(secs => $4)
-                        where notification_id = $1 and status = 'pending'""",
-                    r["notification_id"], attempt, error, delay)
+                delay = rules.backoff_s(attempt, base_s=self.settings.notify_backoff_base_s,
+                                        max_s=self.settings.notify_backoff_max_s, jitter=random.random())
+                await store.schedule_retry(conn, nid, attempt=attempt, error=error, delay_s=delay)
                 log.info("notification %s (%s) attempt %d failed, retry in %.1fs: %s",
-                         r["notification_id"], r["channel"], attempt, delay, error)
+                         nid, r["channel"], attempt, delay, error)
                 self._count("retried", r["channel"])
 
     def _count(self, outcome: str, channel: str) -> None:
@@ -261,26 +235,26 @@ class DeliveryLoop:
     async def dead_letter_failed(self) -> int:
         """Publish a dead letter for each failed notification not dead-lettered yet."""
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                f"""select * from {SCHEMA}.notifications where status = 'failed' and dead_lettered_at is null
-                    order by failed_at limit 50""")
+            rows = await store.failed_not_dead_lettered(conn)
             for r in rows:
-                letter = DeadLetter(
-                    topic=r["cause_topic"] or self.topics.referral_events,
-                    partition=r["cause_partition"] if r["cause_partition"] is not None else -1,
-                    offset=r["cause_offset"] if r["cause_offset"] is not None else -1,
-                    key=(r["cause_key"] or str(r["case_id"])).encode(),
-                    value=r["cause_value"] or orjson.dumps({"notification_id": str(r["notification_id"]),
-                                                           "cause_event_id": str(r["event_id"])}),
-                    reason="delivery_failed",
-                    error=(f"notification {r['notification_id']} to {r['recipient']} by {r['channel']} "
-                           f"failed after {r['attempts']} attempt(s): {r['last_error']}"),
-                    group=self.settings.group_id(CONSUMER),
-                )
-                await dead_letter(self.producer, self.topics, letter)
-                await conn.execute(f"update {SCHEMA}.notifications set dead_lettered_at = now() "
-                                   "where notification_id = $1", r["notification_id"])
+                await dead_letter(self.producer, self.topics, self._letter(r))
+                await store.mark_dead_lettered(conn, r["notification_id"])
         return len(rows)
+
+    def _letter(self, r: asyncpg.Record) -> DeadLetter:
+        """The original referral event, with the reason and an error that names no address."""
+        return DeadLetter(
+            topic=r["cause_topic"] or self.topics.referral_events,
+            partition=r["cause_partition"] if r["cause_partition"] is not None else -1,
+            offset=r["cause_offset"] if r["cause_offset"] is not None else -1,
+            key=(r["cause_key"] or str(r["case_id"])).encode(),
+            value=r["cause_value"] or orjson.dumps({"notification_id": str(r["notification_id"]),
+                                                   "cause_event_id": str(r["event_id"])}),
+            reason="delivery_failed",
+            error=(f"notification {r['notification_id']} to {r['recipient']} by {r['channel']} "
+                   f"failed after {r['attempts']} attempt(s): {r['last_error']}"),
+            group=self.settings.group_id(CONSUMER),
+        )
 
 
 if __name__ == "__main__":
