@@ -13,9 +13,12 @@ routing rules applied to each: the CSW office and, for school-age children, educ
 over the municipalities of the development roster, so each one alerts the office's duty officer
 in-app and by e-mail (and by SMS when its priority is high or urgent). The figure counts from the
 first applied event to the N-th (the worker's start and group join are not in it), as the
-baseline does. The delivery loop runs as in production, in the worker's process, against the
-development mail sink started as its own process (`python -m services.notifications.sink`); the
-e-mails and SMS it has sent by the time the N-th event is applied are printed beside the figure.
+baseline does. E-mail and SMS are delivered as `make run` delivers them: by the delivery process
+(`python -m services.notifications.delivery`, the worker with NOTIFY_DELIVERY_IN_PROCESS=false),
+against the development mail sink started as its own process (`python -m
+services.notifications.sink`); `DELIVERY=inprocess` runs the delivery loop in the worker's process
+instead (as before issue 18). The e-mails and SMS sent by the time the N-th event is applied are
+printed beside the figure.
 """
 
 from __future__ import annotations
@@ -78,11 +81,16 @@ async def preload(settings: Settings, events: list[Envelope]) -> None:
         await producer.stop()
 
 
-def start_sink(settings: Settings) -> subprocess.Popen:
+def start_process(settings: Settings, module: str) -> subprocess.Popen:
+    """`python -m <module>` (the mail sink, the delivery process) with the bench's settings."""
     env = {**os.environ, "CLMS_SMTP_SINK_PORT": str(settings.smtp_sink_port),
            "CLMS_SMTP_SINK_HTTP_PORT": str(settings.smtp_sink_http_port),
-           "WEBHOOK_SECRET": settings.webhook_secret.get_secret_value(), "LOG_LEVEL": "WARNING"}
-    return subprocess.Popen([sys.executable, "-m", "services.notifications.sink"], env=env,
+           "WEBHOOK_SECRET": settings.webhook_secret.get_secret_value(), "LOG_LEVEL": "WARNING",
+           "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
+           "DATABASE_URL": settings.database_url or "", "CLMS_TOPIC_PREFIX": settings.topic_prefix,
+           "CLMS_ENV": "test", "LOG_JSON": "false", "NOTIFICATIONS_DELIVERY_PORT": str(free_port()),
+           "NOTIFICATIONS_DELIVERY_METRICS_PORT": "0"}
+    return subprocess.Popen([sys.executable, "-m", module], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -90,10 +98,12 @@ async def notifications_rate(settings: Settings, n: int) -> dict:
     events = referral_events(n)
     await ensure_topics(settings)
     await preload(settings, events)
-    sink = start_sink(settings)
+    children = [start_process(settings, "services.notifications.sink")]
     app = create_app(settings)
     try:
         async with running(app):
+            if not settings.notify_delivery_in_process:  # after the worker migrated the schema
+                children.append(start_process(settings, "services.notifications.delivery"))
             conn = await asyncpg.connect(settings.database_url)
             try:
                 t0 = None
@@ -105,26 +115,31 @@ async def notifications_rate(settings: Settings, n: int) -> dict:
                     except asyncpg.UndefinedTableError:
                         done = 0
                     if done and t0 is None:
-                        t0, first = time.perf_counter(), done
+                        t0, first, cpu0 = time.perf_counter(), done, time.process_time()
                     if done >= n:
                         elapsed = time.perf_counter() - t0
+                        # CPU of this process (the worker, and the delivery loop when in process):
+                        # on a loaded machine a steadier figure than the rate
+                        cpu_ms = (time.process_time() - cpu0) * 1000 / max(1, n - first)
                         counts = dict(await conn.fetch(
                             "select channel || ':' || status, count(*) from notifications.notifications "
                             "group by 1"))
                         alerts = await conn.fetchval("select count(*) from notifications.alerts")
                         print(f"notifications: {n} referral.created -> {alerts} inbox alerts; "
-                              f"notifications by channel:status when the last event was applied: {counts}",
-                              flush=True)
+                              f"notifications by channel:status when the last event was applied: {counts}; "
+                              f"worker process CPU {cpu_ms:.2f} ms per event", flush=True)
                         rate = (n - first) / elapsed if elapsed > 0 else float("inf")
                         return {"notifications_events_per_s": rate, "n": n, "alerts": alerts,
-                                "notifications_by_channel_status": counts}
+                                "notifications_by_channel_status": counts,
+                                "worker_cpu_ms_per_event": cpu_ms}
                     await asyncio.sleep(0.02)
                 raise SystemExit(f"only {done} of {n} events applied in time")
             finally:
                 await conn.close()
     finally:
-        sink.terminate()
-        sink.wait(10)
+        for child in children:
+            child.terminate()
+            child.wait(10)
 
 
 async def run(stack, *, n: int = 4000, baseline_n: int = 10000) -> dict:  # noqa: ANN001
@@ -136,10 +151,12 @@ async def run(stack, *, n: int = 4000, baseline_n: int = 10000) -> dict:  # noqa
                         KAFKA_FETCH_MAX_WAIT_MS=stack.fetch_wait_ms,
                         KAFKA_REBALANCE_TIMEOUT_S="2", LOG_JSON="false", LOG_LEVEL="WARNING",
                         CLMS_SMTP_SINK_PORT=str(free_port()), CLMS_SMTP_SINK_HTTP_PORT=str(free_port()),
-                        REALERT_AFTER_S=str(timedelta(hours=1).total_seconds()))
+                        REALERT_AFTER_S=str(timedelta(hours=1).total_seconds()),
+                        NOTIFY_DELIVERY_IN_PROCESS=str(os.environ.get("DELIVERY") == "inprocess").lower())
     r = await notifications_rate(settings, n)
     base = await asyncio.to_thread(baseline_rate, stack.bootstrap, baseline_n) if baseline_n else None
-    return {**r, "baseline_events_per_s": base,
+    return {**r, "delivery": "inprocess" if settings.notify_delivery_in_process else "process",
+            "baseline_events_per_s": base,
             "ratio": r["notifications_events_per_s"] / base if base else None, "baseline_n": baseline_n,
             "target_events_per_s": TARGET, "load_avg": os.getloadavg()}
 

@@ -6,7 +6,8 @@ services, each started exactly as in production: `python -m services.<name>`.
 2. Declare every topic; apply every service's migrations.
 3. If the broker is empty but Postgres has history, replay the outbox rows (the durable event
    log) in order, so yesterday's cases, referrals and counts come back.
-4. Start every service that exists, wait for each /readyz, print where everything listens.
+4. Start every service that exists (and its companion processes: notifications' e-mail/SMS
+   delivery), wait for each /readyz, print where everything listens.
 5. On Ctrl-C or SIGTERM stop the services, then the infrastructure: no process left behind.
 """
 
@@ -34,6 +35,11 @@ console = Console(stderr=True)
 
 SERVICES = ("intake", "referral", "notifications", "analytics", "workspace")
 SERVICE_SCHEMAS = {"intake": "intake", "referral": "referral", "notifications": "notifications"}
+# Processes that run beside a service's own (label -> (service, module)), each `python -m <module>`
+# on its own port (`<LABEL>_PORT`, /readyz): notifications sends e-mail and SMS from its own
+# process, so its agent never waits behind SMTP (issue 18); the service itself then runs with
+# NOTIFY_DELIVERY_IN_PROCESS=false.
+COMPANIONS = {"notifications-delivery": ("notifications", "services.notifications.delivery")}
 
 
 def service_exists(name: str) -> bool:
@@ -160,23 +166,34 @@ class Supervisor:
     def start_services(self) -> None:
         self.start_mail_sink()
         for name in self.wanted:
+            companions = self.companions_of(name)
+            if "notifications-delivery" in companions:
+                self.service_env.setdefault(name, {})["NOTIFY_DELIVERY_IN_PROCESS"] = "false"
             self.start_service(name)
+            for label in companions:
+                self.start_service(label)
+
+    def companions_of(self, name: str) -> list[str]:
+        return [label for label, (owner, module) in COMPANIONS.items()
+                if owner == name and importlib.util.find_spec(module) is not None]
 
     def start_service(self, name: str, *, label: str | None = None, port: int | None = None) -> Child:
         """Start (or restart) one service as `python -m services.<name>`. A second replica of a
         service needs its own `label` and HTTP `port` (tests use this for rebalances); it runs
         without a monitoring port (the first replica holds `<NAME>_METRICS_PORT`)."""
         label = label or name
+        owner, module = COMPANIONS.get(name, (name, f"services.{name}"))  # a companion: its service's env
+        key = name.replace("-", "_")
         self.children = [c for c in self.children if c.name != label or c.proc.poll() is None]
         env = dict(self.env)
         if port:
-            env[f"{name.upper()}_METRICS_PORT"] = "0"
-        port = port or service_port(self.settings, name)
-        env[f"{name.upper()}_PORT"] = str(port)
-        env.update(self.service_env.get(name, {}))
+            env[f"{key.upper()}_METRICS_PORT"] = "0"
+        port = port or service_port(self.settings, key)
+        env[f"{key.upper()}_PORT"] = str(port)
+        env.update(self.service_env.get(owner, {}))
         log = open(self.log_dir / f"{label}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"], env=env,
+            [sys.executable, "-m", module], env=env,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
@@ -243,6 +260,8 @@ class Supervisor:
         for c in self.children:
             if c.name == "mail-sink":
                 t.add_row("mail sink", f"{c.url}  (e-mails and SMS webhooks the services sent)")
+            elif c.name in COMPANIONS:
+                t.add_row(c.name, f"{c.url}/readyz")
             else:
                 t.add_row(c.name, f"{c.url}  (docs: {c.url}/docs)")
         t.add_row("logs", str(self.log_dir))

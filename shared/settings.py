@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     notifications_port: int = Field(8003, alias="NOTIFICATIONS_PORT")
     analytics_port: int = Field(8004, alias="ANALYTICS_PORT")
     workspace_port: int = Field(8005, alias="WORKSPACE_PORT")
+    notifications_delivery_port: int = Field(8013, alias="NOTIFICATIONS_DELIVERY_PORT")  # /healthz, /readyz only
     # Where people open the workspace (links in alert e-mails and SMS); unset: http://host:port.
     workspace_url_override: str | None = Field(None, alias="WORKSPACE_URL")
     # The public APIs the workspace calls with the signed-in user's token; unset: host and port.
@@ -85,6 +86,8 @@ class Settings(BaseSettings):
     intake_metrics_port: int | None = Field(None, alias="INTAKE_METRICS_PORT", ge=0, le=65535)
     referral_metrics_port: int | None = Field(None, alias="REFERRAL_METRICS_PORT", ge=0, le=65535)
     notifications_metrics_port: int | None = Field(None, alias="NOTIFICATIONS_METRICS_PORT", ge=0, le=65535)
+    notifications_delivery_metrics_port: int | None = Field(None, alias="NOTIFICATIONS_DELIVERY_METRICS_PORT",
+                                                            ge=0, le=65535)
     analytics_metrics_port: int | None = Field(None, alias="ANALYTICS_METRICS_PORT", ge=0, le=65535)
     workspace_metrics_port: int | None = Field(None, alias="WORKSPACE_METRICS_PORT", ge=0, le=65535)
     metrics_host: str | None = Field(None, alias="METRICS_HOST")  # unset: CLMS_HOST
@@ -211,6 +214,9 @@ class Settings(BaseSettings):
     notify_lease_s: float = Field(30.0, alias="NOTIFY_LEASE_S", ge=0.3)
     # An unacknowledged referral.created alert is re-sent once, to the office supervisor, after this.
     realert_after_s: float = Field(900.0, alias="REALERT_AFTER_S", gt=0)
+    # false: the notifications API/worker process does not send e-mail/SMS; its own process does
+    # (`python -m services.notifications.delivery`, started by `clms dev` beside it; issue 18).
+    notify_delivery_in_process: bool = Field(True, alias="NOTIFY_DELIVERY_IN_PROCESS")
 
     # --- intake: Idempotency-Key rows ------------------------------------------------------------
     # A retry with the same Idempotency-Key is recognised for this long; older rows are purged

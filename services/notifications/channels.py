@@ -159,3 +159,16 @@ class SmsWebhookSender:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def open_senders(settings: Settings) -> dict[str, ChannelSender]:
+    """The senders of the delivery loop, by channel (`close_senders` when done)."""
+    return {"email": EmailSender(settings), "sms": SmsWebhookSender(settings)}
+
+
+async def close_senders(senders: dict[str, ChannelSender]) -> None:
+    for sender in senders.values():
+        try:
+            await sender.aclose()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass

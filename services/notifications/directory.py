@@ -130,7 +130,30 @@ def parse_roster(text: str) -> list[Officer]:
 
     Rows are numbered as a spreadsheet shows them: the header is row 1, data starts at row 2."""
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
-    header = [h.strip() for h in (reader.fieldnames or [])]
+    _check_header([h.strip() for h in (reader.fieldnames or [])])
+    known = _Known(offices=agency_offices(), slugs=municipality_slugs(), agencies={a.value for a in AgencyType})
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    out: list[Officer] = []
+    for n, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        if None in raw:
+            errors.append(f"row {n}: more values than columns in the header")
+            continue
+        if not any(row.values()):
+            continue  # blank line
+        officer, row_errors = _parse_row(n, row, seen=seen, known=known)
+        if officer is None:
+            errors.extend(row_errors)
+            continue
+        seen[officer.officer_id] = n
+        out.append(officer)
+    if errors:
+        raise RosterError(errors)
+    return out
+
+
+def _check_header(header: list[str]) -> None:
     if not header:
         raise RosterError(["row 1: the file is empty; expected a header row with columns " + ",".join(COLUMNS)])
     missing = [c for c in REQUIRED if c not in header]
@@ -142,79 +165,82 @@ def parse_roster(text: str) -> list[Officer]:
         errors.append(f"row 1, column {unknown[0]}: unknown column; allowed: {','.join(COLUMNS)}")
     if errors:
         raise RosterError(errors)
-    offices = agency_offices()
-    slugs = municipality_slugs()
-    agencies = {a.value for a in AgencyType}
-    seen: dict[str, int] = {}
-    out: list[Officer] = []
-    for n, raw in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-        if None in raw:
-            errors.append(f"row {n}: more values than columns in the header")
-            continue
-        if not any(row.values()):
-            continue  # blank line
-        row_errors: list[str] = []
 
-        def bad(col: str, msg: str) -> None:
-            row_errors.append(f"row {n}, column {col}: {msg}")
 
-        for col in REQUIRED:
-            if not row.get(col):
-                bad(col, "required value is empty")
-        sub = row.get("officer_id", "")
-        if sub and not _SUB.match(sub):
-            bad("officer_id", f"{sub!r} must be 3-200 of a-z, 0-9, '.', '_', '-' (the officer's login subject)")
-        elif sub in seen:
-            bad("officer_id", f"{sub!r} appears twice (first on row {seen[sub]})")
-        agency = row.get("agency", "")
-        if agency and agency not in agencies:
-            bad("agency", f"{agency!r} is not one of {', '.join(sorted(agencies))}")
-        muni = row.get("municipality", "")
-        if muni and muni not in slugs:
-            bad("municipality", f"{muni!r} is not a municipality slug (e.g. prizren, prishtine)")
-        office_id = row.get("office_id", "")
-        if office_id:
-            office = offices.get(office_id)
-            if office is None:
-                bad("office_id", f"{office_id!r} is not a known agency office (e.g. csw.prizren)")
-            elif (agency and office.agency != agency) or (muni and office.municipality != muni):
-                bad("office_id", f"{office_id!r} is the {office.agency} office of {office.municipality}, "
-                                 f"not of agency {agency!r} in {muni!r}")
-        role = row.get("role", "")
-        if role and role not in ROLES:
-            bad("role", f"{role!r} is not one of {', '.join(ROLES)}")
-        lang = row.get("language", "")
-        if lang and lang not in LANGUAGES:
-            bad("language", f"{lang!r} is not one of {', '.join(LANGUAGES)}")
-        email = row.get("email", "")
-        if email and not _EMAIL.match(email):
-            bad("email", "not an e-mail address")  # the value itself is personal data: not echoed
-        phone = row.get("phone", "").replace(" ", "")
-        if phone and not _PHONE.match(phone):
-            bad("phone", "not a phone number in E.164 form (e.g. +38344123456)")
-        flags: dict[str, bool] = {}
-        for col, default in (("inapp", True), ("on_duty", False)):
-            value = row.get(col)
-            if value is None or value == "":
-                flags[col] = default
-                continue
-            parsed = _bool(value)
-            if parsed is None:
-                bad(col, f"{value!r} is not true/false")
-            else:
-                flags[col] = parsed
-        if not row_errors and not (email or phone or flags.get("inapp")):
-            bad("inapp", "the officer has no channel: give an email, a phone, or inapp=true")
-        if row_errors:
-            errors.extend(row_errors)
+@dataclass(frozen=True)
+class _Known:
+    """The reference data a roster row is checked against."""
+
+    offices: dict
+    slugs: set
+    agencies: set
+
+
+def _parse_row(n: int, row: dict[str, str], *, seen: dict[str, int],
+               known: _Known) -> tuple[Officer | None, list[str]]:
+    """One data row: the officer, or None and the problems of the row (`row N, column C: ...`)."""
+    row_errors: list[str] = []
+
+    def bad(col: str, msg: str) -> None:
+        row_errors.append(f"row {n}, column {col}: {msg}")
+
+    for col in REQUIRED:
+        if not row.get(col):
+            bad(col, "required value is empty")
+    sub = row.get("officer_id", "")
+    if sub and not _SUB.match(sub):
+        bad("officer_id", f"{sub!r} must be 3-200 of a-z, 0-9, '.', '_', '-' (the officer's login subject)")
+    elif sub in seen:
+        bad("officer_id", f"{sub!r} appears twice (first on row {seen[sub]})")
+    agency = row.get("agency", "")
+    if agency and agency not in known.agencies:
+        bad("agency", f"{agency!r} is not one of {', '.join(sorted(known.agencies))}")
+    muni = row.get("municipality", "")
+    if muni and muni not in known.slugs:
+        bad("municipality", f"{muni!r} is not a municipality slug (e.g. prizren, prishtine)")
+    office_id = row.get("office_id", "")
+    if office_id:
+        office = known.offices.get(office_id)
+        if office is None:
+            bad("office_id", f"{office_id!r} is not a known agency office (e.g. csw.prizren)")
+        elif (agency and office.agency != agency) or (muni and office.municipality != muni):
+            bad("office_id", f"{office_id!r} is the {office.agency} office of {office.municipality}, "
+                             f"not of agency {agency!r} in {muni!r}")
+    role = row.get("role", "")
+    if role and role not in ROLES:
+        bad("role", f"{role!r} is not one of {', '.join(ROLES)}")
+    lang = row.get("language", "")
+    if lang and lang not in LANGUAGES:
+        bad("language", f"{lang!r} is not one of {', '.join(LANGUAGES)}")
+    email = row.get("email", "")
+    if email and not _EMAIL.match(email):
+        bad("email", "not an e-mail address")  # the value itself is personal data: not echoed
+    phone = row.get("phone", "").replace(" ", "")
+    if phone and not _PHONE.match(phone):
+        bad("phone", "not a phone number in E.164 form (e.g. +38344123456)")
+    flags = _flags(row, bad)
+    if not row_errors and not (email or phone or flags.get("inapp")):
+        bad("inapp", "the officer has no channel: give an email, a phone, or inapp=true")
+    if row_errors:
+        return None, row_errors
+    return Officer(sub, agency, muni, office_id, role, lang, email=email or None, phone=phone or None,
+                   inapp=flags["inapp"], on_duty=flags["on_duty"]), []
+
+
+def _flags(row: dict[str, str], bad) -> dict[str, bool]:  # noqa: ANN001 - bad(col, msg)
+    """inapp (default true) and on_duty (default false)."""
+    flags: dict[str, bool] = {}
+    for col, default in (("inapp", True), ("on_duty", False)):
+        value = row.get(col)
+        if value is None or value == "":
+            flags[col] = default
             continue
-        seen[sub] = n
-        out.append(Officer(sub, agency, muni, office_id, role, lang, email=email or None,
-                           phone=phone or None, inapp=flags["inapp"], on_duty=flags["on_duty"]))
-    if errors:
-        raise RosterError(errors)
-    return out
+        parsed = _bool(value)
+        if parsed is None:
+            bad(col, f"{value!r} is not true/false")
+        else:
+            flags[col] = parsed
+    return flags
 
 
 def municipality_name(slug: str, language: str) -> str:

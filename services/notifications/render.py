@@ -114,7 +114,3 @@ def render(event_type: str, language: str, facts: dict[str, Any], *, base_url: s
     body = body.strip("\n").rstrip() + "\n"
     return Rendered(subject=subject, body=body, link=ctx["link"])
 
-
-def sms_text(rendered: Rendered) -> str:
-    """SMS: the subject and the link only (160-char segments are costly; details are in the app)."""
-    return f"{rendered.subject} {rendered.link}"

@@ -36,6 +36,13 @@ class _Handler:
         self.sink = sink
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.sink.receiving += 1  # a mail is taken only when answered (a cut connection cancels this)
+        try:
+            return await self._take(envelope)
+        finally:
+            self.sink.receiving -= 1
+
+    async def _take(self, envelope: Any) -> str:
         if self.sink.delay_s:
             await asyncio.sleep(self.sink.delay_s)  # a slow server: it answers the DATA this late
         mail = message_from_bytes(envelope.content, policy=policy.default)
@@ -71,6 +78,7 @@ class Sink:
         self.messages: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
         self.sms: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
         self.rejected_sms = 0
+        self.receiving = 0  # DATA commands taken and not answered yet
         self.changed = asyncio.Event()
         self._seq = 0
         self._smtp: asyncio.base_events.Server | None = None

@@ -14,6 +14,7 @@ makes that redelivery harmless."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -22,6 +23,8 @@ from typing import Any
 
 import faust
 
+from services.notifications import service
+from services.notifications.deps import Deps
 from services.notifications.service import Cause
 from shared.events import Envelope
 from shared.metrics import CONSUMED, PROCESSING
@@ -82,3 +85,24 @@ def register(app: faust.App, *, topics: Topics, group: str, handle: Handle,
             await handle_batch(list(events), stream.ack)
 
     return proc
+
+
+def register_deps(app: faust.App, deps: Deps) -> StreamProcessor:
+    """The agent on clms.referral-events, applying events through the use cases with `deps`."""
+    return register(app, topics=deps.topics, group=deps.settings.group_id("notifications"),
+                    handle=functools.partial(service.apply_event, deps),
+                    handle_many=functools.partial(service.apply_events, deps))
+
+
+async def realert_loop(deps: Deps) -> None:
+    """Re-alert the supervisor of each referral.created alert nobody handled in time; a round
+    that fails (database away) is tried again next round."""
+    interval = max(0.1, min(5.0, deps.settings.realert_after_s / 4))
+    while True:
+        try:
+            await service.realert(deps)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - database away: next round
+            log.warning("re-alert round failed: %s", type(exc).__name__)
+        await asyncio.sleep(interval)

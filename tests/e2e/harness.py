@@ -73,6 +73,7 @@ async def running_system(data_dir: Path | None = None, *, services: tuple[str, .
         "NOTIFICATIONS_PORT": free_port(), "ANALYTICS_PORT": free_port(), "WORKSPACE_PORT": free_port(),
         "INTAKE_METRICS_PORT": free_port(), "REFERRAL_METRICS_PORT": free_port(),
         "NOTIFICATIONS_METRICS_PORT": free_port(), "ANALYTICS_METRICS_PORT": free_port(),
+        "NOTIFICATIONS_DELIVERY_PORT": free_port(), "NOTIFICATIONS_DELIVERY_METRICS_PORT": free_port(),
     }
     env = {k: str(v) for k, v in ports.items()}
     env.update({"CLMS_DATA_DIR": str(data_dir), "CLMS_TOPIC_PREFIX": "", "CLMS_ENV": "test",

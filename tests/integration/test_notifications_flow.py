@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from services.notifications import policy
+from services.notifications import rules
 from services.notifications.app import create_app
 from services.notifications.directory import seed_officers
 from services.notifications.service import MIGRATIONS, SCHEMA, seed_if_empty
@@ -182,7 +182,7 @@ async def test_referral_alerts_reach_the_right_officers_on_every_channel(env):
                          roles=["supervisor"])
             realerts = await wait_until(
                 lambda: _items(client, sup), timeout_s=15, what="the re-alert to the Zvečan supervisor")
-            assert [i["event_type"] for i in realerts] == [policy.REALERT]
+            assert [i["event_type"] for i in realerts] == [rules.REALERT]
             assert realerts[0]["case_id"] == str(serb.data.case_id)
             await wait_until(lambda: mails_to(sink, "csw.zvecan.supervisor@example.invalid"), timeout_s=10,
                              what="the re-alert e-mail")
@@ -198,10 +198,10 @@ async def test_referral_alerts_reach_the_right_officers_on_every_channel(env):
         # the officer is not on the topic; the deterministic notification id still says who it was
         assert {e.data.notification_id for e in sent
                 if e.data.case_id == first.data.case_id and e.data.cause_event_type == "referral.created"} == {
-            policy.notification_id(first.id, "csw.prizren.duty", ch) for ch in ("inapp", "email", "sms")}
+            rules.notification_id(first.id, "csw.prizren.duty", ch) for ch in ("inapp", "email", "sms")}
         assert all(e.data.recipient is None for e in out)
         acks = [e for e in out if e.type == "notification.acknowledged"]
-        assert len(acks) == 1 and acks[0].data.notification_id == policy.notification_id(
+        assert len(acks) == 1 and acks[0].data.notification_id == rules.notification_id(
             first.id, "csw.prizren.duty", "inapp")
         assert acks[0].data.seconds_to_ack >= 0 and acks[0].correlationid == first.correlationid
         assert all(e.subject == str(e.data.case_id) for e in out)

@@ -20,6 +20,7 @@ import pytest
 
 from services.notifications import service
 from services.notifications.channels import EmailSender, SmsWebhookSender
+from services.notifications.delivery import DeliveryLoop
 from services.notifications.sink import Sink
 from shared import events as ev
 from shared.db import create_pool, migrate
@@ -57,7 +58,7 @@ async def test_two_replicas_and_a_slow_smtp_server_send_each_email_exactly_once(
     pools = [await create_pool(settings), await create_pool(settings)]
     producer = make_producer(settings)
     await producer.start()
-    replicas: list[service.DeliveryLoop] = []
+    replicas: list[DeliveryLoop] = []
     senders: list = []
     tasks: list[asyncio.Task] = []
     try:
@@ -77,7 +78,7 @@ async def test_two_replicas_and_a_slow_smtp_server_send_each_email_exactly_once(
         for pool in pools:
             email, text = EmailSender(settings), SmsWebhookSender(settings)
             senders += [email, text]
-            replicas.append(service.DeliveryLoop(pool=pool, settings=settings, senders={"email": email, "sms": text},
+            replicas.append(DeliveryLoop(pool=pool, settings=settings, senders={"email": email, "sms": text},
                                                  producer=producer, topics=Topics(settings.topic_prefix),
                                                  lease_s=LEASE_S))
         tasks = [asyncio.create_task(r.run(), name=f"replica-{i}") for i, r in enumerate(replicas)]
@@ -126,7 +127,7 @@ async def test_a_replica_whose_lease_was_taken_over_cancels_its_send(env):
     producer = make_producer(settings)
     await producer.start()
     email, text = EmailSender(settings), SmsWebhookSender(settings)
-    replica = service.DeliveryLoop(pool=pool, settings=settings, senders={"email": email, "sms": text},
+    replica = DeliveryLoop(pool=pool, settings=settings, senders={"email": email, "sms": text},
                                    producer=producer, topics=Topics(settings.topic_prefix))
     task = None
     S = service.SCHEMA

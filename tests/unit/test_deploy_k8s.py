@@ -25,6 +25,8 @@ CONSUMES = {  # the topics whose lag KEDA reads for each consumer group
     "analytics": (Topic.case_events, Topic.referral_events, Topic.notification_events),
 }
 WITH_DB = {"intake", "referral", "notifications"}
+# notifications' e-mail/SMS delivery, its own Deployment (issue 18): no API, no migration, no token
+DELIVERY = "notifications-delivery"
 
 
 def raw_docs() -> list[dict]:
@@ -79,16 +81,20 @@ def test_core_kinds_validate_against_kubernetes_schemas(built):
 
 def test_every_deployment_has_probes_resources_and_runs_locked_down(built):
     deployments = by_kind(built, "Deployment")
-    assert set(deployments) == set(APPS)
+    assert set(deployments) == {*APPS, DELIVERY}
     s = Settings(_env_file=None)
     for name, dep in deployments.items():
         pod = dep["spec"]["template"]["spec"]
         (c,) = pod["containers"]
-        assert c["args"] == [name]
-        port = getattr(s, f"{name}_port")
+        key, owner = name.replace("-", "_"), "notifications" if name == DELIVERY else name
+        if name == DELIVERY:
+            assert c["command"] == ["python", "-m", "services.notifications.delivery"] and "args" not in c
+        else:
+            assert c["args"] == [name]
+        port = getattr(s, f"{key}_port")
         assert c["ports"][0]["containerPort"] == port
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"http": port, "metrics": s.metrics_port_for(name)}
+        assert ports == {"http": port, "metrics": s.metrics_port_for(key)}
         assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
         assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -98,11 +104,11 @@ def test_every_deployment_has_probes_resources_and_runs_locked_down(built):
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         env = {e["name"]: e for e in c["env"]}
-        if name in SERVICES:
-            assert env["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == f"kafka-{name}"
+        if owner in SERVICES:
+            assert env["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == f"kafka-{owner}"
         else:  # the workspace talks HTTP to the APIs only
             assert not [k for k in env if k.startswith("KAFKA_")], name
-        assert ("DATABASE_URL" in env) == (name in WITH_DB)
+        assert ("DATABASE_URL" in env) == (owner in WITH_DB)
         # the master key reaches intake only
         master = env["ENCRYPTION_MASTER_KEY"]
         assert ("valueFrom" in master) == (name == "intake")
@@ -180,6 +186,11 @@ def test_each_service_gets_its_runtime_and_its_migration_database_url_from_separ
     for name, dep in by_kind(built, "Deployment").items():
         (c,) = dep["spec"]["template"]["spec"]["containers"]
         env = {e["name"]: e for e in c["env"]}
+        if name == DELIVERY:  # the runtime role only: it applies no migration
+            assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+                "name": "clms-notifications", "key": "DATABASE_URL"}
+            assert "DATABASE_MIGRATION_URL" not in env
+            continue
         if name not in WITH_DB:
             assert not {"DATABASE_URL", "DATABASE_MIGRATION_URL"} & set(env), name
             continue
@@ -262,16 +273,17 @@ def egress_peer(peer: dict) -> str:
 def test_network_policies_default_deny_and_open_only_what_each_service_needs(built):
     """Exactly what each workload may reach, over every policy that selects it: DNS; Kafka (the
     four services); PostgreSQL (not analytics, not the workspace); the internet on SMTP and HTTPS
-    (notifications alone); the identity provider on HTTPS (all five, identity-provider.yaml); the
-    four APIs each on its own port (the workspace alone)."""
+    (notifications-delivery alone); the identity provider on HTTPS (all five, identity-provider.yaml);
+    the four APIs each on its own port (the workspace alone). notifications-delivery: DNS, Kafka,
+    PostgreSQL, SMTP and HTTPS out; monitoring in."""
     policies = by_kind(built, "NetworkPolicy")
     deny = policies["default-deny"]["spec"]
     assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
     assert "ingress" not in deny and "egress" not in deny
     s = Settings(_env_file=None)
     api_port = {a: getattr(s, f"{a}_port") for a in APPS}
-    assert set(policies) == {"default-deny", "identity-provider", *APPS}
-    for name in APPS:
+    assert set(policies) == {"default-deny", "identity-provider", *APPS, DELIVERY}
+    for name in (*APPS, DELIVERY):
         spec = policies[name]["spec"]
         assert spec["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": name}
         assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
@@ -284,12 +296,14 @@ def test_network_policies_default_deny_and_open_only_what_each_service_needs(bui
                 for peer in rule["to"]:
                     label = "identity-provider" if pname == "identity-provider" else egress_peer(peer)
                     reach.setdefault(label, set()).update(ports_of(rule))
-        want = {"dns": {("UDP", 53), ("TCP", 53)}, "identity-provider": {("TCP", 443)}}
-        if name in SERVICES:
+        want = {"dns": {("UDP", 53), ("TCP", 53)}}
+        if name in APPS:
+            want["identity-provider"] = {("TCP", 443)}
+        if name in SERVICES or name == DELIVERY:
             want["kafka"] = {("TCP", 9093)}
-        if name in WITH_DB:
+        if name in WITH_DB or name == DELIVERY:
             want["postgres"] = {("TCP", 5432)}
-        if name == "notifications":  # SMTP relay and SMS gateway
+        if name == DELIVERY:  # SMTP relay and SMS gateway
             want["internet"] = {("TCP", 587), ("TCP", 465), ("TCP", 443)}
         if name == "workspace":
             want |= {f"api:{a}": {("TCP", api_port[a])} for a in SERVICES}
@@ -310,6 +324,9 @@ def test_network_policies_default_deny_and_open_only_what_each_service_needs(bui
                     else:
                         source = "pod:" + peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
                     came.setdefault(source, set()).update(ports_of(rule))
+        if name == DELIVERY:  # no API: monitoring only
+            assert came == {"monitoring": {("TCP", s.metrics_port_for("notifications_delivery"))}}
+            continue
         want_in = {"ingress-nginx": {("TCP", api_port[name])}, "monitoring": {("TCP", s.metrics_port_for(name))}}
         if name in SERVICES:
             want_in["pod:workspace"] = {("TCP", api_port[name])}

@@ -1,4 +1,4 @@
-"""Notifications: officer directory data, policy, rendering and webhook signatures (no I/O)."""
+"""Notifications: officer directory data, rules, rendering and webhook signatures (no I/O)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from services.notifications import policy
+from services.notifications import rules
 from services.notifications.directory import (
     SEED_FILE,
     SERB_MAJORITY,
@@ -86,11 +86,11 @@ def test_roster_parses_defaults_and_booleans():
     assert officers[0].phone == "+38344123456" and officers[0].inapp is True and officers[0].on_duty is False
 
 
-# --- policy --------------------------------------------------------------------------------------
+# --- rules ---------------------------------------------------------------------------------------
 
 
 def _c(sub, role="duty_officer", *, on_duty=True, office="csw.prizren", lang="sq", email=True, phone=False):
-    return policy.Contact(officer_id=sub, role=role, language=lang, email=email, phone=phone, inapp=True,
+    return rules.Contact(officer_id=sub, role=role, language=lang, email=email, phone=phone, inapp=True,
                           on_duty=on_duty, office_id=office)
 
 
@@ -106,9 +106,9 @@ DIRECTORY = [
 
 def _who(event_type, reported_by="police.prizren.duty", escalated_to=None):
     out = []
-    for a in policy.audiences(event_type, office_id="csw.prizren", municipality="prizren",
+    for a in rules.audiences(event_type, office_id="csw.prizren", municipality="prizren",
                               reported_by=reported_by, escalated_to=escalated_to):
-        out += [c.officer_id for c in policy.select(a, DIRECTORY)]
+        out += [c.officer_id for c in rules.select(a, DIRECTORY)]
     return sorted(out)
 
 
@@ -121,7 +121,7 @@ def test_policy_routes_each_event_type_to_the_right_people():
     for t in ("referral.acknowledged", "referral.accepted", "referral.completed"):
         assert _who(t) == ["police.prizren.duty"]
     assert _who("referral.acknowledged", reported_by=None) == []
-    assert _who(policy.REALERT) == ["csw.prizren.supervisor"]
+    assert _who(rules.REALERT) == ["csw.prizren.supervisor"]
     # the case closed and the office's referral with it: the office is told (issue 16)
     assert _who("referral.closed") == ["csw.prizren.duty", "csw.prizren.duty2", "csw.prizren.supervisor"]
     assert _who("referral.unknown") == []
@@ -129,31 +129,42 @@ def test_policy_routes_each_event_type_to_the_right_people():
 
 def test_nobody_on_duty_falls_back_to_the_supervisor():
     directory = [_c("csw.prizren.duty", on_duty=False), _c("csw.prizren.supervisor", "supervisor", on_duty=False)]
-    got = policy.select(policy.Audience("office_on_duty", "csw.prizren"), directory)
+    got = rules.select(rules.Audience("office_on_duty", "csw.prizren"), directory)
     assert [c.officer_id for c in got] == ["csw.prizren.supervisor"]
+
+
+def test_recipients_of_an_event_include_someone_missing_from_the_directory():
+    audiences = rules.audiences("referral.accepted", office_id="csw.prizren", municipality="zvecan",
+                                reported_by="ngo.zvecan.someone")
+    (stranger,) = rules.recipients(audiences, DIRECTORY, fallback_language="sr")
+    assert (stranger.officer_id, stranger.language, stranger.inapp, stranger.email) == (
+        "ngo.zvecan.someone", "sr", True, False)
+    overdue = rules.audiences("referral.overdue", office_id="csw.prizren", municipality="prizren", reported_by=None)
+    assert [c.officer_id for c in rules.recipients(overdue, DIRECTORY, fallback_language="sq")] == [
+        "csw.prizren.supervisor", "coordinator.prizren"]
 
 
 def test_channels_and_deterministic_ids():
     eid = uuid.uuid4()
-    planned = policy.plan(eid, "referral.created", [DIRECTORY[0], DIRECTORY[0]], priority="urgent")
+    planned = rules.plan(eid, "referral.created", [DIRECTORY[0], DIRECTORY[0]], priority="urgent")
     assert [(p.recipient, p.channel) for p in planned] == [
         ("csw.prizren.duty", "inapp"), ("csw.prizren.duty", "email"), ("csw.prizren.duty", "sms")]
-    assert planned == policy.plan(eid, "referral.created", [DIRECTORY[0]], priority="urgent")  # same ids again
+    assert planned == rules.plan(eid, "referral.created", [DIRECTORY[0]], priority="urgent")  # same ids again
     assert len({p.notification_id for p in planned}) == 3
-    assert planned[1].notification_id == policy.notification_id(eid, "csw.prizren.duty", "email")
-    assert planned[1].notification_id != policy.notification_id(uuid.uuid4(), "csw.prizren.duty", "email")
+    assert planned[1].notification_id == rules.notification_id(eid, "csw.prizren.duty", "email")
+    assert planned[1].notification_id != rules.notification_id(uuid.uuid4(), "csw.prizren.duty", "email")
     # no SMS for a normal-priority referral or a status change
-    assert "sms" not in [p.channel for p in policy.plan(eid, "referral.created", [DIRECTORY[0]], priority="normal")]
-    assert "sms" not in [p.channel for p in policy.plan(eid, "referral.accepted", [DIRECTORY[0]])]
-    assert "sms" in [p.channel for p in policy.plan(eid, "referral.overdue", [DIRECTORY[0]])]
+    assert "sms" not in [p.channel for p in rules.plan(eid, "referral.created", [DIRECTORY[0]], priority="normal")]
+    assert "sms" not in [p.channel for p in rules.plan(eid, "referral.accepted", [DIRECTORY[0]])]
+    assert "sms" in [p.channel for p in rules.plan(eid, "referral.overdue", [DIRECTORY[0]])]
     # someone not in the directory still gets the in-app alert
-    stranger = policy.unknown_officer("ngo.prizren.someone", "sq")
-    assert [p.channel for p in policy.plan(eid, "referral.accepted", [stranger])] == ["inapp"]
+    stranger = rules.unknown_officer("ngo.prizren.someone", "sq")
+    assert [p.channel for p in rules.plan(eid, "referral.accepted", [stranger])] == ["inapp"]
 
 
 def test_backoff_grows_exponentially_and_is_capped():
-    lo = [policy.backoff_s(a, base_s=1, max_s=30, jitter=0.0) for a in range(1, 8)]
-    hi = [policy.backoff_s(a, base_s=1, max_s=30, jitter=0.999) for a in range(1, 8)]
+    lo = [rules.backoff_s(a, base_s=1, max_s=30, jitter=0.0) for a in range(1, 8)]
+    hi = [rules.backoff_s(a, base_s=1, max_s=30, jitter=0.999) for a in range(1, 8)]
     assert lo[:5] == [0.5, 1, 2, 4, 8] and lo[-1] == 15
     assert all(h <= 30 for h in hi) and hi[2] > lo[2]
 
@@ -175,7 +186,7 @@ def _facts(**extra):
     return data
 
 
-EVENT_TEMPLATES = sorted(policy.TEMPLATED)
+EVENT_TEMPLATES = sorted(rules.TEMPLATED)
 
 
 @pytest.mark.parametrize("language", LANGUAGES)

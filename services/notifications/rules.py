@@ -1,7 +1,9 @@
-"""Who gets what, on which channel: the notification policy as pure functions.
+"""Who gets what, on which channel, and when to try again: the notification rules as pure
+functions (no FastAPI, faust, asyncpg or aiokafka import).
 
-No I/O: the service asks the directory for the officers an `Audience` names, then `plan()`
-turns the event and those officers into notifications with deterministic ids.
+No I/O: the service asks the directory for the officers an `Audience` names, `recipients()`
+picks them out, then `plan()` turns the event and those officers into notifications with
+deterministic ids.
 
 | event                                    | audience                                               |
 |------------------------------------------|--------------------------------------------------------|
@@ -113,6 +115,18 @@ def select(audience: Audience, officers: list[Contact]) -> list[Contact]:
     if audience.kind == "office_supervisor":
         return [o for o in officers if o.office_id == audience.key and o.role == "supervisor"]
     return [o for o in officers if o.officer_id == audience.key]
+
+
+def recipients(audiences: list[Audience], directory: list[Contact], *, fallback_language: str) -> list[Contact]:
+    """The officers of each audience among `directory` (a slice that holds every one of them);
+    someone an event names who is not in the directory still gets the in-app alert."""
+    out: list[Contact] = []
+    for a in audiences:
+        found = select(a, directory)
+        if not found and a.kind == "officer":
+            found = [unknown_officer(a.key, fallback_language)]
+        out.extend(found)
+    return out
 
 
 def channels(contact: Contact, *, event_type: str, priority: str | None = None) -> list[str]:
