@@ -18,6 +18,7 @@ nothing was applied for `STALL_S` seconds; the baseline (a faust worker in its o
 its topics are made before it starts (`_declare_baseline_topics` says why).
 
     PROFILE=/tmp/referral.svg .venv/bin/python -m bench.referral   # py-spy flame graph of the burst
+    PROFILE=/tmp/referral.txt ...                                   # the same as collapsed stacks
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _profiler(path: str | None) -> subprocess.Popen | None:
     if not path or not spy:
         return None
     return subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--rate", "200", "--nonblocking", "--output", path,
-                             "--format", "speedscope" if path.endswith(".json") else "flamegraph"],
+                             "--format", {".json": "speedscope", ".txt": "raw"}.get(Path(path).suffix, "flamegraph")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

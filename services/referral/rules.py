@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -209,11 +209,18 @@ class Decision:
 OfficeLookup = Callable[[str, str], Any]  # (agency, municipality) -> object with .office_id
 
 
+ROUTE_CACHE_MAX = 4096  # distinct case shapes remembered per rule set (there are far fewer in practice)
+
+
 @dataclass(frozen=True)
 class RuleSet:
     version: int
     rules: tuple[Rule, ...]
     source: str = "<memory>"
+    # Routing reads only the case's CASE_FIELDS (the conditions, the overrides, the office of the
+    # municipality), so two cases alike in those are routed alike but for the deadline's start:
+    # the decisions are remembered per shape, and only `at + deadline_in` is done per case.
+    _by_shape: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def route(self, case: CaseIdentified, *, at: datetime,
               office_for: OfficeLookup = office_serving) -> list[Decision]:
@@ -223,6 +230,17 @@ class RuleSet:
         agency, the earliest deadline wins, then the higher priority, then the earlier rule;
         the priority is the highest of all matching rules.
         """
+        shape = (office_for, *(getattr(case, name) for name in CASE_FIELDS))
+        plan = self._by_shape.get(shape)
+        if plan is None:
+            plan = self._plan(case, office_for)
+            if len(self._by_shape) >= ROUTE_CACHE_MAX:
+                self._by_shape.clear()
+            self._by_shape[shape] = plan
+        return [replace(d, deadline=at + d.deadline_in) for d in plan]
+
+    def _plan(self, case: CaseIdentified, office_for: OfficeLookup) -> tuple[Decision, ...]:
+        """The decisions for `case` with deadlines counted from the epoch (`route` moves them)."""
         hits: dict[AgencyType, list[tuple[timedelta, str, int, Rule]]] = {}
         for index, rule in enumerate(self.rules):
             if rule.when.matches(case):
@@ -234,12 +252,15 @@ class RuleSet:
             priority = min((h[1] for h in found), key=PRIORITY_RANK.__getitem__)
             office = office_for(agency.value, case.municipality)
             out.append(Decision(
-                agency=agency, office_id=office.office_id, deadline_in=deadline, deadline=at + deadline,
+                agency=agency, office_id=office.office_id, deadline_in=deadline, deadline=_EPOCH + deadline,
                 priority=priority, rule_id=winner.id, rule_version=self.version,
                 legal_basis=winner.legal_basis, matched_rules=tuple(h[3].id for h in found),
             ))
         out.sort(key=lambda d: (d.deadline_in, PRIORITY_RANK[d.priority], d.agency.value))
-        return out
+        return tuple(out)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class _File(BaseModel):
