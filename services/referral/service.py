@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 
 from services.referral import rules, store
-from services.referral.deps import Clock, Deps, utcnow  # noqa: F401 - Clock, utcnow: the use cases' clock
+from services.referral.deps import Deps
 from services.referral.rules import Action, Filters
 from services.referral.store import SCHEMA  # noqa: F401 - the schema the use cases write
 from shared.auth import Claims

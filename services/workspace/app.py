@@ -74,7 +74,8 @@ def create_app(settings: Settings, *, api_timeout_s: float = 10.0) -> FastAPI:
     return app
 
 
-def _lifespan(settings: Settings, sessions: Sessions, api_timeout_s: float) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+def _lifespan(settings: Settings, sessions: Sessions,
+              api_timeout_s: float) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # every open inbox holds one relayed stream: room for many beside the page requests
