@@ -19,6 +19,9 @@ its topics are made before it starts (`_declare_baseline_topics` says why).
 
     PROFILE=/tmp/referral.svg .venv/bin/python -m bench.referral   # py-spy flame graph of the burst
     PROFILE=/tmp/referral.txt ...                                   # the same as collapsed stacks
+
+py-spy is not a project dependency (`.venv/bin/pip install py-spy`); without it PROFILE is
+ignored and the run measures as usual.
 """
 
 from __future__ import annotations
