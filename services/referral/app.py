@@ -1,34 +1,45 @@
 """Composition root of the referral service: API + faust worker + outbox relay + deadline scanner,
-in one process (`python -m services.referral`)."""
+in one process (`python -m services.referral`).
+
+`create_app` reads as its steps; the lifespan starts, in this order, the pool, the migrations,
+the dependencies (`Deps`), the outbox relay (with the deadline scanner and the retention loop),
+the worker; the routes and error handlers are set up when the app is made. Shutdown runs the
+same steps backwards. No I/O at import or in `create_app`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.referral import service
+from services.referral import store
+from services.referral.deps import Clock, Deps, utcnow
 from services.referral.rules import RuleSet, load_rules
+from services.referral.service import SERVICE
 from services.referral.views import router
 from services.referral.worker import build_worker, deadline_loop
-from shared.db import create_pool, migrate_service
 from shared import access
-from shared.kafka import DeadLetter, make_producer
+from shared.db import create_pool, migrate_service
+from shared.guard import harden
+from shared.kafka import DeadLetter, broker_ready, make_producer
+from shared.metrics import lag_sampler, outbox_sampler, throttled
 from shared.outbox import OutboxRelay, backlog, run_retention
 from shared.settings import Settings
 from shared.topics import Topics
-from shared.kafka import broker_ready
-from shared.metrics import lag_sampler, outbox_sampler, throttled
-from shared.guard import harden
 from shared.web import install_error_handlers, ops_router
 
 log = logging.getLogger("clms.referral")
 MIGRATIONS = Path(__file__).with_name("migrations")
+SCHEMA = store.SCHEMA
 
 
 class Metrics:
@@ -54,8 +65,19 @@ class Metrics:
                                    registry=registry)
 
 
-def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
-               rules: RuleSet | None = None) -> FastAPI:
+@dataclass
+class Runtime:
+    """What the lifespan started, for the readiness checks and the samplers (empty before the
+    start and after the stop)."""
+
+    pool: asyncpg.Pool | None = None
+    producer: Any = None
+    worker: Any = None
+    processor: Any = None
+    tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+
+
+def create_app(settings: Settings, *, clock: Clock = utcnow, rules: RuleSet | None = None) -> FastAPI:
     """The one composition root. `clock` (tests) replaces the wall clock for deadlines and
     timestamps; `rules` replaces the rule file. A rule file that does not validate raises
     `RulesError` here, naming the rule and field, before anything starts."""
@@ -64,101 +86,13 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     metrics.rules_version.set(ruleset.version)
-    topics = Topics(settings.topic_prefix)
-    state: dict = {}
-
-    async def check_db() -> str | None:
-        pool = state.get("pool")
-        if pool is None:
-            return "not started"
-        async with pool.acquire() as conn:
-            await conn.fetchval("select 1")
-            metrics.backlog.set((await backlog(conn, schema=service.SCHEMA))["rows"])
-        return None
-
-    async def sample_open_referrals() -> None:
-        pool = state.get("pool")
-        if pool is None:
-            return
-        async with pool.acquire() as conn:
-            rows = await conn.fetch(
-                f"select agency, count(*) as open, count(*) filter (where overdue) as overdue "
-                f"from {service.SCHEMA}.referral where status in ('pending', 'acknowledged', 'accepted') "
-                "group by agency")
-        metrics.open_now.clear()
-        metrics.overdue_now.clear()
-        for r in rows:
-            metrics.open_now.labels(r["agency"]).set(r["open"])
-            metrics.overdue_now.labels(r["agency"]).set(r["overdue"])
-
-    async def check_tasks() -> str | None:
-        for name, task in state.get("tasks", {}).items():
-            if task.done():
-                return f"{name} stopped"
-        worker = state.get("worker")
-        if worker is None or not worker.started:
-            return "worker not started"
-        processor = state.get("processor")
-        if processor is not None and processor.blocked:
-            return processor.blocked
-        return None
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await service_pool(settings)
-        state["pool"] = pool
-        producer = make_producer(settings)
-        state["producer"] = producer
-        worker = None
-        tasks: dict[str, asyncio.Task] = {}
-        try:
-            await migrate_service(settings, pool, schema=service.SCHEMA, folder=MIGRATIONS)
-            await producer.start()
-            relay = OutboxRelay(pool=pool, schema=service.SCHEMA, producer=producer, topics=topics,
-                                poll_interval_s=settings.outbox_poll_interval_s,
-                                batch_size=settings.outbox_batch_size, on_published=metrics.published.inc)
-            deps = service.Deps(
-                pool=pool, rules=ruleset, clock=clock, wake_relay=relay.wake,
-                on_opened=lambda agency, priority: metrics.opened.labels(agency, priority).inc(),
-                on_overdue=lambda agency: metrics.overdue.labels(agency).inc(),
-                on_action=lambda action: metrics.actions.labels(action).inc(),
-            )
-            app.state.deps = deps
-
-            def on_dead_letter(letter: DeadLetter) -> None:
-                metrics.dead_letters.labels(letter.reason).inc()
-
-            tasks["relay"] = asyncio.create_task(relay.run(), name="referral-outbox-relay")
-            tasks["deadlines"] = asyncio.create_task(
-                deadline_loop(deps, interval_s=settings.referral_deadline_poll_s), name="referral-deadlines")
-            tasks["retention"] = asyncio.create_task(run_retention(pool, schema=service.SCHEMA, settings=settings), name="referral-retention")
-            state["tasks"] = tasks
-            worker, state["processor"] = build_worker(settings, deps, on_dead_letter=on_dead_letter)
-            state["worker"] = worker
-            await worker.start()
-            log.info("referral service started (rules version %d, %d rules)", ruleset.version,
-                     len(ruleset.rules))
-            yield
-        finally:
-            if worker is not None:
-                with contextlib.suppress(Exception):
-                    await worker.stop()
-            for task in tasks.values():
-                task.cancel()
-            for task in tasks.values():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            await pool.close()
-            state.clear()
-
+    runtime = Runtime()
     app = FastAPI(
         title="CLMS referral service",
         version="1.0",
         description="Routes every identified child to the agencies that must act, with deadlines; "
                     "agencies acknowledge, accept, decline and complete referrals here.",
-        lifespan=lifespan,
+        lifespan=_lifespan(settings, ruleset, clock, metrics, runtime),
     )
     app.state.settings = settings
     app.state.rules = ruleset
@@ -166,16 +100,141 @@ def create_app(settings: Settings, *, clock: service.Clock = service.utcnow,
     app.state.registry = registry
     install_error_handlers(app)
     harden(app, settings, service="referral")
-    app.include_router(ops_router(
-        registry=registry,
-        checks={"database": check_db, "broker": lambda: broker_ready(state.get("producer")), "worker": check_tasks},
-        samplers=[outbox_sampler(lambda: state.get("pool"), service.SCHEMA),
-                  throttled(sample_open_referrals),
-                  lag_sampler(settings, [settings.group_id(service.SERVICE)])],
-    ))
-    app.include_router(router)
+    _add_routes(app, settings, registry, metrics, runtime)
     return app
 
 
-async def service_pool(settings: Settings):
+def _lifespan(settings: Settings, ruleset: RuleSet, clock: Clock, metrics: Metrics,
+              runtime: Runtime) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(_forget, runtime)  # last out: the checks read "not started" again
+            pool = await _open_pool(settings, runtime, stack)
+            await migrate_service(settings, pool, schema=SCHEMA, folder=MIGRATIONS)
+            relay = _relay(settings, pool, metrics, runtime)
+            deps = _dependencies(pool, ruleset, clock, relay, metrics)
+            app.state.deps = deps
+            await _start_relay_and_loops(settings, relay, deps, runtime, stack)
+            await _start_worker(settings, deps, metrics, runtime, stack)
+            log.info("referral service started (rules version %d, %d rules)", ruleset.version,
+                     len(ruleset.rules))
+            yield
+
+    return lifespan
+
+
+def _forget(runtime: Runtime) -> None:
+    runtime.pool = runtime.producer = runtime.worker = runtime.processor = None
+    runtime.tasks = {}
+
+
+async def _open_pool(settings: Settings, runtime: Runtime, stack: contextlib.AsyncExitStack) -> asyncpg.Pool:
+    pool = await service_pool(settings)
+    stack.push_async_callback(pool.close)
+    runtime.pool = pool
+    return pool
+
+
+def _relay(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, runtime: Runtime) -> OutboxRelay:
+    """The outbox relay and its producer (both started by `_start_relay_and_loops`)."""
+    runtime.producer = make_producer(settings)
+    return OutboxRelay(pool=pool, schema=SCHEMA, producer=runtime.producer, topics=Topics(settings.topic_prefix),
+                       poll_interval_s=settings.outbox_poll_interval_s,
+                       batch_size=settings.outbox_batch_size, on_published=metrics.published.inc)
+
+
+def _dependencies(pool: asyncpg.Pool, ruleset: RuleSet, clock: Clock, relay: OutboxRelay,
+                  metrics: Metrics) -> Deps:
+    return Deps(
+        pool=pool, rules=ruleset, clock=clock, wake_relay=relay.wake,
+        on_opened=lambda agency, priority: metrics.opened.labels(agency, priority).inc(),
+        on_overdue=lambda agency: metrics.overdue.labels(agency).inc(),
+        on_action=lambda action: metrics.actions.labels(action).inc(),
+    )
+
+
+async def _start_relay_and_loops(settings: Settings, relay: OutboxRelay, deps: Deps, runtime: Runtime,
+                                 stack: contextlib.AsyncExitStack) -> None:
+    """The producer, then the relay, the deadline scanner and the retention loop as tasks."""
+    stack.push_async_callback(_stop_quietly, runtime.producer.stop)
+    await runtime.producer.start()
+    tasks = runtime.tasks
+    stack.push_async_callback(_cancel, tasks)
+    tasks["relay"] = asyncio.create_task(relay.run(), name="referral-outbox-relay")
+    tasks["deadlines"] = asyncio.create_task(
+        deadline_loop(deps, interval_s=settings.referral_deadline_poll_s), name="referral-deadlines")
+    tasks["retention"] = asyncio.create_task(run_retention(deps.pool, schema=SCHEMA, settings=settings),
+                                             name="referral-retention")
+
+
+async def _start_worker(settings: Settings, deps: Deps, metrics: Metrics, runtime: Runtime,
+                        stack: contextlib.AsyncExitStack) -> None:
+    def on_dead_letter(letter: DeadLetter) -> None:
+        metrics.dead_letters.labels(letter.reason).inc()
+
+    worker, runtime.processor = build_worker(settings, deps, on_dead_letter=on_dead_letter)
+    runtime.worker = worker
+    stack.push_async_callback(_stop_quietly, worker.stop)
+    await worker.start()
+
+
+async def _stop_quietly(stop: Callable[[], Any]) -> None:
+    with contextlib.suppress(Exception):
+        await stop()
+
+
+async def _cancel(tasks: dict[str, asyncio.Task]) -> None:
+    for task in tasks.values():
+        task.cancel()
+    for task in tasks.values():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+def _add_routes(app: FastAPI, settings: Settings, registry: CollectorRegistry, metrics: Metrics,
+                runtime: Runtime) -> None:
+    """/healthz, /readyz (database, broker, worker and loops), /metrics, and the referral API."""
+
+    async def check_db() -> str | None:
+        if runtime.pool is None:
+            return "not started"
+        async with runtime.pool.acquire() as conn:
+            await conn.fetchval("select 1")
+            metrics.backlog.set((await backlog(conn, schema=SCHEMA))["rows"])
+        return None
+
+    async def sample_open_referrals() -> None:
+        if runtime.pool is None:
+            return
+        async with runtime.pool.acquire() as conn:
+            rows = await store.open_and_overdue_by_agency(conn)
+        metrics.open_now.clear()
+        metrics.overdue_now.clear()
+        for r in rows:
+            metrics.open_now.labels(r["agency"]).set(r["open"])
+            metrics.overdue_now.labels(r["agency"]).set(r["overdue"])
+
+    app.include_router(ops_router(
+        registry=registry,
+        checks={"database": check_db, "broker": lambda: broker_ready(runtime.producer),
+                "worker": lambda: _check_tasks(runtime)},
+        samplers=[outbox_sampler(lambda: runtime.pool, SCHEMA), throttled(sample_open_referrals),
+                  lag_sampler(settings, [settings.group_id(SERVICE)])],
+    ))
+    app.include_router(router)
+
+
+async def _check_tasks(runtime: Runtime) -> str | None:
+    for name, task in runtime.tasks.items():
+        if task.done():
+            return f"{name} stopped"
+    if runtime.worker is None or not runtime.worker.started:
+        return "worker not started"
+    if runtime.processor is not None and runtime.processor.blocked:
+        return runtime.processor.blocked
+    return None
+
+
+async def service_pool(settings: Settings) -> asyncpg.Pool:
     return await create_pool(settings)

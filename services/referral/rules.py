@@ -1,18 +1,24 @@
-"""Routing rules: a versioned YAML file loaded and validated with pydantic, and `route(case)`.
+"""The referral rules, pure: no web, broker or database imports.
 
-Pure: no web, broker or database imports. `load_rules()` reads one file; everything else works
-on values. A file that does not validate raises `RulesError` whose message names the rule id
-(or its position) and the field, so a worker refuses to start with a sentence a person can act on.
+- Routing: a versioned YAML file loaded and validated with pydantic, and `route(case)`.
+  `load_rules()` reads one file; everything else works on values. A file that does not validate
+  raises `RulesError` whose message names the rule id (or its position) and the field, so a
+  worker refuses to start with a sentence a person can act on.
+- Who may see and act on a referral (`scoped_filters`, `decide`; the policy is
+  `shared/access_policy.yaml`), and the ids and names the use cases derive.
+- The state machine lives in the second pure module `states.py` (imported here, so the use cases
+  read every rule from this module).
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,7 +32,20 @@ from shared.events import (
     Sector,
     describe_validation_error,
 )
+from services.referral.states import (  # noqa: F401 - the state machine, read through this module
+    Action,
+    IllegalTransition,
+    legal_actions,
+    next_status,
+    within_deadline,
+)
+from shared import access
+from shared.errors import Forbidden
+from shared.events import ReferralStatus
 from shared.reference import municipality_slugs, office_serving
+
+if TYPE_CHECKING:  # shared.auth is the HTTP side; a rule needs only the claims' fields
+    from shared.auth import Claims
 
 DEFAULT_RULES_FILE = Path(__file__).with_name("rules.yaml")
 
@@ -190,11 +209,18 @@ class Decision:
 OfficeLookup = Callable[[str, str], Any]  # (agency, municipality) -> object with .office_id
 
 
+ROUTE_CACHE_MAX = 4096  # distinct case shapes remembered per rule set (there are far fewer in practice)
+
+
 @dataclass(frozen=True)
 class RuleSet:
     version: int
     rules: tuple[Rule, ...]
     source: str = "<memory>"
+    # Routing reads only the case's CASE_FIELDS (the conditions, the overrides, the office of the
+    # municipality), so two cases alike in those are routed alike but for the deadline's start:
+    # the decisions are remembered per shape, and only `at + deadline_in` is done per case.
+    _by_shape: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def route(self, case: CaseIdentified, *, at: datetime,
               office_for: OfficeLookup = office_serving) -> list[Decision]:
@@ -204,6 +230,17 @@ class RuleSet:
         agency, the earliest deadline wins, then the higher priority, then the earlier rule;
         the priority is the highest of all matching rules.
         """
+        shape = (office_for, *(getattr(case, name) for name in CASE_FIELDS))
+        plan = self._by_shape.get(shape)
+        if plan is None:
+            plan = self._plan(case, office_for)
+            if len(self._by_shape) >= ROUTE_CACHE_MAX:
+                self._by_shape.clear()
+            self._by_shape[shape] = plan
+        return [replace(d, deadline=at + d.deadline_in) for d in plan]
+
+    def _plan(self, case: CaseIdentified, office_for: OfficeLookup) -> tuple[Decision, ...]:
+        """The decisions for `case` with deadlines counted from the epoch (`route` moves them)."""
         hits: dict[AgencyType, list[tuple[timedelta, str, int, Rule]]] = {}
         for index, rule in enumerate(self.rules):
             if rule.when.matches(case):
@@ -215,12 +252,15 @@ class RuleSet:
             priority = min((h[1] for h in found), key=PRIORITY_RANK.__getitem__)
             office = office_for(agency.value, case.municipality)
             out.append(Decision(
-                agency=agency, office_id=office.office_id, deadline_in=deadline, deadline=at + deadline,
+                agency=agency, office_id=office.office_id, deadline_in=deadline, deadline=_EPOCH + deadline,
                 priority=priority, rule_id=winner.id, rule_version=self.version,
                 legal_basis=winner.legal_basis, matched_rules=tuple(h[3].id for h in found),
             ))
         out.sort(key=lambda d: (d.deadline_in, PRIORITY_RANK[d.priority], d.agency.value))
-        return out
+        return tuple(out)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class _File(BaseModel):
@@ -290,3 +330,84 @@ def load_rules(path: Path | str | None = None) -> RuleSet:
 def route(case: CaseIdentified, *, rules: RuleSet, at: datetime,
           office_for: OfficeLookup = office_serving) -> list[Decision]:
     return rules.route(case, at=at, office_for=office_for)
+
+
+# --- ids and names the use cases derive ----------------------------------------------------------
+
+_ID_NAMESPACE = uuid.UUID("6f2b0f8e-8d1e-4c55-9a51-2f7f0c0e4a11")
+
+
+def referral_id_for(event_id: uuid.UUID, agency: str) -> uuid.UUID:
+    """Deterministic: the same case event and agency always name the same referral."""
+    return uuid.uuid5(_ID_NAMESPACE, f"{event_id}:{agency}")
+
+
+def coordinator_of(municipality: str) -> str:
+    return f"coordinator.{municipality}"
+
+
+def source_of(claims: Claims) -> str:
+    """The envelope source of what a person did: `<agency>/<municipality>` (`all` for `*`)."""
+    muni = "all" if claims.municipality == "*" else claims.municipality
+    return f"{claims.agency.value}/{muni}"
+
+
+# --- who may see and act ----------------------------------------------------------------------------
+
+
+def _in_municipality(claims: Claims, municipality: str) -> bool:
+    return claims.municipality in (municipality, "*")
+
+
+def _referral(agency: str, municipality: str) -> access.Resource:
+    """A referral as the access policy sees it: addressed to one office of one municipality."""
+    return access.Resource(municipality=municipality, offices=frozenset({(agency, municipality)}))
+
+
+def decide(claims: Claims, action: str, *, agency: str, municipality: str) -> access.Decision:
+    """`referral.read` or `referral.act` on a referral to `agency` in `municipality`
+    (shared/access_policy.yaml: the receiving office's caseworkers, duty officers and supervisors,
+    and the municipality's coordinator)."""
+    return access.allowed(claims, action, _referral(agency, municipality))
+
+
+def may_handle(claims: Claims, *, agency: str, municipality: str) -> bool:
+    return bool(decide(claims, "referral.act", agency=agency, municipality=municipality))
+
+
+@dataclass(frozen=True)
+class Filters:
+    case_id: uuid.UUID | None = None
+    agency: AgencyType | None = None
+    municipality: str | None = None
+    status: ReferralStatus | None = None
+    overdue: bool | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+def scoped_filters(claims: Claims, f: Filters) -> Filters:
+    """Narrow a query to what the caller may see; `Forbidden` when it asks for more.
+
+    - coordinator: every agency in their municipality (all municipalities with `*`);
+    - caseworker / duty officer / supervisor: their own agency in their municipality;
+    - anyone else (reporters, analysts, the public): 403.
+    Asking explicitly for another municipality or agency is a 403, never a silently empty list.
+    """
+    muni = f.municipality
+    reach = access.policy().reach(claims, "referral.read")
+    if reach in ("own_municipality", "national"):
+        if muni and reach == "own_municipality" and not _in_municipality(claims, muni):
+            raise Forbidden(f"a coordinator of {claims.municipality} cannot see referrals in {muni}")
+        if claims.municipality != "*" and reach == "own_municipality":
+            muni = claims.municipality
+        return replace(f, municipality=muni)
+    if reach is None:
+        raise Forbidden(access.allowed(claims, "referral.read", _referral("-", "-")).reason)
+    if f.agency and f.agency is not claims.agency:
+        raise Forbidden(f"{claims.agency.value} staff cannot see referrals addressed to {f.agency.value}")
+    if muni and not _in_municipality(claims, muni):
+        raise Forbidden(f"staff of {claims.municipality} cannot see referrals in {muni}")
+    if claims.municipality != "*":
+        muni = claims.municipality
+    return replace(f, agency=claims.agency, municipality=muni)

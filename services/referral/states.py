@@ -14,6 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
+from shared.errors import Conflict
 from shared.events import ReferralStatus as S
 
 
@@ -41,14 +42,17 @@ OPEN: frozenset[S] = frozenset({S.pending, S.acknowledged, S.accepted})
 TERMINAL: frozenset[S] = frozenset({S.declined, S.completed, S.closed})
 
 
-class IllegalTransition(ValueError):
+class IllegalTransition(Conflict):
+    """A 409 whose detail names the current status: `{"message": ..., "current_status": ...}`."""
+
     def __init__(self, current: S, action: Action):
         self.current = current
         self.action = action
         allowed = sorted(a.value for (s, a) in TRANSITIONS if s is current and a is not Action.close)
         hint = f"; from {current.value} you may {' or '.join(allowed)}" if allowed else (
             f"; {current.value} is final")
-        super().__init__(f"cannot {action.value} a referral that is {current.value}{hint}")
+        message = f"cannot {action.value} a referral that is {current.value}{hint}"
+        super().__init__(message, detail={"message": message, "current_status": current.value})
 
 
 def next_status(current: S | str, action: Action | str) -> S:

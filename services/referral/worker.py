@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import faust
 
 from services.referral import service
+from services.referral.deps import Deps
 from shared.events import Envelope
 from shared.kafka import DeadLetter
 from shared.settings import Settings
@@ -34,7 +35,7 @@ BATCH_MAX = 200  # events per transaction at most
 BATCH_WITHIN_S = 0.01  # how long a batch waits to fill up (the latency a quiet stream adds)
 
 
-def build_worker(settings: Settings, deps: service.Deps,
+def build_worker(settings: Settings, deps: Deps,
                  on_dead_letter: Callable[[DeadLetter], None] | None = None
                  ) -> tuple[faust.App, StreamProcessor]:
     app = make_faust_app(settings, service.SERVICE)
@@ -86,7 +87,7 @@ def build_worker(settings: Settings, deps: service.Deps,
     return app, proc
 
 
-async def deadline_loop(deps: service.Deps, *, interval_s: float) -> None:
+async def deadline_loop(deps: Deps, *, interval_s: float) -> None:
     """Every `interval_s`: escalate what is due. Errors wait for the next round (nothing is lost:
     the deadlines are rows, not timers)."""
     while True:

@@ -1,13 +1,14 @@
 """Composition root of the workspace: `create_app(settings) -> FastAPI`.
 
-One HTTP client (to the four public APIs) opened and closed by the lifespan; sessions in memory.
-Nothing does I/O at import or at `create_app` time.
+One HTTP client (to the four public APIs) opened and closed by the lifespan, which builds the
+`Deps` around it; sessions in memory. Nothing does I/O at import or at `create_app` time.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from urllib.parse import quote
 
 import httpx
@@ -17,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.workspace import service
+from services.workspace.deps import Deps
 from services.workspace.sessions import Sessions
 from services.workspace.views import STATIC_DIR, SignInRequired, finish, router
 from shared import access
@@ -55,36 +56,52 @@ class SecurityHeaders:
 
 
 def create_app(settings: Settings, *, api_timeout_s: float = 10.0) -> FastAPI:
+    """The one composition root, as named steps: the dependencies (`Deps`, built by the lifespan
+    around the HTTP client), the error handlers and hardening, the redirect to the sign-in page,
+    the security headers, the routes."""
     access.policy()  # shared/access_policy.yaml, validated at start: a bad file stops the service here
-    registry = CollectorRegistry()
+    sessions = Sessions()  # the app's, not the lifespan's: kept if the app is started again
+    app = FastAPI(title="CLMS workspace", version="1", lifespan=_lifespan(settings, sessions, api_timeout_s),
+                  summary="Pages for caseworkers, duty officers and coordinators over the public APIs")
+    app.state.settings = settings
+    install_error_handlers(app)
+    # app.state.verifier checks OIDC access tokens as the services do (any of their audiences);
+    # writes here are authenticated by the session cookie, not a bearer token
+    harden(app, settings, service="workspace", bearer_writes=False)
+    _redirect_to_sign_in(app)
+    app.add_middleware(SecurityHeaders)
+    _add_routes(app)
+    return app
 
+
+def _lifespan(settings: Settings, sessions: Sessions,
+              api_timeout_s: float) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # every open inbox holds one relayed stream: room for many beside the page requests
         limits = httpx.Limits(max_connections=2000, max_keepalive_connections=100)
         async with httpx.AsyncClient(timeout=api_timeout_s, limits=limits) as client:
-            app.state.backend = service.Backend(settings=settings, client=client)
+            app.state.deps = Deps(settings=settings, sessions=sessions, client=client,
+                                  verifier=app.state.verifier)
             yield
 
-    app = FastAPI(title="CLMS workspace", version="1", lifespan=lifespan,
-                  summary="Pages for caseworkers, duty officers and coordinators over the public APIs")
-    app.state.settings = settings
-    app.state.sessions = Sessions()
-    install_error_handlers(app)
-    # app.state.verifier checks OIDC access tokens as the services do (any of their audiences);
-    # writes here are authenticated by the session cookie, not a bearer token
-    harden(app, settings, service="workspace", bearer_writes=False)
+    return lifespan
+
+
+def _redirect_to_sign_in(app: FastAPI) -> None:
+    """A page that needs a signed-in session answers 303 to /signin?next=<the page> without one."""
 
     @app.exception_handler(SignInRequired)
     async def _sign_in(request: Request, exc: SignInRequired) -> Response:
         return finish(request, RedirectResponse(f"/signin?next={quote(exc.next_path)}", status_code=303))
 
-    app.add_middleware(SecurityHeaders)
+
+def _add_routes(app: FastAPI) -> None:
+    """/healthz, /readyz (the HTTP client is open), /metrics, the pages and the static files."""
 
     async def upstream_client() -> str | None:
-        return None if getattr(app.state, "backend", None) is not None else "HTTP client not started"
+        return None if getattr(app.state, "deps", None) is not None else "HTTP client not started"
 
-    app.include_router(ops_router(registry=registry, checks={"client": upstream_client}))
+    app.include_router(ops_router(registry=CollectorRegistry(), checks={"client": upstream_client}))
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from shared.settings import Settings
+from services.workspace.deps import Deps
 
 UNAVAILABLE = 503
 
@@ -27,15 +26,6 @@ class ApiError(Exception):
         self.status = status
         self.detail = detail
         self.errors = errors or []
-
-
-@dataclass
-class Backend:
-    settings: Settings
-    client: httpx.AsyncClient
-
-    def url(self, service: str, path: str) -> str:
-        return self.settings.api_url(service) + path
 
 
 def _detail(r: httpx.Response) -> tuple[str, list[dict[str, Any]]]:
@@ -54,12 +44,12 @@ def _detail(r: httpx.Response) -> tuple[str, list[dict[str, Any]]]:
     return str(detail), list(errors or [])
 
 
-async def _call(backend: Backend, method: str, service: str, path: str, *, token: str,
+async def _call(deps: Deps, method: str, service: str, path: str, *, token: str,
                 json: Any = None, params: dict[str, Any] | None = None,
                 headers: dict[str, str] | None = None) -> Any:
     try:
-        r = await backend.client.request(
-            method, backend.url(service, path), json=json,
+        r = await deps.client.request(
+            method, deps.url(service, path), json=json,
             params={k: v for k, v in (params or {}).items() if v is not None},
             headers={"Authorization": f"Bearer {token}", **(headers or {})},
         )
@@ -76,38 +66,38 @@ async def _call(backend: Backend, method: str, service: str, path: str, *, token
 # --- intake -------------------------------------------------------------------------------------------
 
 
-async def report_child(backend: Backend, *, token: str, body: dict[str, Any], idempotency_key: str) -> dict:
+async def report_child(deps: Deps, *, token: str, body: dict[str, Any], idempotency_key: str) -> dict:
     """POST /v1/identifications; the same key (a retried form) returns the first case, never a second."""
-    return await _call(backend, "POST", "intake", "/v1/identifications", token=token, json=body,
+    return await _call(deps, "POST", "intake", "/v1/identifications", token=token, json=body,
                        headers={"Idempotency-Key": idempotency_key})
 
 
-async def get_case(backend: Backend, *, token: str, case_id: uuid.UUID) -> dict:
-    return await _call(backend, "GET", "intake", f"/v1/cases/{case_id}", token=token)
+async def get_case(deps: Deps, *, token: str, case_id: uuid.UUID) -> dict:
+    return await _call(deps, "GET", "intake", f"/v1/cases/{case_id}", token=token)
 
 
-async def record_case_event(backend: Backend, *, token: str, case_id: uuid.UUID, event: dict) -> dict:
-    return await _call(backend, "POST", "intake", f"/v1/cases/{case_id}/events", token=token, json=event)
+async def record_case_event(deps: Deps, *, token: str, case_id: uuid.UUID, event: dict) -> dict:
+    return await _call(deps, "POST", "intake", f"/v1/cases/{case_id}/events", token=token, json=event)
 
 
 # --- referral -----------------------------------------------------------------------------------------
 
 
-async def list_referrals(backend: Backend, *, token: str, case_id: uuid.UUID | None = None,
+async def list_referrals(deps: Deps, *, token: str, case_id: uuid.UUID | None = None,
                          limit: int = 200) -> list[dict]:
-    page = await _call(backend, "GET", "referral", "/v1/referrals", token=token,
+    page = await _call(deps, "GET", "referral", "/v1/referrals", token=token,
                        params={"case_id": case_id and str(case_id), "limit": limit})
     return page["items"]
 
 
-async def get_referral(backend: Backend, *, token: str, referral_id: uuid.UUID) -> dict:
-    return await _call(backend, "GET", "referral", f"/v1/referrals/{referral_id}", token=token)
+async def get_referral(deps: Deps, *, token: str, referral_id: uuid.UUID) -> dict:
+    return await _call(deps, "GET", "referral", f"/v1/referrals/{referral_id}", token=token)
 
 
 ACTIONS = ("acknowledge", "accept", "decline", "complete")
 
 
-async def act_on_referral(backend: Backend, *, token: str, referral_id: uuid.UUID, action: str,
+async def act_on_referral(deps: Deps, *, token: str, referral_id: uuid.UUID, action: str,
                           reason: str | None = None, outcome: str | None = None) -> dict:
     if action not in ACTIONS:
         raise ApiError(404, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
@@ -116,27 +106,27 @@ async def act_on_referral(backend: Backend, *, token: str, referral_id: uuid.UUI
         body["reason"] = reason
     if action == "complete":
         body["outcome"] = outcome
-    return await _call(backend, "POST", "referral", f"/v1/referrals/{referral_id}/{action}",
+    return await _call(deps, "POST", "referral", f"/v1/referrals/{referral_id}/{action}",
                        token=token, json=body)
 
 
 # --- notifications ------------------------------------------------------------------------------------
 
 
-async def inbox(backend: Backend, *, token: str, limit: int = 50) -> dict:
-    return await _call(backend, "GET", "notifications", "/v1/inbox", token=token, params={"limit": limit})
+async def inbox(deps: Deps, *, token: str, limit: int = 50) -> dict:
+    return await _call(deps, "GET", "notifications", "/v1/inbox", token=token, params={"limit": limit})
 
 
-async def ack_alert(backend: Backend, *, token: str, alert_id: uuid.UUID) -> dict:
-    return await _call(backend, "POST", "notifications", f"/v1/inbox/{alert_id}/ack", token=token)
+async def ack_alert(deps: Deps, *, token: str, alert_id: uuid.UUID) -> dict:
+    return await _call(deps, "POST", "notifications", f"/v1/inbox/{alert_id}/ack", token=token)
 
 
-async def alert_stream(backend: Backend, *, token: str) -> AsyncIterator[tuple[str, str]]:
+async def alert_stream(deps: Deps, *, token: str) -> AsyncIterator[tuple[str, str]]:
     """(event, data) pairs of the user's inbox stream (server-sent events), relayed by the
     workspace so the token never reaches the browser. Ends when the upstream stream ends."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
     timeout = httpx.Timeout(10.0, read=None)
-    async with backend.client.stream("GET", backend.url("notifications", "/v1/inbox/stream"),
+    async with deps.client.stream("GET", deps.url("notifications", "/v1/inbox/stream"),
                                      headers=headers, timeout=timeout) as r:
         if r.status_code != 200:
             raise ApiError(UNAVAILABLE if r.status_code >= 500 else r.status_code,
@@ -161,5 +151,5 @@ async def alert_stream(backend: Backend, *, token: str) -> AsyncIterator[tuple[s
 # --- analytics ----------------------------------------------------------------------------------------
 
 
-async def municipality_figures(backend: Backend, *, token: str, municipality: str) -> dict:
-    return await _call(backend, "GET", "analytics", f"/v1/counts/municipalities/{municipality}", token=token)
+async def municipality_figures(deps: Deps, *, token: str, municipality: str) -> dict:
+    return await _call(deps, "GET", "analytics", f"/v1/counts/municipalities/{municipality}", token=token)

@@ -23,6 +23,7 @@ from fastapi.templating import Jinja2Templates
 from sse_starlette.sse import EventSourceResponse
 
 from services.workspace import models, oidc, service
+from services.workspace.deps import Deps, DepsDep, deps_of
 from services.workspace.models import LANGUAGE_NAMES, LANGUAGES, Words
 from services.workspace.service import ApiError
 from services.workspace.sessions import COOKIE, Session, Sessions, same
@@ -54,15 +55,11 @@ class SignInRequired(Exception):
 
 
 def _settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return deps_of(request).settings
 
 
 def _sessions(request: Request) -> Sessions:
-    return request.app.state.sessions
-
-
-def _backend(request: Request) -> service.Backend:
-    return request.app.state.backend
+    return deps_of(request).sessions
 
 
 def session_of(request: Request) -> Session:
@@ -199,7 +196,7 @@ async def signin_page(request: Request, municipality: str = "prizren", next: str
 
 
 @router.get("/signin/oidc")
-async def signin_oidc(request: Request, next: str = "/") -> Response:
+async def signin_oidc(request: Request, deps: DepsDep, next: str = "/") -> Response:
     """Start the OpenID Connect sign-in: to the identity provider, with a PKCE challenge."""
     s = session_of(request)
     words = Words(s.language)
@@ -208,7 +205,7 @@ async def signin_oidc(request: Request, next: str = "/") -> Response:
         return page(request, s, "message.html", status_code=404, title=words.t("sign_in_title"),
                     message=words.t("oidc_not_configured"))
     try:
-        url, pending = await oidc.start(_backend(request).client, settings=settings, next_path=safe_next(next))
+        url, pending = await oidc.start(deps.client, settings=settings, next_path=safe_next(next))
     except oidc.SignInFailed as exc:
         return page(request, s, "message.html", status_code=503, title=words.t("sign_in_title"),
                     message=f"{words.t('sign_in_failed')} {exc}")
@@ -217,7 +214,7 @@ async def signin_oidc(request: Request, next: str = "/") -> Response:
 
 
 @router.get("/signin/callback")
-async def signin_callback(request: Request, code: str | None = None, state: str | None = None,
+async def signin_callback(request: Request, deps: DepsDep, code: str | None = None, state: str | None = None,
                           error: str | None = None) -> Response:
     """The identity provider sends the browser back here with the authorization code."""
     s = session_of(request)
@@ -225,8 +222,8 @@ async def signin_callback(request: Request, code: str | None = None, state: str 
     pending = s.oidc_pending if isinstance(s.oidc_pending, oidc.Pending) else None
     s.oidc_pending = None  # one use
     try:
-        done = await oidc.finish(_backend(request).client, settings=_settings(request),
-                                 verifier=request.app.state.verifier, pending=pending, state=state,
+        done = await oidc.finish(deps.client, settings=_settings(request),
+                                 verifier=deps.verifier, pending=pending, state=state,
                                  code=code, error=error)
     except oidc.SignInFailed as exc:
         return page(request, s, "message.html", status_code=403, title=words.t("sign_in_title"),
@@ -293,28 +290,28 @@ async def set_language(request: Request) -> Response:
 
 
 @router.get("/inbox")
-async def inbox_page(request: Request) -> Response:
+async def inbox_page(request: Request, deps: DepsDep) -> Response:
     s = user_of(request)
     try:
-        box = await service.inbox(_backend(request), token=_token(s))
+        box = await service.inbox(deps, token=_token(s))
     except ApiError as exc:
         return api_refused(request, s, exc, title=Words(s.language).t("inbox_title"))
     return page(request, s, "inbox.html", alerts=box["items"], unacked=box["unacked"])
 
 
 @router.get("/inbox/stream")
-async def inbox_stream(request: Request) -> Response:
+async def inbox_stream(request: Request, deps: DepsDep) -> Response:
     """The user's alerts as they arrive, each as a rendered list item (htmx swaps it in). The
     workspace holds the upstream stream with the token; the browser only has its session cookie."""
     s = _sessions(request).get(request.cookies.get(COOKIE))
     if s is None or not s.signed_in:
         return Response(status_code=204)  # tells EventSource to stop reconnecting
-    backend, token, lang = _backend(request), _token(s), s.language
+    token, lang = _token(s), s.language
 
     async def events():  # noqa: ANN202
         words = Words(lang)
         try:
-            async for event, data in service.alert_stream(backend, token=token):
+            async for event, data in service.alert_stream(deps, token=token):
                 if event == "ready":
                     yield {"event": "ready", "data": words.t("live_connected")}
                 elif event == "alert":
@@ -329,13 +326,13 @@ async def inbox_stream(request: Request) -> Response:
 
 
 @router.post("/inbox/{alert_id}/ack")
-async def ack_alert(request: Request, alert_id: uuid.UUID) -> Response:
+async def ack_alert(request: Request, deps: DepsDep, alert_id: uuid.UUID) -> Response:
     s = user_of(request)
     form = await form_of(request, s)
     if form is None:
         return csrf_refused(request, s)
     try:
-        await service.ack_alert(_backend(request), token=_token(s), alert_id=alert_id)
+        await service.ack_alert(deps, token=_token(s), alert_id=alert_id)
     except ApiError as exc:
         return api_refused(request, s, exc, title=Words(s.language).t("inbox_title"))
     return redirect(request, "/inbox")
@@ -350,23 +347,23 @@ def _with_deadlines(items: list[dict], words: Words) -> list[dict]:
 
 
 @router.get("/referrals")
-async def referrals_page(request: Request) -> Response:
+async def referrals_page(request: Request, deps: DepsDep) -> Response:
     s = user_of(request)
     words = Words(s.language)
     try:
-        items = await service.list_referrals(_backend(request), token=_token(s))
+        items = await service.list_referrals(deps, token=_token(s))
     except ApiError as exc:
         return api_refused(request, s, exc, title=words.t("referrals_title"))
     return page(request, s, "referrals.html", referrals=_with_deadlines(items, words))
 
 
 @router.get("/referrals/{referral_id}")
-async def referral_page(request: Request, referral_id: uuid.UUID, error: str | None = None,
+async def referral_page(request: Request, deps: DepsDep, referral_id: uuid.UUID, error: str | None = None,
                         status_code: int = 200) -> Response:
     s = user_of(request)
     words = Words(s.language)
     try:
-        referral = await service.get_referral(_backend(request), token=_token(s), referral_id=referral_id)
+        referral = await service.get_referral(deps, token=_token(s), referral_id=referral_id)
     except ApiError as exc:
         return api_refused(request, s, exc, title=words.t("referral_title"))
     return page(request, s, "referral.html", status_code=status_code, referral=_with_deadlines([referral], words)[0],
@@ -375,19 +372,19 @@ async def referral_page(request: Request, referral_id: uuid.UUID, error: str | N
 
 
 @router.post("/referrals/{referral_id}/{action}")
-async def referral_action(request: Request, referral_id: uuid.UUID, action: str) -> Response:
+async def referral_action(request: Request, deps: DepsDep, referral_id: uuid.UUID, action: str) -> Response:
     s = user_of(request)
     form = await form_of(request, s)
     if form is None:
         return csrf_refused(request, s)
     words = Words(s.language)
     try:
-        await service.act_on_referral(_backend(request), token=_token(s), referral_id=referral_id, action=action,
+        await service.act_on_referral(deps, token=_token(s), referral_id=referral_id, action=action,
                                       reason=form.get("reason") or None, outcome=form.get("outcome") or None)
     except ApiError as exc:
         if exc.status == 401:
             return api_refused(request, s, exc, title=words.t("referral_title"))
-        return await referral_page(request, referral_id, error=problem(words, exc), status_code=status_of(exc))
+        return await referral_page(request, deps, referral_id, error=problem(words, exc), status_code=status_of(exc))
     s.flash = words.t(f"done_{action}")
     return redirect(request, f"/referrals/{referral_id}")
 
@@ -396,12 +393,12 @@ async def referral_action(request: Request, referral_id: uuid.UUID, action: str)
 
 
 @router.get("/cases/{case_id}")
-async def case_page(request: Request, case_id: uuid.UUID, error: str | None = None,
+async def case_page(request: Request, deps: DepsDep, case_id: uuid.UUID, error: str | None = None,
                     status_code: int = 200) -> Response:
     s = user_of(request)
     words = Words(s.language)
     try:
-        case = await service.get_case(_backend(request), token=_token(s), case_id=case_id)
+        case = await service.get_case(deps, token=_token(s), case_id=case_id)
     except ApiError as exc:
         return api_refused(request, s, exc, title=f"{words.t('case_title')} {case_id}")
     return page(request, s, "case.html", status_code=status_code, case=case, error=error,
@@ -410,7 +407,7 @@ async def case_page(request: Request, case_id: uuid.UUID, error: str | None = No
 
 
 @router.post("/cases/{case_id}/events")
-async def case_event(request: Request, case_id: uuid.UUID) -> Response:
+async def case_event(request: Request, deps: DepsDep, case_id: uuid.UUID) -> Response:
     s = user_of(request)
     form = await form_of(request, s)
     if form is None:
@@ -420,11 +417,11 @@ async def case_event(request: Request, case_id: uuid.UUID) -> Response:
     if event["type"] == "closed":
         event["reason"] = form.get("reason") or None
     try:
-        await service.record_case_event(_backend(request), token=_token(s), case_id=case_id, event=event)
+        await service.record_case_event(deps, token=_token(s), case_id=case_id, event=event)
     except ApiError as exc:
         if exc.status == 401:
             return api_refused(request, s, exc, title=words.t("case_title"))
-        return await case_page(request, case_id, error=problem(words, exc), status_code=status_of(exc))
+        return await case_page(request, deps, case_id, error=problem(words, exc), status_code=status_of(exc))
     s.flash = words.t("event_recorded")
     return redirect(request, f"/cases/{case_id}")
 
@@ -455,7 +452,7 @@ async def report_page(request: Request) -> Response:
 
 
 @router.post("/report")
-async def report(request: Request) -> Response:
+async def report(request: Request, deps: DepsDep) -> Response:
     s = user_of(request)
     form = await form_of(request, s)
     if form is None:
@@ -469,7 +466,7 @@ async def report(request: Request) -> Response:
         return _report_form(request, s, values=values, errors=parsed.errors, message=words.t("fix_fields"),
                             status_code=422)
     try:
-        answer = await service.report_child(_backend(request), token=_token(s), body=parsed.body,
+        answer = await service.report_child(deps, token=_token(s), body=parsed.body,
                                             idempotency_key=values["idempotency_key"])
     except ApiError as exc:
         if exc.status == 401:
@@ -485,23 +482,23 @@ async def report(request: Request) -> Response:
 
 
 @router.get("/report/{case_id}")
-async def reported_page(request: Request, case_id: uuid.UUID) -> Response:
+async def reported_page(request: Request, deps: DepsDep, case_id: uuid.UUID) -> Response:
     s = user_of(request)
-    case = await _case_or_none(request, s, case_id)
+    case = await _case_or_none(deps, s, case_id)
     return page(request, s, "reported.html", case_id=case_id, case=case)
 
 
 @router.get("/report/{case_id}/routing")
-async def reported_routing(request: Request, case_id: uuid.UUID) -> Response:
+async def reported_routing(request: Request, deps: DepsDep, case_id: uuid.UUID) -> Response:
     """The 'sent to' list, polled by the result page until the referrals are known."""
     s = user_of(request)
-    case = await _case_or_none(request, s, case_id)
+    case = await _case_or_none(deps, s, case_id)
     return page(request, s, "_routing.html", case_id=case_id, case=case)
 
 
-async def _case_or_none(request: Request, s: Session, case_id: uuid.UUID) -> dict | None:
+async def _case_or_none(deps: Deps, s: Session, case_id: uuid.UUID) -> dict | None:
     try:
-        return await service.get_case(_backend(request), token=_token(s), case_id=case_id)
+        return await service.get_case(deps, token=_token(s), case_id=case_id)
     except ApiError:
         return None
 
@@ -510,18 +507,18 @@ async def _case_or_none(request: Request, s: Session, case_id: uuid.UUID) -> dic
 
 
 @router.get("/coordinator")
-async def coordinator_page(request: Request) -> Response:
+async def coordinator_page(request: Request, deps: DepsDep) -> Response:
     s = user_of(request)
     words = Words(s.language)
     claims = _claims(s)
     try:
-        items = _with_deadlines(await service.list_referrals(_backend(request), token=_token(s), limit=500), words)
+        items = _with_deadlines(await service.list_referrals(deps, token=_token(s), limit=500), words)
     except ApiError as exc:
         return api_refused(request, s, exc, title=words.t("coordinator_title"))
     figures = None
     if claims.municipality != "*":
         try:
-            figures = await service.municipality_figures(_backend(request), token=_token(s),
+            figures = await service.municipality_figures(deps, token=_token(s),
                                                          municipality=claims.municipality)
         except ApiError:
             figures = None

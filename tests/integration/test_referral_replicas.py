@@ -5,12 +5,14 @@ referral exactly once. Use cases called directly (no broker needed for this prop
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from services.referral import service
 from services.referral.app import MIGRATIONS
+from services.referral.deps import Deps
 from services.referral.rules import load_rules
 from shared.db import create_pool, migrate
 from tests import builders
@@ -24,7 +26,7 @@ async def test_concurrent_replicas_open_once_and_escalate_once(env):
         async with pool.acquire() as conn:
             await migrate(conn, schema=service.SCHEMA, folder=MIGRATIONS)
         now = datetime.now(timezone.utc)
-        replicas = [service.Deps(pool=pool, rules=load_rules(), clock=lambda: now) for _ in range(3)]
+        replicas = [Deps(pool=pool, rules=load_rules(), clock=lambda: now) for _ in range(3)]
 
         envelopes = [builders.envelope(builders.case_identified()) for _ in range(20)]
         # every replica receives every event at the same time (a rebalance redelivering a batch)
@@ -33,10 +35,9 @@ async def test_concurrent_replicas_open_once_and_escalate_once(env):
         assert sum(len(o) for o in opened) == 40, "csw + education per case, once"
 
         later = now + timedelta(days=4)
-        for d in replicas:
-            d.clock = lambda: later
+        replicas = [replace(d, clock=lambda: later) for d in replicas]  # Deps is frozen
 
-        async def drain(d: service.Deps) -> int:
+        async def drain(d: Deps) -> int:
             total = 0
             while n := await service.escalate_due(d, limit=3):
                 total += n

@@ -127,7 +127,7 @@ def test_sign_in_with_the_identity_provider_and_pkce(provider):
         assert done.status_code == 303 and done.headers["location"] == "/referrals", done.text
         cookie = done.headers["set-cookie"]
         assert "Secure" in cookie and "HttpOnly" in cookie
-        session = next(iter(client.app.state.sessions._by_id.values()))
+        session = next(iter(client.app.state.deps.sessions._by_id.values()))
         assert session.signed_in and session.claims.sub == "csw.prizren.duty"
         assert session.token not in cookie
         assert provider.token_requests[-1]["client_id"] == CLIENT_ID

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.referral import states
-from services.referral.rules import RulesError, load_rules, parse_duration, parse_rules
+from services.referral.rules import DEFAULT_RULES_FILE, RulesError, load_rules, parse_duration, parse_rules
 from shared.events import (
     AgeBand,
     AgencyType,
@@ -182,6 +183,22 @@ def test_every_child_gets_a_csw_referral_and_no_agency_twice(case):
         assert d.office_id == f"{d.agency.value}.{case.municipality}"
         assert d.deadline > AT
         assert d.legal_basis
+
+
+SEEN = load_rules()  # one rule set routing every example: it remembers the shapes it has seen
+RULES_TEXT = DEFAULT_RULES_FILE.read_text(encoding="utf-8")
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=cases, at=st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2040, 1, 1),
+                                   timezones=st.just(timezone.utc)))
+def test_a_case_is_routed_as_a_fresh_rule_set_routes_it_whatever_was_routed_before(case, at):
+    """Routing remembers its decisions per case shape (issue 18); a remembered decision is the
+    fresh one, with the deadline counted from this case's own identification time."""
+    fresh = parse_rules(RULES_TEXT).route(case, at=at)
+    assert SEEN.route(case, at=at) == fresh
+    day_later = [replace(d, deadline=d.deadline + timedelta(days=1)) for d in fresh]
+    assert SEEN.route(case, at=at + timedelta(days=1)) == day_later
 
 
 # --- invalid files --------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.referral.service import Filters, Forbidden, may_handle, scoped_filters
+from services.referral.rules import Filters, may_handle, scoped_filters
+from shared.errors import Forbidden
 from shared.auth import Claims
 from shared.events import AgencyType
 

@@ -5,6 +5,7 @@ answered by httpx.MockTransport where a test needs a particular answer)."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -170,7 +171,8 @@ def answer_with(client: TestClient, handler) -> list[httpx.Request]:
         seen.append(request)
         return handler(request)
 
-    client.app.state.backend.client = httpx.AsyncClient(transport=httpx.MockTransport(record))
+    deps = client.app.state.deps  # frozen: the routes read the replaced one on the next request
+    client.app.state.deps = replace(deps, client=httpx.AsyncClient(transport=httpx.MockTransport(record)))
     return seen
 
 
@@ -192,7 +194,7 @@ def test_the_token_stays_on_the_server():
     app = create_app(settings())
     with TestClient(app) as client:
         signed_in(client)
-        session = next(iter(app.state.sessions._by_id.values()))
+        session = next(iter(app.state.deps.sessions._by_id.values()))
         assert Verifier(app.state.settings).verify(session.token).sub == "police.prizren.duty"
         for path in ("/report", "/signin"):
             assert session.token not in client.get(path).text
