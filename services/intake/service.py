@@ -279,7 +279,6 @@ async def _identify(intake: Intake, *, actor: Actor, request: IdentificationRequ
                           family_name=request.child.family_name, year_of_birth=request.birth_year)
     age = request.age
     worst = rules.is_worst_form(request.work.sector, request.work.activity)
-    digest = request_hash(intake.idempotency_key, request)
     sealed = intake.cipher.seal(case_id, orjson.dumps(request.personal()))
 
     if inbox_id is None and idempotency_key is None:
@@ -309,6 +308,7 @@ async def _identify(intake: Intake, *, actor: Actor, request: IdentificationRequ
         answer = IdentificationAccepted(case_id=case_id, child_ref=sealed.token, repeat_identification=linked is not None,
                                         linked_case_id=await _visible_link(conn, actor=actor, linked=linked))
         if idempotency_key is not None:
+            digest = request_hash(intake.idempotency_key, request)  # only a keyed request needs it
             inserted = await conn.fetchval(
                 f"insert into {SCHEMA}.idempotency_keys(subject, key, request_hash, case_id, response) "
                 "values($1, $2, $3, $4, $5::jsonb) on conflict do nothing returning 1",
