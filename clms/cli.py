@@ -10,22 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.settings import Environment, Settings
+from shared.settings import Environment, Settings, cli_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console()
 err = Console(stderr=True)
-
-
-def cli_settings() -> Settings:
-    """Settings for operator commands: the environment, else the embedded stack `make run` starts."""
-    s = Settings()
-    updates = {}
-    if not s.kafka_bootstrap_servers:
-        updates["kafka_bootstrap_servers"] = f"127.0.0.1:{s.embedded_kafka_port}"
-    if not s.database_url:
-        updates["database_url"] = f"postgresql://postgres@127.0.0.1:{s.embedded_postgres_port}/postgres"
-    return s.model_copy(update=updates) if updates else s
 
 
 async def stop_quietly(consumer) -> None:  # noqa: ANN001
@@ -355,12 +344,10 @@ def status(as_json: JsonOption = False) -> None:
 # --- service operator commands (each service owns its own; registered here) ----------------------
 
 def _register_service_commands() -> None:
-    from services.intake.cli import erase, inbound_key, keys_app
+    from services.intake.cli import app as intake_commands
     from services.notifications.cli import officers_app
 
-    app.command("erase")(erase)
-    app.command("inbound-key")(inbound_key)
-    app.add_typer(keys_app, name="keys", help="Intake master keys: status, online rotation (clms keys rotate).")
+    app.add_typer(intake_commands)  # erase, inbound-key, keys (at the top level: no group name)
     app.add_typer(officers_app, name="officers", help="Officer directory: import a roster (CSV), list officers.")
 
 

@@ -345,3 +345,14 @@ class Settings(BaseSettings):
     @property
     def sms_webhook_url(self) -> str:
         return self.sms_webhook_url_override or f"http://127.0.0.1:{self.smtp_sink_http_port}/sms"
+
+
+def cli_settings() -> Settings:
+    """Settings for operator commands: the environment, else the embedded stack `make run` starts."""
+    s = Settings()
+    updates = {}
+    if not s.kafka_bootstrap_servers:
+        updates["kafka_bootstrap_servers"] = f"127.0.0.1:{s.embedded_kafka_port}"
+    if not s.database_url:
+        updates["database_url"] = f"postgresql://postgres@127.0.0.1:{s.embedded_postgres_port}/postgres"
+    return s.model_copy(update=updates) if updates else s
