@@ -5,7 +5,8 @@ mints them, for all four audiences). Production (CLMS_ENV=production): OIDC_JWKS
 only asymmetric algorithms are accepted, and `clms token` refuses to run. Every service requires
 its own audience (`Settings.jwt_audience_for`) and a lifetime (exp - iat) of at most
 MAX_TOKEN_LIFETIME_S. The issuer's keys are fetched asynchronously (`JwksCache`); verified tokens
-are remembered by hash until they expire (bounded). No token: 401. A token for the wrong agency, municipality or role: 403 (the services decide).
+are remembered by hash (TOKEN_CACHE_SIZE, least recently used first out) until they expire or the
+issuer withdraws the key that signed them. No token: 401. A token for the wrong agency, municipality or role: 403 (the services decide).
 """
 
 from __future__ import annotations
@@ -179,6 +180,10 @@ class JwksCache:
             raise TokenError(f"invalid token: unknown signing key id {kid[:40]!r}")
         return found
 
+    def has(self, kid: str) -> bool:
+        """Whether the issuer's key set, as last fetched, still holds `kid`."""
+        return kid in self._keys
+
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -192,6 +197,7 @@ class Verified:
     claims: Claims
     exp: float  # Unix seconds
     iat: float
+    kid: str | None = None  # the issuer's signing key that verified it (None: HS256 development token)
 
 
 class Verifier:
@@ -222,7 +228,7 @@ class Verifier:
             cachetools.TLRUCache(maxsize=settings.token_cache_size, ttu=lambda _k, v, _now: v.exp, timer=time.time)
             if settings.token_cache_size else None)
 
-    def _decode(self, token: str, key: Any, algorithms: list[str]) -> Verified:
+    def _decode(self, token: str, key: Any, algorithms: list[str], *, kid: str | None = None) -> Verified:
         try:
             payload = jwt.decode(
                 token, key, algorithms=algorithms,
@@ -245,12 +251,19 @@ class Verifier:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
             raise TokenError(f"invalid token claim {field}: {first['msg']}") from None
-        return Verified(claims=claims, exp=float(payload["exp"]), iat=float(payload["iat"]))
+        return Verified(claims=claims, exp=float(payload["exp"]), iat=float(payload["iat"]), kid=kid)
 
     def _cached(self, token: str) -> tuple[str, Verified | None]:
+        """A token verified before, while it has not expired and the key that signed it is still
+        in the issuer's key set (a key the issuer withdrew revokes its cached tokens too)."""
         digest = hashlib.sha256(token.encode()).hexdigest()
         hit = self._cache.get(digest) if self._cache is not None else None
-        return digest, (hit if hit is not None and hit.exp > time.time() else None)
+        if hit is None or hit.exp <= time.time():
+            return digest, None
+        if hit.kid is not None and (self.jwks is None or not self.jwks.has(hit.kid)):
+            self._cache.pop(digest, None)  # type: ignore[union-attr]
+            return digest, None
+        return digest, hit
 
     def _header(self, token: str) -> dict:
         try:
@@ -268,8 +281,9 @@ class Verifier:
             if header.get("alg") not in ASYMMETRIC:
                 raise TokenError(f"invalid token: algorithm {header.get('alg')!r} is not accepted; "
                                  "tokens must be signed by the OIDC issuer with an asymmetric key")
-            jwk = await self.jwks.key(str(header.get("kid", "")))
-            out = self._decode(token, jwk.key, ASYMMETRIC)
+            kid = str(header.get("kid", ""))
+            jwk = await self.jwks.key(kid)
+            out = self._decode(token, jwk.key, ASYMMETRIC, kid=kid)
         else:
             self._no_hs256_in_production()
             out = self._decode(token, self.settings.jwt_secret.get_secret_value(), ["HS256"])
@@ -314,12 +328,12 @@ async def authenticate(request: Request, token: str) -> Verified:
     guard = getattr(request.app.state, "guard", None)
     address = request.client.host if request.client else "unknown"
     if guard is not None:
-        guard.check_auth_failures(address)
+        await guard.check_auth_failures(address)
     try:
         verified = await _verifier(request).verified(token)
     except TokenError as exc:
         if guard is not None:
-            guard.record_auth_failure(address)
+            await guard.record_auth_failure(address)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc),
                             headers={"WWW-Authenticate": "Bearer"}) from None
     request.state.token_exp = verified.exp

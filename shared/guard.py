@@ -29,9 +29,9 @@ import cachetools
 import jwt
 from fastapi import FastAPI, HTTPException, Request, status
 from limits import parse as parse_limit
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from pydantic import BaseModel, Field
-from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -65,7 +65,10 @@ class Guard:
         self.service = service
         self.bearer_writes = bearer_writes
         self.production = settings.environment is Environment.production
-        self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())  # O(1) per hit
+        # O(1) per hit; the asyncio storage expires keys in a task of the event loop (the threaded
+        # storage started a timer thread every 10 ms under load, and each start blocked the event
+        # loop until the new thread ran: bench/README.md, Performance)
+        self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
         self._auth_failures = parse_limit(settings.auth_failure_rate_limit)
         self._writes_principal = parse_limit(settings.write_rate_limit_principal)
         self._writes_address = parse_limit(settings.write_rate_limit_address)
@@ -77,29 +80,30 @@ class Guard:
             return self.settings.identification_body_limit
         return self.settings.body_limit
 
-    def _retry_after(self, item, *keys: str) -> int:
-        reset, _remaining = self._limiter.get_window_stats(item, self.service, *keys)
+    async def _retry_after(self, item, *keys: str) -> int:
+        reset, _remaining = await self._limiter.get_window_stats(item, self.service, *keys)
         return max(1, math.ceil(reset - time.time()))
 
-    def check_auth_failures(self, address: str) -> None:
-        if not self._limiter.test(self._auth_failures, self.service, "auth-failure", address):
+    async def check_auth_failures(self, address: str) -> None:
+        if not await self._limiter.test(self._auth_failures, self.service, "auth-failure", address):
             raise RateLimited(
                 f"too many failed sign-ins from this address ({self.settings.auth_failure_rate_limit}); "
                 "wait for Retry-After seconds, then send a valid token",
-                self._retry_after(self._auth_failures, "auth-failure", address))
+                await self._retry_after(self._auth_failures, "auth-failure", address))
 
-    def record_auth_failure(self, address: str) -> None:
-        self._limiter.hit(self._auth_failures, self.service, "auth-failure", address)
+    async def record_auth_failure(self, address: str) -> None:
+        await self._limiter.hit(self._auth_failures, self.service, "auth-failure", address)
 
-    def check_write(self, *, principal: str, address: str) -> None:
-        if not self._limiter.hit(self._writes_principal, self.service, "write-principal", principal):
+    async def check_write(self, *, principal: str, address: str) -> None:
+        if not await self._limiter.hit(self._writes_principal, self.service, "write-principal", principal):
             raise RateLimited(
                 f"too many writes by {principal} ({self.settings.write_rate_limit_principal}); "
-                "retry after Retry-After seconds", self._retry_after(self._writes_principal, "write-principal", principal))
-        if not self._limiter.hit(self._writes_address, self.service, "write-address", address):
+                "retry after Retry-After seconds",
+                await self._retry_after(self._writes_principal, "write-principal", principal))
+        if not await self._limiter.hit(self._writes_address, self.service, "write-address", address):
             raise RateLimited(
                 f"too many writes from this address ({self.settings.write_rate_limit_address}); "
-                "retry after Retry-After seconds", self._retry_after(self._writes_address, "write-address", address))
+                "retry after Retry-After seconds", await self._retry_after(self._writes_address, "write-address", address))
 
     @contextlib.contextmanager
     def stream_slot(self, sub: str):
@@ -239,13 +243,13 @@ class GuardMiddleware:
         address = client[0] if client else "unknown"
         verifier: Verifier = scope["app"].state.verifier
         try:
-            self.guard.check_auth_failures(address)
+            await self.guard.check_auth_failures(address)
             try:
                 verified = await verifier.verified(token.strip())
             except TokenError as exc:
-                self.guard.record_auth_failure(address)
+                await self.guard.record_auth_failure(address)
                 return JSONResponse({"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            self.guard.check_write(principal=verified.claims.sub, address=address)
+            await self.guard.check_write(principal=verified.claims.sub, address=address)
         except HTTPException as exc:
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         return None

@@ -104,18 +104,27 @@ class OutboxRelay:
         while True:
             try:
                 async with self.pool.acquire() as lock_conn:
-                    got = await lock_conn.fetchval("select pg_try_advisory_lock($1)", _lock_key(self.schema))
-                    if not got:
-                        await asyncio.sleep(1.0)  # another replica is the relay
-                        continue
+                    released = False
                     try:
-                        while True:
-                            n = await self.publish_batch()
-                            backoff = 0.2
-                            if n < self.batch_size:
-                                await self._sleep()
+                        got = await lock_conn.fetchval("select pg_try_advisory_lock($1)", _lock_key(self.schema))
+                        if not got:
+                            released = True
+                            await asyncio.sleep(1.0)  # another replica is the relay
+                            continue
+                        try:
+                            while True:
+                                n = await self.publish_batch()
+                                backoff = 0.2
+                                if n < self.batch_size:
+                                    await self._sleep()
+                        finally:
+                            await lock_conn.execute("select pg_advisory_unlock($1)", _lock_key(self.schema))
+                            released = True
                     finally:
-                        await lock_conn.execute("select pg_advisory_unlock($1)", _lock_key(self.schema))
+                        if not released:
+                            # the session may still hold the relay lock: close it rather than hand it
+                            # back to the pool (a pool may skip asyncpg's reset query: services/intake)
+                            lock_conn.terminate()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - broker or database away: rows wait

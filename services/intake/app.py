@@ -1,5 +1,6 @@
-"""Composition root of intake: `create_app(settings)` wires the pool, migrations, the outbox relay
-and the consumer into the lifespan. No I/O at import."""
+"""Composition root of intake: `create_app(settings)` is a list of named steps (pool, migrations,
+dependencies, relay, worker, routes, error handlers); the lifespan runs the ones that do I/O.
+No I/O at import."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
@@ -15,24 +17,25 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from shared.db import create_pool, migrate_service
 from shared import access
+from shared.db import create_pool, migrate_service
+from shared.guard import harden
 from shared.kafka import make_producer
+from shared.metrics import lag_sampler, outbox_sampler
 from shared.outbox import OutboxRelay, backlog, run_retention
 from shared.settings import Settings
 from shared.topics import Topics
-from shared.metrics import lag_sampler, outbox_sampler
-from shared.guard import harden
 from shared.web import install_error_handlers, ops_router
 from services.intake import service
 from services.intake.crypto import DecryptionError
+from services.intake.deps import SCHEMA, Deps
 from services.intake.views import router
 from services.intake.worker import GROUP, IntakeConsumer
 
 log = logging.getLogger("clms.intake")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-WAKE_EVERY_S = 0.01  # wake the relay at most this often (see wake() below)
+WAKE_EVERY_S = 0.01  # wake the relay at most this often (see Running.wake_relay)
 
 DB_UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
@@ -46,10 +49,13 @@ DB_UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
 )
+DB_DOWN = ("The case database is unavailable at the moment; nothing was recorded. "
+           "Retry in a few seconds (with the same Idempotency-Key).")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
         self.identifications = Counter("intake_identifications_total", "Identifications by channel and outcome",
                                        ["channel", "outcome"], registry=registry)
         self.published = Counter("intake_outbox_published_total", "Case events the relay published",
@@ -59,9 +65,58 @@ class Metrics:
         self.backlog = Gauge("intake_outbox_backlog_rows", "Unpublished outbox rows", registry=registry)
 
 
-async def _run_relay(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, relay_box: dict) -> None:
+@dataclass
+class Running:
+    """What the lifespan started, for the readiness checks and the error handlers."""
+
+    settings: Settings
+    metrics: Metrics
+    run_relay: bool
+    run_consumer: bool
+    pool: asyncpg.Pool | None = None
+    relay: OutboxRelay | None = None
+    consumer: IntakeConsumer | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    _last_wake: float = 0.0
+
+    def wake_relay(self) -> None:
+        """After a commit: wake the relay, at most every WAKE_EVERY_S. Under load the rows of many
+        commits go out in one batch (one select, one produce, one update) instead of a batch per
+        request; the relay's own poll interval bounds the wait either way."""
+        now = time.monotonic()
+        if self.relay is not None and now - self._last_wake >= WAKE_EVERY_S:
+            self._last_wake = now
+            self.relay.wake()
+
+
+# --- the steps -----------------------------------------------------------------------------------------
+
+
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset when a connection comes back: nothing to send. asyncpg has already rolled
+    back a transaction left open; intake keeps no other session state (no SET outside a
+    transaction, no LISTEN, no cursor), and its session locks are released by their holders: the
+    migration runner's (shared.db; a failed unlock fails the start) and the outbox relay's (the
+    relay closes its connection when it cannot unlock: shared.outbox). asyncpg's default reset would cost a
+    round trip to PostgreSQL per request (bench/README.md, Performance)."""
+
+
+async def open_pool(running: Running) -> asyncpg.Pool:
+    running.pool = await create_pool(running.settings, reset=keep_session)
+    return running.pool
+
+
+async def migrate(running: Running, pool: asyncpg.Pool) -> None:
+    await migrate_service(running.settings, pool, schema=SCHEMA, folder=MIGRATIONS)
+
+
+def build_deps(running: Running, pool: asyncpg.Pool) -> Deps:
+    return Deps.build(pool=pool, settings=running.settings, on_commit=running.wake_relay)
+
+
+async def relay_forever(running: Running, pool: asyncpg.Pool) -> None:
     """Start a producer (retrying while the broker is away), then run the relay forever."""
-    backoff = 0.2
+    settings, backoff = running.settings, 0.2
     while True:
         producer = make_producer(settings)
         try:
@@ -77,19 +132,18 @@ async def _run_relay(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, r
             await asyncio.sleep(backoff)
             backoff = min(5.0, backoff * 2)
             continue
-        relay = OutboxRelay(pool=pool, schema=service.SCHEMA, producer=producer, topics=Topics(settings.topic_prefix),
-                            poll_interval_s=settings.outbox_poll_interval_s, batch_size=settings.outbox_batch_size,
-                            on_published=metrics.published.inc)
-        relay_box["relay"] = relay
+        running.relay = OutboxRelay(pool=pool, schema=SCHEMA, producer=producer, topics=Topics(settings.topic_prefix),
+                                    poll_interval_s=settings.outbox_poll_interval_s,
+                                    batch_size=settings.outbox_batch_size, on_published=running.metrics.published.inc)
         try:
-            await relay.run()
+            await running.relay.run()
         finally:
-            relay_box.pop("relay", None)
+            running.relay = None
             with contextlib.suppress(Exception):
                 await producer.stop()
 
 
-async def _purge_idempotency_keys(settings: Settings, pool: asyncpg.Pool) -> None:
+async def purge_idempotency_keys_forever(settings: Settings, pool: asyncpg.Pool) -> None:
     """Forget Idempotency-Key rows after IDEMPOTENCY_RETENTION_H (default 48 h), in batches."""
     while True:
         try:
@@ -104,7 +158,21 @@ async def _purge_idempotency_keys(settings: Settings, pool: asyncpg.Pool) -> Non
         await asyncio.sleep(settings.idempotency_purge_every_s)
 
 
-async def _stop_tasks(tasks: list[asyncio.Task]) -> None:
+def start_tasks(running: Running, pool: asyncpg.Pool, deps: Deps) -> None:
+    """The relay, the consumer (worker), outbox/inbox retention and the idempotency purge."""
+    settings = running.settings
+    running.consumer = IntakeConsumer(deps=deps, settings=settings, metrics=running.metrics)
+    if running.run_relay:
+        running.tasks.append(asyncio.create_task(relay_forever(running, pool), name="intake-relay"))
+    if running.run_consumer:
+        running.tasks.append(asyncio.create_task(running.consumer.run(), name="intake-consumer"))
+    running.tasks.append(asyncio.create_task(run_retention(pool, schema=SCHEMA, settings=settings),
+                                             name="intake-retention"))
+    running.tasks.append(asyncio.create_task(purge_idempotency_keys_forever(settings, pool),
+                                             name="intake-idempotency-purge"))
+
+
+async def stop_tasks(tasks: list[asyncio.Task]) -> None:
     """Cancel background tasks and wait for them; a task still running after a second is
     cancelled again (a library waiting with Python 3.11's asyncio.wait_for can swallow a
     cancellation; our own loops use shared.wakeup.Wakeup, which cannot)."""
@@ -122,139 +190,109 @@ async def _stop_tasks(tasks: list[asyncio.Task]) -> None:
             log.warning("background task %s ended with %r", t.get_name(), t.exception())
 
 
-def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_consumer: bool = True) -> FastAPI:
-    access.policy()  # shared/access_policy.yaml, validated at start: a bad file stops the service here
-    settings = settings or Settings()
-    registry = CollectorRegistry()
-    metrics = Metrics(registry)
-    state: dict = {}
-
+def lifespan_of(running: Running):  # noqa: ANN201 - FastAPI's lifespan type
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await create_pool(settings)
-        await migrate_service(settings, pool, schema=service.SCHEMA, folder=MIGRATIONS)
-        relay_box: dict = {}
-
-        last_wake = [0.0]
-
-        def wake() -> None:
-            # Wake the relay after a commit, at most every 10 ms: under load the rows of many
-            # commits go out in one batch (one select, one produce, one update) instead of a
-            # batch per request; the relay's own poll interval bounds the wait either way.
-            relay = relay_box.get("relay")
-            now = time.monotonic()
-            if relay is not None and now - last_wake[0] >= WAKE_EVERY_S:
-                last_wake[0] = now
-                relay.wake()
-
-        intake = service.Intake.build(pool=pool, settings=settings, on_commit=wake)
-        consumer = IntakeConsumer(intake=intake, settings=settings, metrics=metrics)
-        app.state.intake = intake
-        app.state.metrics = metrics
-        tasks = []
-        if run_relay:
-            tasks.append(asyncio.create_task(_run_relay(settings, pool, metrics, relay_box), name="intake-relay"))
-        if run_consumer:
-            tasks.append(asyncio.create_task(consumer.run(), name="intake-consumer"))
-        tasks.append(asyncio.create_task(run_retention(pool, schema=service.SCHEMA, settings=settings), name="intake-retention"))
-        tasks.append(asyncio.create_task(_purge_idempotency_keys(settings, pool), name="intake-idempotency-purge"))
-        state.update(pool=pool, relay_box=relay_box, consumer=consumer, tasks=tasks)
+        pool = await open_pool(running)
+        await migrate(running, pool)
+        deps = build_deps(running, pool)
+        app.state.deps = deps
+        start_tasks(running, pool, deps)
         try:
             yield
         finally:
-            await _stop_tasks(tasks)
+            await stop_tasks(running.tasks)
             await pool.close()
 
-    app = FastAPI(
-        title="CLMS intake",
-        version="1.0.0",
-        description="Identifications of children in labour, cases and their follow-up events. "
-                    "Personal data is encrypted per case; only pseudonymous case events are published.",
-        lifespan=lifespan,
-    )
+    return lifespan
+
+
+def add_routes(app: FastAPI, running: Running) -> None:
+    """The API and the operations routes (/healthz, /readyz with its checks, /metrics)."""
+    settings, metrics = running.settings, running.metrics
+
+    async def check_db() -> str | None:
+        if running.pool is None:
+            return "not started"
+        async with running.pool.acquire(timeout=2) as conn:
+            n = await backlog(conn, schema=SCHEMA)
+        metrics.backlog.set(n["rows"])
+        return None
+
+    async def check_relay() -> str | None:
+        if not running.run_relay:
+            return None
+        return None if running.relay is not None else "outbox producer not connected to the broker"
+
+    async def check_consumer() -> str | None:
+        if not running.run_consumer:
+            return None
+        return None if running.consumer is not None and running.consumer.running else "consumer not connected to the broker"
+
+    app.include_router(ops_router(
+        registry=metrics.registry, checks={"database": check_db, "relay": check_relay, "consumer": check_consumer},
+        samplers=[outbox_sampler(lambda: running.pool, SCHEMA), lag_sampler(settings, [settings.group_id(GROUP)])],
+    ))
+    app.include_router(router)
+
+
+# --- error handlers: the database away is a 503, never a 500 ---------------------------------------------
+
+
+def add_error_handlers(app: FastAPI, running: Running) -> None:
+    """shared.errors answers (shared.web), then what only intake needs: the database away (503
+    with Retry-After, also when it shows as an unexpected error), a database error (500 without
+    its text) and case data that does not decrypt (503 naming the setting to check)."""
     install_error_handlers(app)
-    harden(app, settings, service="intake")
 
-    @app.exception_handler(service.IntakeError)
-    async def _intake_error(request: Request, exc: service.IntakeError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
-
-    async def _db_down(request: Request, exc: Exception) -> JSONResponse:
+    async def db_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", type(exc).__name__)
-        return JSONResponse(
-            {"detail": "The case database is unavailable at the moment; nothing was recorded. "
-                       "Retry in a few seconds (with the same Idempotency-Key)."},
-            status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"detail": DB_DOWN}, status_code=503, headers={"Retry-After": "5"})
 
-    for exc_type in DB_UNAVAILABLE:
-        app.add_exception_handler(exc_type, _db_down)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Anything else: if the database is away right now, that is the likely cause (a closed
         # transport surfaces as odd errors while PostgreSQL shuts down): say 503, retry later.
-        pool = state.get("pool")
         try:
             async with asyncio.timeout(1.0):
-                async with pool.acquire() as conn:  # type: ignore[union-attr]
+                async with running.pool.acquire() as conn:  # type: ignore[union-attr]
                     await conn.fetchval("select 1")
         except Exception:  # noqa: BLE001 - any failure here means the database is away
-            return await _db_down(request, exc)
+            return await db_down(request, exc)
         log.error("unexpected error %s while handling %s %s", type(exc).__name__, request.method,
                   request.url.path, exc_info=exc)
         return JSONResponse({"detail": "Something unexpected went wrong. Retry with the same Idempotency-Key "
                                        "(it is never recorded twice); operators find the error in the intake log."},
                             status_code=500)
 
-    @app.exception_handler(asyncpg.PostgresError)
-    async def _postgres(request: Request, exc: asyncpg.PostgresError) -> JSONResponse:
+    async def postgres(request: Request, exc: asyncpg.PostgresError) -> JSONResponse:
         # connection exceptions (08), insufficient resources (53) and operator intervention (57:
         # shutting down, starting up) mean the database is away, not that the request was wrong
         if str(getattr(exc, "sqlstate", "") or "")[:2] in ("08", "53", "57"):
-            return await _db_down(request, exc)
+            return await db_down(request, exc)
         log.error("unexpected database error %s (sqlstate %s)", type(exc).__name__, getattr(exc, "sqlstate", "?"))
         return JSONResponse({"detail": "The case database rejected the request unexpectedly; nothing was "
                                        "recorded. Operators can find the error class in the intake log."},
                             status_code=500)
 
-    @app.exception_handler(DecryptionError)
-    async def _decrypt(request: Request, exc: DecryptionError) -> JSONResponse:
+    async def undecryptable(request: Request, exc: DecryptionError) -> JSONResponse:
         log.error("case data does not decrypt: %s", exc)  # names the key id, never key material
         return JSONResponse({"detail": "This case's personal data cannot be decrypted with the configured "
                                        "master keys; an operator must check ENCRYPTION_MASTER_KEY(S) "
                                        "(`clms keys status` lists the key ids in use)."},
                             status_code=503)
 
-    async def check_db() -> str | None:
-        pool = state.get("pool")
-        if pool is None:
-            return "not started"
-        async with pool.acquire(timeout=2) as conn:
-            n = await backlog(conn, schema=service.SCHEMA)
-        metrics.backlog.set(n["rows"])
-        return None
+    for exc_type in DB_UNAVAILABLE:
+        app.add_exception_handler(exc_type, db_down)
+    app.add_exception_handler(Exception, unexpected)
+    app.add_exception_handler(asyncpg.PostgresError, postgres)  # type: ignore[arg-type]
+    app.add_exception_handler(DecryptionError, undecryptable)  # type: ignore[arg-type]
 
-    async def check_relay() -> str | None:
-        if not run_relay:
-            return None
-        return None if state.get("relay_box", {}).get("relay") else "outbox producer not connected to the broker"
 
-    async def check_consumer() -> str | None:
-        if not run_consumer:
-            return None
-        c = state.get("consumer")
-        return None if c is not None and c.running else "consumer not connected to the broker"
-
-    app.include_router(ops_router(
-        registry=registry, checks={"database": check_db, "relay": check_relay, "consumer": check_consumer},
-        samplers=[outbox_sampler(lambda: state.get("pool"), service.SCHEMA),
-                  lag_sampler(settings, [settings.group_id(GROUP)])],
-    ))
-    app.include_router(router)
+def add_openapi_vocabularies(app: FastAPI) -> None:
+    """The generated schema, plus the vocabularies validators enforce (municipality slugs,
+    activity codes), so clients and fuzzers see the allowed values."""
 
     def openapi() -> dict:
-        """The generated schema, plus the vocabularies validators enforce (municipality slugs,
-        activity codes), so clients and fuzzers see the allowed values."""
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
@@ -274,4 +312,26 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# --- the composition root ------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None, *, run_relay: bool = True, run_consumer: bool = True) -> FastAPI:
+    access.policy()  # shared/access_policy.yaml, validated at start: a bad file stops the service here
+    settings = settings or Settings()
+    metrics = Metrics(CollectorRegistry())
+    running = Running(settings=settings, metrics=metrics, run_relay=run_relay, run_consumer=run_consumer)
+    app = FastAPI(
+        title="CLMS intake",
+        version="1.0.0",
+        description="Identifications of children in labour, cases and their follow-up events. "
+                    "Personal data is encrypted per case; only pseudonymous case events are published.",
+        lifespan=lifespan_of(running),
+    )
+    app.state.metrics = metrics
+    add_error_handlers(app, running)
+    harden(app, settings, service="intake")
+    add_routes(app, running)
+    add_openapi_vocabularies(app)
     return app

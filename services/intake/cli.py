@@ -1,6 +1,9 @@
-"""Operator commands of intake, as a typer sub-app (`intake_app`) that clms/cli.py registers.
+"""Operator commands of intake: `app`, the one entry point clms/cli.py mounts (at the top level,
+so they read `clms erase`, `clms inbound-key`, `clms keys status|rotate`).
 
-`erase CASE_ID`: crypto-erasure of one case (its data key is destroyed; see service.erase_case).
+- `erase CASE_ID`: crypto-erasure of one case (its data key is destroyed; see service.erase_case);
+- `inbound-key`: intake's public key for agency systems (or a new private key, or a development sender key);
+- `keys status|rotate`: master keys and the online re-wrapping of data keys.
 """
 
 from __future__ import annotations
@@ -12,13 +15,8 @@ from typing import Annotated
 
 import typer
 
-intake_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                         help="Intake operations: crypto-erasure of a case's personal data.")
-
-
-@intake_app.callback()
-def _group() -> None:
-    """Intake operations: crypto-erasure of a case's personal data."""
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Intake operations: crypto-erasure, inbound key, master keys.")
 
 
 def _settings():  # noqa: ANN202 - the CLI's settings (environment, else the embedded stack)
@@ -42,7 +40,7 @@ async def _erase(case_id: uuid.UUID, operator: str):  # noqa: ANN202
         await pool.close()
 
 
-@intake_app.command("erase")
+@app.command("erase")
 def erase(
     case_id: Annotated[str, typer.Argument(help="The case id (UUID) whose personal data is to be erased")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
@@ -128,12 +126,10 @@ def keys_rotate(
     raise typer.Exit(1 if done.unknown else 0)
 
 
-# `clms erase CASE_ID` at the top level: clms/cli.py can register this one function with
-# `app.command("erase")(erase)`, or mount the group with `app.add_typer(intake_app, name="intake")`.
-__all__ = ["intake_app", "erase", "keys_app"]
+app.add_typer(keys_app, name="keys", help="Intake master keys: status, online rotation (clms keys rotate).")
 
 
-@intake_app.command("inbound-key")
+@app.command("inbound-key")
 def inbound_key(
     generate: Annotated[bool, typer.Option("--generate", help=(
         "Print a NEW private key for INBOUND_JWE_PRIVATE_KEY (keep it secret) instead of the public key"))] = False,
@@ -179,13 +175,4 @@ def inbound_key(
         raise typer.Exit(2) from None
 
 
-__all__ += ["inbound_key"]
-
-
-# The one entry point `clms` reaches intake's commands through (clms/cli.py mounts it):
-# `clms erase`, `clms inbound-key`, `clms keys status|rotate`.
-app = typer.Typer(add_completion=False)
-app.command("erase")(erase)
-app.command("inbound-key")(inbound_key)
-app.add_typer(keys_app, name="keys", help="Intake master keys: status, online rotation (clms keys rotate).")
-__all__ += ["app"]
+__all__ = ["app"]

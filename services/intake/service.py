@@ -10,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 import asyncpg
 import orjson
 from pydantic import ValidationError
 
 from shared import access, outbox
+from shared.errors import Conflict, Forbidden, Invalid, NotFound
 from shared.events import (
     IDENTIFICATION_SUBMITTED,
     AgencyType,
@@ -36,10 +37,10 @@ from shared.events import (
     SchoolStatus,
     describe_validation_error,
 )
-from shared.settings import Settings
 from shared.topics import Topic
-from services.intake import rules
+from services.intake import rules, store
 from services.intake.crypto import ERASED_CHILD_REF, CaseCipher
+from services.intake.deps import SCHEMA, Deps
 from services.intake.inbound import InboundGate, InboundRejected
 from services.intake.models import (
     CaseEventAccepted,
@@ -55,9 +56,7 @@ from services.intake.models import (
     UpdatedIn,
 )
 
-SCHEMA = "intake"
 REFERRAL_ACCESS_CONSUMER = "intake.referral-access"
-INBOUND_CONSUMER = "intake.agency-inbound"
 # Referral events intake keeps: who holds a referral for a case (may read it) and whether it is
 # still open (closing a worst-form case waits for open police and prosecution referrals).
 REFERRAL_EVENTS_KEPT = frozenset({"referral.created", "referral.completed", "referral.declined",
@@ -82,70 +81,12 @@ class Actor:
         return f"{self.agency.value}/{self.municipality}" if self.municipality != "*" else "intake"
 
 
-@dataclass
-class Intake:
-    """What the use cases need, built once by the composition root."""
-
-    pool: asyncpg.Pool
-    settings: Settings
-    cipher: CaseCipher
-    child_ref_key: bytes
-    idempotency_key: bytes = b""  # keys request_hash (IDEMPOTENCY_HMAC_KEY)
-    inbound: InboundGate | None = None  # clms.agency-inbound: sender keys and intake's JWE key
-    schema: str = SCHEMA
-    on_commit: Callable[[], None] = field(default=lambda: None)  # wakes the outbox relay
-
-    @classmethod
-    def build(cls, *, pool: asyncpg.Pool, settings: Settings, **kw: Any) -> "Intake":
-        return cls(
-            pool=pool,
-            settings=settings,
-            cipher=CaseCipher.from_settings(settings),
-            child_ref_key=settings.child_ref_key.get_secret_value().encode(),
-            idempotency_key=settings.idempotency_hmac_key.get_secret_value().encode(),
-            inbound=kw.pop("inbound", None) or InboundGate.build(settings),
-            **kw,
-        )
+class CaseNotFound(NotFound):
+    """No case with that id (404)."""
 
 
-class IntakeError(Exception):
-    status = 400
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class Forbidden(IntakeError):
-    status = 403
-
-
-class CaseNotFound(IntakeError):
-    status = 404
-
-
-class Conflict(IntakeError):
-    status = 409
-
-
-class Invalid(IntakeError):
-    status = 422
-
-
-class IdempotencyKeyReused(IntakeError):
-    status = 422
-
-
-
-
-async def _audit(conn: asyncpg.Connection, *, actor: Actor, action: str, outcome: str,
-                 case_id: uuid.UUID | None) -> None:
-    await conn.execute(
-        f"insert into {SCHEMA}.audit(actor, actor_agency, actor_municipality, action, outcome, case_id, "
-        "client_addr, channel) values($1, $2, $3, $4, $5, $6, $7, $8)",
-        actor.sub, actor.agency.value, actor.municipality, action, outcome, case_id,
-        actor.client_addr, actor.channel,
-    )
+class IdempotencyKeyReused(Invalid):
+    """The Idempotency-Key came with a different body before (422)."""
 
 
 def request_hash(key: bytes, request: IdentificationRequest) -> str:
@@ -162,71 +103,13 @@ async def purge_idempotency_keys(pool: asyncpg.Pool, *, older_than_s: float, bat
     transactions, no long lock on a busy table); returns how many were deleted."""
     total = 0
     while True:
-        async with pool.acquire() as conn:
-            n = await conn.fetchval(
-                f"with gone as (delete from {SCHEMA}.idempotency_keys where ctid in ("
-                f"select ctid from {SCHEMA}.idempotency_keys "
-                "where created_at < now() - make_interval(secs => $1) limit $2) returning 1) "
-                "select count(*) from gone", float(older_than_s), batch)
+        n = await store.delete_old_idempotency_rows(pool, older_than_s=older_than_s, batch=batch)
         total += n
         if n < batch:
             return total
 
 
 # --- identification -------------------------------------------------------------------------------
-
-_INSERT_CASE = f"""
-with c as (
-    insert into {SCHEMA}.cases(case_id, child_ref, linked_case_id, municipality, identified_on,
-        report_source, reporter_agency, reporter_municipality, reported_by, channel,
-        age_at_identification, age_band, compulsory_school_age, sex, community, school_status,
-        sector, activity, hazardous, worst_form, employer_involved, pii_ciphertext)
-    values($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22)
-    returning case_id
-), k as (
-    insert into {SCHEMA}.case_keys(case_id, wrapped_key, master_key_id) select case_id, $23, $24 from c
-), h as (
-    insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency)
-    select $25, case_id, $26, $9, $7 from c
-), a as (
-    insert into {SCHEMA}.audit(actor, actor_agency, actor_municipality, action, outcome, case_id, client_addr, channel)
-    select $9, $7, $8, 'case.create', 'ok', case_id, $27, $10 from c
-)
-insert into {SCHEMA}.outbox(event_id, topic, key, event_type, envelope)
-select $25, $28, case_id::text, $26, $29::jsonb from c
-"""
-
-
-# The common case (no Idempotency-Key, not an inbound event) as ONE statement in its own implicit
-# transaction: the child lock + first-case lookup, the five rows of _INSERT_CASE with the linked
-# case id patched into the case row and the event, and the linked id returned. One round trip
-# instead of four (BEGIN, lookup, insert, COMMIT): bench/README.md, Performance. The advisory
-# lock is held to the end of the statement's transaction as before, and first_case_of's lookup
-# (plpgsql, volatile) runs on a snapshot taken after the lock.
-_IDENTIFY_ONE_STATEMENT = f"""
-with l as (
-    select coalesce({SCHEMA}.first_case_of($2), $3::uuid) as linked  -- $3 is always null here
-), c as (
-    insert into {SCHEMA}.cases(case_id, child_ref, linked_case_id, municipality, identified_on,
-        report_source, reporter_agency, reporter_municipality, reported_by, channel,
-        age_at_identification, age_band, compulsory_school_age, sex, community, school_status,
-        sector, activity, hazardous, worst_form, employer_involved, pii_ciphertext)
-    select $1,$2,l.linked,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22 from l
-    returning case_id, linked_case_id
-), k as (
-    insert into {SCHEMA}.case_keys(case_id, wrapped_key, master_key_id) select case_id, $23, $24 from c
-), h as (
-    insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency)
-    select $25, case_id, $26, $9, $7 from c
-), a as (
-    insert into {SCHEMA}.audit(actor, actor_agency, actor_municipality, action, outcome, case_id, client_addr, channel)
-    select $9, $7, $8, 'case.create', 'ok', case_id, $27, $10 from c
-), o as (
-    insert into {SCHEMA}.outbox(event_id, topic, key, event_type, envelope)
-    select $25, $28, case_id::text, $26, $29::jsonb from c
-)
-select linked from l
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +118,20 @@ class Identified:
     replayed: bool = False  # the first answer of an Idempotency-Key or an inbound event seen before
 
 
+@dataclass(frozen=True, slots=True)
+class _NewCase:
+    """What an identification becomes before it is stored: the case id, the child's cross-case
+    pseudonym, the derived facts and the sealed personal data."""
+
+    case_id: uuid.UUID
+    ref: str
+    age: int
+    worst: bool
+    sealed: Any
+
+
 async def identify(
-    intake: Intake,
+    deps: Deps,
     *,
     actor: Actor,
     request: IdentificationRequest,
@@ -253,105 +148,100 @@ async def identify(
     decision = access.allowed(actor, "case.create", access.Resource(municipality=request.municipality))
     if not decision:
         raise Forbidden(decision.reason)
-    result = await _identify(intake, actor=actor, request=request, idempotency_key=idempotency_key,
-                             correlationid=correlationid, causationid=causationid, case_id=case_id,
-                             inbox_id=inbox_id)
+    new = _new_case(deps, request=request, case_id=case_id or uuid.uuid4())
+    event = _identified_event(actor=actor, request=request, new=new, correlationid=correlationid,
+                              causationid=causationid)
+    if inbox_id is None and idempotency_key is None:
+        result = await _identify_in_one_statement(deps, actor=actor, request=request, new=new, event=event)
+    else:
+        result = await _identify_once(deps, actor=actor, request=request, new=new, event=event,
+                                      idempotency_key=idempotency_key, inbox_id=inbox_id)
     linked = result.answer.linked_case_id
-    if linked is not None and not await _may_read(intake, actor=actor, case_id=linked):
+    if linked is not None and not await _may_read(deps, actor=actor, case_id=linked):
         # No identity oracle: a reporter learns of an earlier case of the child only when they
         # may read that case (the link itself stays on the case and its event for the agencies).
         result = Identified(result.answer.model_copy(update={"linked_case_id": None}), replayed=result.replayed)
     return result
 
 
-async def _may_read(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> bool:
-    async with intake.pool.acquire() as conn:
-        case = await conn.fetchrow(f"select case_id, municipality, reporter_agency, reporter_municipality "
-                                   f"from {SCHEMA}.cases where case_id = $1", case_id)
+def _new_case(deps: Deps, *, request: IdentificationRequest, case_id: uuid.UUID) -> _NewCase:
+    ref = rules.child_ref(deps.child_ref_key, given_name=request.child.given_name,
+                          family_name=request.child.family_name, year_of_birth=request.birth_year)
+    return _NewCase(case_id=case_id, ref=ref, age=request.age,
+                    worst=rules.is_worst_form(request.work.sector, request.work.activity),
+                    sealed=deps.cipher.seal(case_id, orjson.dumps(request.personal())))
+
+
+async def _may_read(deps: Deps, *, actor: Actor, case_id: uuid.UUID) -> bool:
+    async with deps.pool.acquire() as conn:
+        case = await store.case_scope(conn, case_id)
         return case is not None and bool(await _authorise(conn, actor=actor, case=case))
 
 
-async def _identify(intake: Intake, *, actor: Actor, request: IdentificationRequest, idempotency_key: str | None,
-                    correlationid: str | None, causationid: str | None, case_id: uuid.UUID | None,
-                    inbox_id: uuid.UUID | None) -> Identified:
-    case_id = case_id or uuid.uuid4()
-    ref = rules.child_ref(intake.child_ref_key, given_name=request.child.given_name,
-                          family_name=request.child.family_name, year_of_birth=request.birth_year)
-    age = request.age
-    worst = rules.is_worst_form(request.work.sector, request.work.activity)
-    digest = request_hash(intake.idempotency_key, request)
-    sealed = intake.cipher.seal(case_id, orjson.dumps(request.personal()))
+async def _identify_in_one_statement(deps: Deps, *, actor: Actor, request: IdentificationRequest, new: _NewCase,
+                                     event: Envelope) -> Identified:
+    """The common case: lock, link and the five rows in one statement (store.link_and_insert_case)."""
+    async with deps.pool.acquire() as conn:
+        linked = await store.link_and_insert_case(
+            conn, _case_args(actor=actor, request=request, new=new, linked=None, envelope=event))
+        deps.on_commit()
+        visible = await _visible_link(conn, actor=actor, linked=linked)
+    return Identified(IdentificationAccepted(case_id=new.case_id, child_ref=new.sealed.token, linked_case_id=visible,
+                                             repeat_identification=linked is not None))
 
-    if inbox_id is None and idempotency_key is None:
-        return await _identify_one_statement(intake, actor=actor, request=request, case_id=case_id, ref=ref,
-                                             age=age, worst=worst, sealed=sealed, correlationid=correlationid,
-                                             causationid=causationid)
 
-    async with intake.pool.acquire() as conn, conn.transaction():
-        if inbox_id is not None:
-            claimed = await conn.fetchval(
-                f"insert into {SCHEMA}.inbox(event_id, consumer, event_type) values($1, $2, $3) "
-                "on conflict do nothing returning 1",
-                inbox_id, INBOUND_CONSUMER, IDENTIFICATION_SUBMITTED,
-            )
-            if claimed is None:
-                row = await conn.fetchrow(
-                    f"select c.linked_case_id, k.wrapped_key, k.master_key_id from {SCHEMA}.cases c "
-                    f"left join {SCHEMA}.case_keys k using (case_id) where c.case_id = $1", case_id)
-                token = (intake.cipher.token(case_id, row["wrapped_key"], row["master_key_id"])
-                         if row is not None and row["wrapped_key"] is not None else ERASED_CHILD_REF)
-                linked = row["linked_case_id"] if row is not None else None
-                return Identified(IdentificationAccepted(
-                    case_id=case_id, child_ref=token, repeat_identification=linked is not None,
-                    linked_case_id=await _visible_link(conn, actor=actor, linked=linked)), replayed=True)
-        # serialised per child (advisory lock inside), so the second of two simultaneous reports links
-        linked = await conn.fetchval(f"select {SCHEMA}.first_case_of($1)", ref)
-        answer = IdentificationAccepted(case_id=case_id, child_ref=sealed.token, repeat_identification=linked is not None,
+async def _identify_once(deps: Deps, *, actor: Actor, request: IdentificationRequest, new: _NewCase,
+                         event: Envelope, idempotency_key: str | None, inbox_id: uuid.UUID | None) -> Identified:
+    """An inbound event (deduplicated on its id) or a request with an Idempotency-Key (its first
+    answer is kept): a retry returns the first answer and records nothing new."""
+    async with deps.pool.acquire() as conn, conn.transaction():
+        if inbox_id is not None and not await store.claim_inbound(conn, inbox_id=inbox_id,
+                                                                  event_type=IDENTIFICATION_SUBMITTED):
+            return await _inbound_seen_before(deps, conn, actor=actor, case_id=new.case_id)
+        linked = await store.first_case_of(conn, new.ref)  # serialised per child: the second of two links
+        answer = IdentificationAccepted(case_id=new.case_id, child_ref=new.sealed.token,
+                                        repeat_identification=linked is not None,
                                         linked_case_id=await _visible_link(conn, actor=actor, linked=linked))
         if idempotency_key is not None:
-            inserted = await conn.fetchval(
-                f"insert into {SCHEMA}.idempotency_keys(subject, key, request_hash, case_id, response) "
-                "values($1, $2, $3, $4, $5::jsonb) on conflict do nothing returning 1",
-                actor.sub, idempotency_key, digest, case_id, answer.model_dump_json(),
-            )
-            if inserted is None:
-                first = await conn.fetchrow(
-                    f"select request_hash, response from {SCHEMA}.idempotency_keys where subject = $1 and key = $2",
-                    actor.sub, idempotency_key)
-                if first["request_hash"] != digest:
-                    await _audit(conn, actor=actor, action="case.create", outcome="conflict", case_id=None)
-                    raise IdempotencyKeyReused(
-                        f"Idempotency-Key {idempotency_key!r} was already used for a different identification; "
-                        "send a new key for a new identification, or resend the first body unchanged")
-                previous = IdentificationAccepted.model_validate_json(first["response"])
-                await _audit(conn, actor=actor, action="case.create", outcome="replayed", case_id=previous.case_id)
+            previous = await _first_answer_of_key(deps, conn, actor=actor, request=request, key=idempotency_key,
+                                                  answer=answer)
+            if previous is not None:
                 return Identified(previous, replayed=True)
-
-        envelope = _identified_event(actor=actor, request=request, case_id=case_id, token=sealed.token,
-                                     age=age, worst=worst, correlationid=correlationid, causationid=causationid)
-        # One statement, one round trip: case, wrapped key, history, audit and outbox rows
-        # (the outbox columns are those of shared.outbox.append).
-        await conn.execute(_INSERT_CASE, *_case_args(actor=actor, request=request, case_id=case_id, ref=ref,
-                                                     linked=linked, age=age, worst=worst, sealed=sealed,
-                                                     envelope=envelope))
-    intake.on_commit()
+        await store.insert_case(conn, _case_args(actor=actor, request=request, new=new, linked=linked, envelope=event))
+    deps.on_commit()
     return Identified(answer)
 
 
-async def _identify_one_statement(intake: Intake, *, actor: Actor, request: IdentificationRequest,
-                                  case_id: uuid.UUID, ref: str, age: int, worst: bool, sealed: Any,
-                                  correlationid: str | None, causationid: str | None) -> Identified:
-    # linked_case_id is set by the statement, from the lookup under the child's lock
-    envelope = _identified_event(actor=actor, request=request, case_id=case_id, token=sealed.token,
-                                 age=age, worst=worst, correlationid=correlationid, causationid=causationid)
-    async with intake.pool.acquire() as conn:
-        linked = await conn.fetchval(_IDENTIFY_ONE_STATEMENT, *_case_args(
-            actor=actor, request=request, case_id=case_id, ref=ref, linked=None, age=age, worst=worst,
-            sealed=sealed, envelope=envelope))
-        intake.on_commit()
-        visible = await _visible_link(conn, actor=actor, linked=linked)
-    return Identified(IdentificationAccepted(case_id=case_id, child_ref=sealed.token, linked_case_id=visible,
-                                             repeat_identification=linked is not None))
+async def _inbound_seen_before(deps: Deps, conn: asyncpg.Connection, *, actor: Actor,
+                               case_id: uuid.UUID) -> Identified:
+    """The answer to an inbound event applied before: its case (the token gone once erased)."""
+    row = await store.case_link_and_key(conn, case_id)
+    token = (deps.cipher.token(case_id, row["wrapped_key"], row["master_key_id"])
+             if row is not None and row["wrapped_key"] is not None else ERASED_CHILD_REF)
+    linked = row["linked_case_id"] if row is not None else None
+    return Identified(IdentificationAccepted(
+        case_id=case_id, child_ref=token, repeat_identification=linked is not None,
+        linked_case_id=await _visible_link(conn, actor=actor, linked=linked)), replayed=True)
+
+
+async def _first_answer_of_key(deps: Deps, conn: asyncpg.Connection, *, actor: Actor,
+                               request: IdentificationRequest, key: str,
+                               answer: IdentificationAccepted) -> IdentificationAccepted | None:
+    """Keep `answer` for the caller's Idempotency-Key and return None; or, when the key was used
+    before, the first answer (same body) or IdempotencyKeyReused (another body)."""
+    digest = request_hash(deps.idempotency_key, request)  # only a keyed request needs it
+    if await store.remember_answer(conn, subject=actor.sub, key=key, request_hash=digest, case_id=answer.case_id,
+                                   response=answer.model_dump_json()):
+        return None
+    first = await store.first_answer(conn, subject=actor.sub, key=key)
+    if first["request_hash"] != digest:
+        await store.add_audit_row(conn, actor=actor, action="case.create", outcome="conflict", case_id=None)
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {key!r} was already used for a different identification; "
+            "send a new key for a new identification, or resend the first body unchanged")
+    previous = IdentificationAccepted.model_validate_json(first["response"])
+    await store.add_audit_row(conn, actor=actor, action="case.create", outcome="replayed", case_id=previous.case_id)
+    return previous
 
 
 async def _visible_link(conn: asyncpg.Connection, *, actor: Actor, linked: uuid.UUID | None) -> uuid.UUID | None:
@@ -359,40 +249,39 @@ async def _visible_link(conn: asyncpg.Connection, *, actor: Actor, linked: uuid.
     two cases are one child, so it is shown only to a reader allowed to see both."""
     if linked is None:
         return None
-    case = await conn.fetchrow(f"select case_id, municipality, reporter_agency, reporter_municipality "
-                               f"from {SCHEMA}.cases where case_id = $1", linked)
+    case = await store.case_scope(conn, linked)
     return linked if case is not None and await _authorise(conn, actor=actor, case=case) else None
 
 
-def _identified_event(*, actor: Actor, request: IdentificationRequest, case_id: uuid.UUID, token: str,
-                      age: int, worst: bool, correlationid: str | None, causationid: str | None) -> Envelope:
+def _identified_event(*, actor: Actor, request: IdentificationRequest, new: _NewCase, correlationid: str | None,
+                      causationid: str | None) -> Envelope:
     """The published `case.identified`: a per-case token and categories only (no link to other
     cases, the month rather than the day, no activity code: shared.events.CaseIdentified)."""
     child = request.child
     data = CaseIdentified(
-        case_id=case_id, municipality=request.municipality, child_ref=token,
+        case_id=new.case_id, municipality=request.municipality, child_ref=new.sealed.token,
         identified_month=f"{request.identified_on.year:04d}-{request.identified_on.month:02d}",
         reporter_agency=actor.agency,
-        report_source=request.report_source, reported_by=actor.sub, age_band=rules.age_band(age),
-        compulsory_school_age=rules.is_compulsory_school_age(age), sex=child.sex,
+        report_source=request.report_source, reported_by=actor.sub, age_band=rules.age_band(new.age),
+        compulsory_school_age=rules.is_compulsory_school_age(new.age), sex=child.sex,
         community=child.community, school_status=child.school_status, sector=request.work.sector,
-        hazardous=request.work.hazardous, worst_form=worst,
+        hazardous=request.work.hazardous, worst_form=new.worst,
         employer_involved=request.work.employer_involved,
     )
-    return Envelope.wrap(data, source=actor.source, subject=case_id,
+    return Envelope.wrap(data, source=actor.source, subject=new.case_id,
                          correlationid=correlationid, causationid=causationid)
 
 
-def _case_args(*, actor: Actor, request: IdentificationRequest, case_id: uuid.UUID, ref: str,
-               linked: uuid.UUID | None, age: int, worst: bool, sealed: Any, envelope: Envelope) -> tuple:
-    """Arguments $1.. of `_INSERT_CASE` and `_IDENTIFY_ONE_STATEMENT` (the same columns)."""
-    child = request.child
+def _case_args(*, actor: Actor, request: IdentificationRequest, new: _NewCase, linked: uuid.UUID | None,
+               envelope: Envelope) -> tuple:
+    """Arguments $1.. of store.insert_case and store.link_and_insert_case (the same columns)."""
+    child, age, sealed = request.child, new.age, new.sealed
     return (
-        case_id, ref, linked, request.municipality, request.identified_on, request.report_source.value,
+        new.case_id, new.ref, linked, request.municipality, request.identified_on, request.report_source.value,
         actor.agency.value, actor.municipality, actor.sub, actor.channel, age,
         rules.age_band(age).value, rules.is_compulsory_school_age(age), child.sex.value,
         child.community.value, child.school_status.value, request.work.sector.value,
-        request.work.activity, request.work.hazardous, worst, request.work.employer_involved,
+        request.work.activity, request.work.hazardous, new.worst, request.work.employer_involved,
         sealed.ciphertext, sealed.wrapped_key, sealed.master_key_id,
         envelope.id, envelope.type, actor.client_addr, Topic.case_events.value, envelope.to_json_bytes().decode(),
     )
@@ -402,8 +291,7 @@ def _case_args(*, actor: Actor, request: IdentificationRequest, case_id: uuid.UU
 
 
 async def _case_resource(conn: asyncpg.Connection, case: asyncpg.Record, **facts: Any) -> access.Resource:
-    rows = await conn.fetch(f"select agency, municipality, open from {SCHEMA}.case_access where case_id = $1",
-                            case["case_id"])
+    rows = await store.referral_holders(conn, case["case_id"])
     return rules.case_resource(
         case_municipality=case["municipality"], reporter_agency=case["reporter_agency"],
         reporter_municipality=case["reporter_municipality"],
@@ -420,39 +308,53 @@ def _denied(actor: Actor, case_id: uuid.UUID, decision: access.Decision) -> Forb
     return Forbidden(f"{actor.agency.value}/{actor.municipality} may not see case {case_id}: {decision.reason}")
 
 
-async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseView:
+@dataclass(frozen=True, slots=True)
+class _CaseRead:
+    """What an authorised read found in the database (decrypted afterwards, outside the transaction)."""
+
+    case: asyncpg.Record
+    key: asyncpg.Record | None
+    linked: uuid.UUID | None
+    history: list[asyncpg.Record]
+    offices: list[asyncpg.Record]
+
+
+async def get_case(deps: Deps, *, actor: Actor, case_id: uuid.UUID) -> CaseView:
     """The decrypted case for an authorised reader. Every attempt leaves an audit row."""
     denied: access.Decision | None = None
-    async with intake.pool.acquire() as conn, conn.transaction():
-        case = await conn.fetchrow(f"select * from {SCHEMA}.cases where case_id = $1", case_id)
+    found: _CaseRead | None = None
+    async with deps.pool.acquire() as conn, conn.transaction():
+        case = await store.case_row(conn, case_id)
         if case is None:
-            await _audit(conn, actor=actor, action="case.read", outcome="not_found", case_id=case_id)
+            await store.add_audit_row(conn, actor=actor, action="case.read", outcome="not_found", case_id=case_id)
         elif not (decision := await _authorise(conn, actor=actor, case=case)):
             denied = decision
-            await _audit(conn, actor=actor, action="case.read", outcome="denied", case_id=case_id)
+            await store.add_audit_row(conn, actor=actor, action="case.read", outcome="denied", case_id=case_id)
         else:
-            key = await conn.fetchrow(f"select wrapped_key, master_key_id from {SCHEMA}.case_keys "
-                                      "where case_id = $1", case_id)
-            linked = await _visible_link(conn, actor=actor, linked=case["linked_case_id"])
-            history = await conn.fetch(
-                f"select event_id, event_type, at, actor, agency, detail, note_ciphertext, confirmed_on "
-                f"from {SCHEMA}.case_events "
-                "where case_id = $1 order by at, event_id", case_id)
-            offices = await conn.fetch(f"select distinct office_id from {SCHEMA}.case_access "
-                                       "where case_id = $1 order by office_id", case_id)
-            await _audit(conn, actor=actor, action="case.read", outcome="ok", case_id=case_id)
+            found = _CaseRead(case=case, key=await store.case_key(conn, case_id),
+                              linked=await _visible_link(conn, actor=actor, linked=case["linked_case_id"]),
+                              history=await store.case_history(conn, case_id),
+                              offices=await store.referred_offices(conn, case_id))
+            await store.add_audit_row(conn, actor=actor, action="case.read", outcome="ok", case_id=case_id)
     if case is None:
         raise CaseNotFound(f"no case {case_id}")
     if denied is not None:
         raise _denied(actor, case_id, denied)
+    assert found is not None
+    return _case_view(deps, case_id, found)
+
+
+def _case_view(deps: Deps, case_id: uuid.UUID, found: _CaseRead) -> CaseView:
+    case, key = found.case, found.key
     personal = token = None
     if key is not None and case["pii_ciphertext"] is not None:
-        raw = intake.cipher.open(case_id, ciphertext=case["pii_ciphertext"], wrapped_key=key["wrapped_key"],
-                                 kid=key["master_key_id"])
+        raw = deps.cipher.open(case_id, ciphertext=case["pii_ciphertext"], wrapped_key=key["wrapped_key"],
+                               kid=key["master_key_id"])
         personal = PersonalView.model_validate(orjson.loads(raw))
-        token = intake.cipher.token(case_id, key["wrapped_key"], key["master_key_id"])
+        token = deps.cipher.token(case_id, key["wrapped_key"], key["master_key_id"])
+    wrapped = key["wrapped_key"] if key is not None else None
     return CaseView(
-        case_id=case_id, child_ref=token, linked_case_id=linked,
+        case_id=case_id, child_ref=token, linked_case_id=found.linked,
         repeat_identification=case["linked_case_id"] is not None,
         municipality=case["municipality"], status=case["status"], identified_on=case["identified_on"],
         report_source=case["report_source"], reporter_agency=case["reporter_agency"],
@@ -464,20 +366,19 @@ async def get_case(intake: Intake, *, actor: Actor, case_id: uuid.UUID) -> CaseV
         created_at=case["created_at"], updated_at=case["updated_at"], erased_at=case["erased_at"],
         personal=personal,
         history=[CaseHistoryItem(event_id=h["event_id"], type=h["event_type"], at=h["at"], by=h["actor"],
-                                 agency=h["agency"], on=h["confirmed_on"], detail=_history_detail(intake, case_id, h, key["wrapped_key"] if key is not None else None))
-                 for h in history],
-        referred_to=[r["office_id"] for r in offices if r["office_id"]],
+                                 agency=h["agency"], on=h["confirmed_on"],
+                                 detail=_history_detail(deps, case_id, h, wrapped))
+                 for h in found.history],
+        referred_to=[r["office_id"] for r in found.offices if r["office_id"]],
     )
 
 
-def _history_detail(intake: Intake, case_id: uuid.UUID, row: asyncpg.Record, key: bytes | None) -> dict | None:
+def _history_detail(deps: Deps, case_id: uuid.UUID, row: asyncpg.Record, key: bytes | None) -> dict | None:
     detail = orjson.loads(row["detail"]) if row["detail"] else None
     if row["note_ciphertext"] is not None and key is not None:
-        reason = intake.cipher.open_note(case_id, ciphertext=row["note_ciphertext"], wrapped_key=key).decode()
+        reason = deps.cipher.open_note(case_id, ciphertext=row["note_ciphertext"], wrapped_key=key).decode()
         detail = {**(detail or {}), "override_reason": reason}
     return detail
-
-
 # --- follow-up events -----------------------------------------------------------------------------------
 
 
@@ -527,80 +428,88 @@ async def _event_decision(conn: asyncpg.Connection, *, actor: Actor, case: async
         if not decision:
             return decision
     return decision
-
-
-async def record_case_event(intake: Intake, *, actor: Actor, case_id: uuid.UUID, event: Any,
+async def record_case_event(deps: Deps, *, actor: Actor, case_id: uuid.UUID, event: Any,
                             correlationid: str | None = None) -> CaseEventAccepted:
     """Child withdrawn / school enrolled / closed / updated: case row + audit + outbox, one transaction."""
-    problem: IntakeError | None = None
-    async with intake.pool.acquire() as conn, conn.transaction():
-        case = await conn.fetchrow(f"select * from {SCHEMA}.cases where case_id = $1 for update", case_id)
+    problem: Exception | None = None
+    async with deps.pool.acquire() as conn, conn.transaction():
+        case = await store.case_row(conn, case_id, for_update=True)
         decision = None if case is None else await _event_decision(conn, actor=actor, case=case, event=event)
-        if case is None:
-            await _audit(conn, actor=actor, action="case.event", outcome="not_found", case_id=case_id)
-            problem = CaseNotFound(f"no case {case_id}")
-        elif decision is not None and decision.status == 403:
-            await _audit(conn, actor=actor, action=f"case.event:{event.type}", outcome="denied", case_id=case_id)
-            problem = Forbidden(f"{event.type!r} on case {case_id} refused: {decision.reason}")
-        elif decision is not None and decision.status == 409 and case["status"] != "closed":
-            await _audit(conn, actor=actor, action=f"case.event:{event.type}", outcome="conflict", case_id=case_id)
-            problem = Conflict(f"case {case_id}: {decision.reason}")
-        elif case["status"] == "closed":
-            await _audit(conn, actor=actor, action="case.event", outcome="conflict", case_id=case_id)
-            problem = Conflict(f"case {case_id} is closed; no further events can be recorded on it")
-        elif hasattr(event, "on") and event.on < case["identified_on"]:
-            raise Invalid(f"on: must not be before the case's identified_on ({case['identified_on']})")
-        else:
-            data, changes = _outcome_data(case, actor, event)
-            envelope = Envelope.wrap(data, source=actor.source, subject=case_id, correlationid=correlationid)
-            sets = ", ".join(f"{col} = ${i}" for i, col in enumerate(changes, start=2))
-            await conn.execute(
-                f"update {SCHEMA}.cases set {sets + ', ' if sets else ''}updated_at = now() where case_id = $1",
-                case_id, *changes.values())
-            detail, note = None, None
-            if decision is not None and decision.overridden:
-                blocked = access.policy().action("case.close").blocked_while_open
-                open_now = await conn.fetch(f"select distinct agency from {SCHEMA}.case_access "
-                                            "where case_id = $1 and open", case_id)
-                detail = orjson.dumps({"coordinator_override": True, "overrode_open_referrals": sorted(
-                    r["agency"] for r in open_now if r["agency"] in blocked)}).decode()
-                key = await conn.fetchval(f"select wrapped_key from {SCHEMA}.case_keys where case_id = $1", case_id)
-                if key is not None:  # an erased case keeps no free text
-                    note = intake.cipher.seal_note(case_id, wrapped_key=key,
-                                                   plaintext=event.override_reason.encode())
-            await conn.execute(
-                f"insert into {SCHEMA}.case_events(event_id, case_id, event_type, actor, agency, detail, "
-                "note_ciphertext, confirmed_on) values($1,$2,$3,$4,$5,$6::jsonb,$7,$8)", envelope.id, case_id,
-                envelope.type, actor.sub, actor.agency.value, detail, note, getattr(event, "on", None))
-            action = f"case.event:{envelope.type}" + (":override" if detail else "")
-            await _audit(conn, actor=actor, action=action, outcome="ok", case_id=case_id)
-            await outbox.append(conn, schema=SCHEMA, topic=Topic.case_events, envelope=envelope)
-            status = changes.get("status", case["status"])
+        problem = await _refusal(conn, actor=actor, case_id=case_id, case=case, decision=decision, event=event)
+        if problem is None:
+            assert case is not None
+            accepted = await _record_outcome(deps, conn, actor=actor, case=case, decision=decision, event=event,
+                                             correlationid=correlationid)
     if problem is not None:
         raise problem
-    intake.on_commit()
-    return CaseEventAccepted(case_id=case_id, event_id=envelope.id, type=envelope.type, status=status)
+    deps.on_commit()
+    return accepted
+
+
+async def _refusal(conn: asyncpg.Connection, *, actor: Actor, case_id: uuid.UUID, case: asyncpg.Record | None,
+                   decision: access.Decision | None, event: Any) -> Exception | None:
+    """Why the event cannot be recorded on the case (after auditing the refusal), or None."""
+    if case is None:
+        await store.add_audit_row(conn, actor=actor, action="case.event", outcome="not_found", case_id=case_id)
+        return CaseNotFound(f"no case {case_id}")
+    if decision is not None and decision.status == 403:
+        await store.add_audit_row(conn, actor=actor, action=f"case.event:{event.type}", outcome="denied",
+                                  case_id=case_id)
+        return Forbidden(f"{event.type!r} on case {case_id} refused: {decision.reason}")
+    if decision is not None and decision.status == 409 and case["status"] != "closed":
+        await store.add_audit_row(conn, actor=actor, action=f"case.event:{event.type}", outcome="conflict",
+                                  case_id=case_id)
+        return Conflict(f"case {case_id}: {decision.reason}")
+    if case["status"] == "closed":
+        await store.add_audit_row(conn, actor=actor, action="case.event", outcome="conflict", case_id=case_id)
+        return Conflict(f"case {case_id} is closed; no further events can be recorded on it")
+    if hasattr(event, "on") and event.on < case["identified_on"]:
+        raise Invalid(f"on: must not be before the case's identified_on ({case['identified_on']})")
+    return None
+
+
+async def _record_outcome(deps: Deps, conn: asyncpg.Connection, *, actor: Actor, case: asyncpg.Record,
+                          decision: access.Decision | None, event: Any, correlationid: str | None) -> CaseEventAccepted:
+    """The case row's changes, its history row (with the coordinator's override, its reason
+    encrypted), the audit row and the outbox row."""
+    case_id = case["case_id"]
+    data, changes = _outcome_data(case, actor, event)
+    envelope = Envelope.wrap(data, source=actor.source, subject=case_id, correlationid=correlationid)
+    await store.update_case(conn, case_id, changes)
+    detail, note = None, None
+    if decision is not None and decision.overridden:
+        blocked = access.policy().action("case.close").blocked_while_open
+        open_now = await store.open_referral_agencies(conn, case_id)
+        detail = orjson.dumps({"coordinator_override": True, "overrode_open_referrals": sorted(
+            agency for agency in open_now if agency in blocked)}).decode()
+        key = await store.wrapped_key(conn, case_id)
+        if key is not None:  # an erased case keeps no free text
+            note = deps.cipher.seal_note(case_id, wrapped_key=key, plaintext=event.override_reason.encode())
+    await store.add_case_event(conn, event_id=envelope.id, case_id=case_id, event_type=envelope.type,
+                               actor=actor.sub, agency=actor.agency.value, detail=detail, note=note,
+                               confirmed_on=getattr(event, "on", None))
+    action = f"case.event:{envelope.type}" + (":override" if detail else "")
+    await store.add_audit_row(conn, actor=actor, action=action, outcome="ok", case_id=case_id)
+    await outbox.append(conn, schema=SCHEMA, topic=Topic.case_events, envelope=envelope)
+    return CaseEventAccepted(case_id=case_id, event_id=envelope.id, type=envelope.type,
+                             status=changes.get("status", case["status"]))
 
 
 # --- referral holders (from clms.referral-events) ---------------------------------------------------------
 
 
-async def apply_referral_event(intake: Intake, *, envelope: Envelope) -> bool:
+async def apply_referral_event(deps: Deps, *, envelope: Envelope) -> bool:
     """Learn which agency offices hold a referral for a case. Idempotent on the event id."""
-    async with intake.pool.acquire() as conn, conn.transaction():
+    async with deps.pool.acquire() as conn, conn.transaction():
         if not await outbox.claim(conn, schema=SCHEMA, consumer=REFERRAL_ACCESS_CONSUMER, envelope=envelope):
             return False
         data = envelope.data
         if isinstance(data, ReferralCreated):
-            await conn.execute(
-                f"insert into {SCHEMA}.case_access(case_id, agency, municipality, referral_id, office_id) "
-                "values($1, $2, $3, $4, $5) on conflict do nothing",
-                data.case_id, data.agency.value, data.municipality, data.referral_id, data.office_id)
+            await store.add_referral_holder(conn, case_id=data.case_id, agency=data.agency.value,
+                                            municipality=data.municipality, referral_id=data.referral_id,
+                                            office_id=data.office_id)
         elif isinstance(data, (ReferralCompleted, ReferralDeclined, ReferralClosed)):
-            # no longer open (the office keeps read access to the case it worked on)
-            await conn.execute(
-                f"update {SCHEMA}.case_access set open = false, closed_at = now() "
-                "where referral_id = $1 and open", data.referral_id)
+            await store.close_referral(conn, data.referral_id)
     return True
 
 
@@ -632,13 +541,13 @@ def parse_inbound(raw: bytes | None, *, gate: InboundGate) -> tuple[InboundEnvel
     return env, request
 
 
-async def submit_inbound(intake: Intake, *, raw: bytes | None) -> Identified:
-    env, request = parse_inbound(raw, gate=intake.inbound or InboundGate.build(intake.settings))
+async def submit_inbound(deps: Deps, *, raw: bytes | None) -> Identified:
+    env, request = parse_inbound(raw, gate=deps.inbound or InboundGate.build(deps.settings))
     actor = Actor(sub=env.reportedby or f"{env.agency.value}.{env.municipality}.system", agency=env.agency,
                   municipality=env.municipality, roles=("reporter",), channel="inbound")
     correlation = env.correlationid or (env.id if len(env.id) <= 100 else str(env.dedupe_id))
     return await identify(
-        intake, actor=actor, request=request, correlationid=correlation,
+        deps, actor=actor, request=request, correlationid=correlation,
         causationid=env.id if len(env.id) <= 100 else str(env.dedupe_id),
         case_id=uuid.uuid5(env.dedupe_id, "case"), inbox_id=env.dedupe_id,
     )
@@ -654,7 +563,7 @@ class Erasure:
     already: bool
 
 
-async def erase_case(intake: Intake | asyncpg.Pool, *, case_id: uuid.UUID, actor: Actor) -> Erasure:
+async def erase_case(deps: Deps | asyncpg.Pool, *, case_id: uuid.UUID, actor: Actor) -> Erasure:
     """Erase one case's identity and pseudonyms, in one transaction:
 
     - delete its data key (crypto-erasure: the ciphertext, also any copy of it in an older backup,
@@ -671,44 +580,22 @@ async def erase_case(intake: Intake | asyncpg.Pool, *, case_id: uuid.UUID, actor
     The case's non-personal facts (municipality, sector, age band, history, audit) stay for the
     statistics and the legal trail. What erasure cannot reach (broker records, WAL, backups):
     README, Privacy."""
-    pool = intake.pool if isinstance(intake, Intake) else intake
-    cid = str(case_id)
+    pool = deps.pool if isinstance(deps, Deps) else deps
     async with pool.acquire() as conn, conn.transaction():
-        case = await conn.fetchrow(f"select case_id, erased_at from {SCHEMA}.cases where case_id = $1 for update",
-                                   case_id)
+        case = await store.lock_case_for_erasure(conn, case_id)
         if case is None:
-            await _audit(conn, actor=actor, action="case.erase", outcome="not_found", case_id=case_id)
-            problem: Exception | None = CaseNotFound(f"no case {case_id}")
+            await store.add_audit_row(conn, actor=actor, action="case.erase", outcome="not_found", case_id=case_id)
         else:
-            problem = None
             already = case["erased_at"] is not None
-            await conn.execute(f"delete from {SCHEMA}.case_keys where case_id = $1", case_id)
-            erased_at = await conn.fetchval(
-                f"update {SCHEMA}.cases set pii_ciphertext = null, child_ref = null, linked_case_id = null, "
-                "erased_at = coalesce(erased_at, now()), updated_at = now() where case_id = $1 returning erased_at",
-                case_id)
-            await conn.execute(
-                f"""update {SCHEMA}.cases c set linked_case_id = (
-                        select f.case_id from {SCHEMA}.cases f
-                        where f.child_ref = c.child_ref and (f.created_at, f.case_id) < (c.created_at, c.case_id)
-                        order by f.created_at, f.case_id limit 1)
-                    where c.linked_case_id = $1""", case_id)
-            await conn.execute(
-                f"""update {SCHEMA}.outbox set envelope = jsonb_set(jsonb_set(envelope, '{{data,child_ref}}',
-                        to_jsonb($2::text)), '{{data,linked_case_id}}', 'null'::jsonb)
-                    where key = $1 and event_type = 'case.identified'""", cid, ERASED_CHILD_REF)
-            await conn.execute(
-                f"""update {SCHEMA}.outbox set envelope = jsonb_set(envelope, '{{data,linked_case_id}}', 'null'::jsonb)
-                    where event_type = 'case.identified' and envelope #>> '{{data,linked_case_id}}' = $1""", cid)
-            await conn.execute(f"delete from {SCHEMA}.idempotency_keys where case_id = $1", case_id)
-            await conn.execute(
-                f"""update {SCHEMA}.idempotency_keys set response = jsonb_set(response, '{{linked_case_id}}', 'null'::jsonb)
-                    where response ->> 'linked_case_id' = $1""", cid)
-            await conn.execute(f"update {SCHEMA}.case_events set note_ciphertext = null "
-                               "where case_id = $1 and note_ciphertext is not null", case_id)
-            await _audit(conn, actor=actor, action="case.erase", outcome="ok", case_id=case_id)
-    if problem is not None:
-        raise problem
+            await store.delete_case_key(conn, case_id)
+            erased_at = await store.drop_identity(conn, case_id)
+            await store.relink_cases_linked_to(conn, case_id)
+            await store.unname_in_outbox(conn, str(case_id), erased_child_ref=ERASED_CHILD_REF)
+            await store.forget_idempotency_answers(conn, case_id)
+            await store.drop_notes(conn, case_id)
+            await store.add_audit_row(conn, actor=actor, action="case.erase", outcome="ok", case_id=case_id)
+    if case is None:
+        raise CaseNotFound(f"no case {case_id}")
     return Erasure(case_id=case_id, erased_at=erased_at, already=already)
 
 
@@ -724,8 +611,7 @@ class Rotation:
 
 
 async def key_status(pool: asyncpg.Pool, cipher: CaseCipher) -> Rotation:
-    rows = await pool.fetch(f"select master_key_id, count(*) as n from {SCHEMA}.case_keys group by 1 order by 1")
-    by_kid = {r["master_key_id"]: r["n"] for r in rows}
+    by_kid = await store.data_keys_by_master_key(pool)
     return Rotation(newest=cipher.master_key_id, rewrapped=0, by_kid=by_kid,
                     unknown={k: n for k, n in by_kid.items() if k not in cipher.kids})
 
@@ -739,13 +625,10 @@ async def rotate_keys(pool: asyncpg.Pool, cipher: CaseCipher, *, batch: int = 20
     done = 0
     while old:
         async with pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                f"select case_id, wrapped_key, master_key_id from {SCHEMA}.case_keys "
-                "where master_key_id = any($1::text[]) order by case_id limit $2 for update skip locked", old, batch)
+            rows = await store.lock_keys_to_rewrap(conn, kids=old, batch=batch)
             for r in rows:
                 wrapped, kid = cipher.rewrap(r["case_id"], r["wrapped_key"], r["master_key_id"])
-                await conn.execute(f"update {SCHEMA}.case_keys set wrapped_key = $2, master_key_id = $3 "
-                                   "where case_id = $1", r["case_id"], wrapped, kid)
+                await store.store_rewrapped_key(conn, r["case_id"], wrapped, kid)
         done += len(rows)
         if len(rows) < batch:
             break
@@ -754,7 +637,7 @@ async def rotate_keys(pool: asyncpg.Pool, cipher: CaseCipher, *, batch: int = 20
 
 
 __all__ = [
-    "Actor", "Intake", "identify", "get_case", "record_case_event", "apply_referral_event",
-    "parse_inbound", "submit_inbound", "erase_case", "IntakeError", "Forbidden", "CaseNotFound",
-    "Conflict", "Invalid", "IdempotencyKeyReused", "InboundRejected", "rotate_keys", "key_status", "Rotation",
+    "Actor", "Deps", "identify", "get_case", "record_case_event", "apply_referral_event",
+    "parse_inbound", "submit_inbound", "erase_case", "CaseNotFound", "IdempotencyKeyReused",
+    "InboundRejected", "rotate_keys", "key_status", "Rotation",
 ]

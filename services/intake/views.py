@@ -14,6 +14,7 @@ from shared.auth import Claims, current_claims
 from shared.auth import _bearer as bearer_scheme
 from shared.logs import current_correlation_id
 from services.intake import service
+from services.intake.deps import Deps
 from services.intake.models import (
     CaseEventAccepted,
     CaseEventIn,
@@ -34,8 +35,8 @@ ERRORS = {
 }
 
 
-async def get_intake(request: Request) -> service.Intake:
-    return request.app.state.intake
+async def get_deps(request: Request) -> Deps:
+    return request.app.state.deps
 
 
 async def claims_of(
@@ -48,7 +49,7 @@ async def claims_of(
 
 
 CurrentClaims = Annotated[Claims, Depends(claims_of)]
-IntakeDep = Annotated[service.Intake, Depends(get_intake)]
+DepsDep = Annotated[Deps, Depends(get_deps)]
 IdempotencyKey = Annotated[
     str | None,
     Header(alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
@@ -86,12 +87,12 @@ async def post_identification(
     claims: CurrentClaims,
     request: Request,
     response: Response,
-    intake: IntakeDep,
+    deps: DepsDep,
     idempotency_key: IdempotencyKey = None,
     x_correlation_id: CorrelationId = None,
 ) -> IdentificationAccepted:
     result = await service.identify(
-        intake, actor=actor_of(claims, request), request=body, idempotency_key=idempotency_key,
+        deps, actor=actor_of(claims, request), request=body, idempotency_key=idempotency_key,
         correlationid=_correlation(x_correlation_id),
     )
     if result.replayed:
@@ -107,8 +108,8 @@ async def post_identification(
     summary="The case with its decrypted personal data, for authorised readers (every read is audited)",
     responses={**ERRORS, 404: {"description": "No such case"}},
 )
-async def get_case(case_id: CaseId, claims: CurrentClaims, request: Request, intake: IntakeDep) -> CaseView:
-    return await service.get_case(intake, actor=actor_of(claims, request), case_id=case_id)
+async def get_case(case_id: CaseId, claims: CurrentClaims, request: Request, deps: DepsDep) -> CaseView:
+    return await service.get_case(deps, actor=actor_of(claims, request), case_id=case_id)
 
 
 @router.post(
@@ -123,8 +124,8 @@ async def post_case_event(
     event: Annotated[CaseEventIn, Body()],
     claims: CurrentClaims,
     request: Request,
-    intake: IntakeDep,
+    deps: DepsDep,
     x_correlation_id: CorrelationId = None,
 ) -> CaseEventAccepted:
-    return await service.record_case_event(intake, actor=actor_of(claims, request), case_id=case_id,
+    return await service.record_case_event(deps, actor=actor_of(claims, request), case_id=case_id,
                                            event=event, correlationid=_correlation(x_correlation_id))

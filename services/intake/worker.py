@@ -35,6 +35,7 @@ from shared.settings import Settings
 from shared.streams import is_transient
 from shared.topics import Topics
 from services.intake import service
+from services.intake.deps import Deps
 
 log = logging.getLogger("clms.intake.worker")
 
@@ -44,9 +45,9 @@ REDACTED = (b'{"redacted":"an inbound identification carries personal data; read
 
 
 class IntakeConsumer:
-    def __init__(self, *, intake: service.Intake, settings: Settings, metrics: Any | None = None,
+    def __init__(self, *, deps: Deps, settings: Settings, metrics: Any | None = None,
                  max_backoff_s: float = 5.0):
-        self.intake = intake
+        self.deps = deps
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self.metrics = metrics
@@ -105,7 +106,7 @@ class IntakeConsumer:
         while True:
             try:
                 if record.topic == self.topics.agency_inbound:
-                    result = await service.submit_inbound(self.intake, raw=record.value)
+                    result = await service.submit_inbound(self.deps, raw=record.value)
                     if self.metrics:
                         self.metrics.identifications.labels("inbound", "replayed" if result.replayed else "created").inc()
                 else:
@@ -114,7 +115,7 @@ class IntakeConsumer:
                     except EnvelopeError as exc:
                         raise service.InboundRejected(classify_error(exc.reason), exc.reason) from None
                     if envelope.type in service.REFERRAL_EVENTS_KEPT:
-                        await service.apply_referral_event(self.intake, envelope=envelope)
+                        await service.apply_referral_event(self.deps, envelope=envelope)
                 return
             except asyncio.CancelledError:
                 raise

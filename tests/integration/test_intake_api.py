@@ -4,6 +4,7 @@ database is away, crypto-erasure."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import date, timedelta
 
@@ -284,23 +285,24 @@ async def test_validation_errors_name_the_field_and_malformed_json_is_a_4xx(env)
 
 async def test_database_down_is_a_503_with_a_sentence(env):
     async with running(create_app(env, run_consumer=False, run_relay=False)) as client:
-        intake = client._transport.app.state.intake  # type: ignore[attr-defined]
-        real = intake.pool
-        intake.pool = await asyncpg.create_pool("postgresql://nobody@127.0.0.1:1/none", min_size=0)
+        state = client._transport.app.state  # type: ignore[attr-defined]
+        real = state.deps
+        away = await asyncpg.create_pool("postgresql://nobody@127.0.0.1:1/none", min_size=0)
+        state.deps = dataclasses.replace(real, pool=away)
         try:
             r = await client.post("/v1/identifications", json=identification(), headers=police(env))
             assert r.status_code == 503 and "database is unavailable" in r.json()["detail"]
             r = await client.get(f"/v1/cases/{uuid.uuid4()}", headers=police(env))
             assert r.status_code == 503
         finally:
-            await intake.pool.close()
-            intake.pool = real
+            await away.close()
+            state.deps = real
 
 
 async def test_erase_makes_the_personal_data_unreadable_and_keeps_the_facts(env):
     async with running(create_app(env, run_consumer=False, run_relay=False)) as client:
         case_id = (await client.post("/v1/identifications", json=identification(), headers=police(env))).json()["case_id"]
-        intake = client._transport.app.state.intake  # type: ignore[attr-defined]
+        intake = client._transport.app.state.deps  # type: ignore[attr-defined]
         conn = await asyncpg.connect(env.database_url)
         try:
             ciphertext = await conn.fetchval("select pii_ciphertext from intake.cases where case_id = $1",
@@ -329,7 +331,7 @@ async def test_clms_erase_command_erases_one_case(env):
 
     from typer.testing import CliRunner
 
-    from services.intake.cli import intake_app
+    from services.intake.cli import app as intake_app
 
     async with running(create_app(env, run_consumer=False, run_relay=False)) as client:
         keep = (await client.post("/v1/identifications", json=identification(), headers=police(env))).json()["case_id"]

@@ -170,7 +170,7 @@ async def test_relay_delivers_after_a_broker_outage_and_a_deduping_consumer_sees
         for _ in range(5):
             r = await client.post("/v1/identifications", json=identification(), headers=headers)
             case_ids.append(r.json()["case_id"])
-        pool = client._transport.app.state.intake.pool  # type: ignore[attr-defined]
+        pool = client._transport.app.state.deps.pool  # type: ignore[attr-defined]
 
         # the broker is unreachable: the relay keeps failing, the rows wait
         dead = make_producer(env.model_copy(update={"kafka_bootstrap_servers": "127.0.0.1:1"}),

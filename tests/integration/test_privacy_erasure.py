@@ -27,7 +27,7 @@ from services.analytics.app import create_app as analytics_app
 from services.analytics.counting import BREAKDOWNS
 from services.analytics.rebuild import changelog_topic
 from services.intake.app import create_app as intake_app
-from services.intake.cli import intake_app as intake_cli
+from services.intake.cli import app as intake_cli
 from services.notifications.app import create_app as notifications_app
 from services.notifications.sink import Sink
 from services.referral.app import create_app as referral_app
@@ -275,7 +275,7 @@ async def test_erase_relinks_later_cases_and_unnames_the_case_in_older_outbox_ro
         a, b, c = [(await client.post("/v1/identifications", json=identification(), headers=police(env))).json()
                    for _ in range(3)]
         assert b["linked_case_id"] == c["linked_case_id"] == a["case_id"]
-        intake = client._transport.app.state.intake  # type: ignore[attr-defined]
+        intake = client._transport.app.state.deps  # type: ignore[attr-defined]
         conn = await asyncpg.connect(env.database_url)
         try:
             pseudonym = await conn.fetchval("select child_ref from intake.cases where case_id = $1",

@@ -67,7 +67,7 @@ async def test_keys_rotate_rewraps_every_data_key_online_and_the_old_master_key_
         newer = (await client.post("/v1/identifications", json=identification(), headers=police(both))).json()
         assert await kids(env) == {"2026-01": 5, "2026-11": 1}
         # online: reads go on while the rotation re-wraps one key per transaction
-        intake = client._transport.app.state.intake  # type: ignore[attr-defined]
+        intake = client._transport.app.state.deps  # type: ignore[attr-defined]
         reads = [client.get(f"/v1/cases/{c['case_id']}", headers=police(both)) for c in cases]
         rotation, *answers = await asyncio.gather(service.rotate_keys(intake.pool, intake.cipher, batch=1), *reads)
         assert all(a.status_code == 200 and a.json()["personal"]["given_name"] == "Arbër" for a in answers)
