@@ -98,7 +98,7 @@ def applied(app) -> int:
     from prometheus_client import REGISTRY  # noqa: F401 - the app has its own registry
 
     total = 0
-    for metric in app.state.registry.collect():
+    for metric in app.state.deps.registry.collect():
         if metric.name == "analytics_events_applied":
             total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
     return int(total)
@@ -115,7 +115,7 @@ async def fold_rate(settings: Settings, n: int) -> tuple[float, dict]:
                 t0, first = time.perf_counter(), done
             if done >= n:
                 elapsed = time.perf_counter() - t0
-                return ((n - first) / elapsed if elapsed > 0 else float("inf")), dict(app.state.aggregate.counts)
+                return ((n - first) / elapsed if elapsed > 0 else float("inf")), dict(app.state.deps.aggregate.counts)
             await asyncio.sleep(0.02)
         raise SystemExit(f"only {applied(app)} of {n} events folded in time")
 
@@ -126,7 +126,7 @@ async def restart_time(settings: Settings, expected: dict) -> float:
     async with running(app) as client:
         while True:
             r = await client.get("/readyz")
-            if r.status_code == 200 and dict(app.state.aggregate.counts) == expected:
+            if r.status_code == 200 and dict(app.state.deps.aggregate.counts) == expected:
                 return time.perf_counter() - t0
             if time.perf_counter() - t0 > 3600:
                 raise SystemExit("restart did not recover the same counts")
@@ -144,8 +144,8 @@ async def fast_rebuild(settings: Settings, expected: dict | None) -> tuple[float
     t = time.perf_counter()
     app = create_app(fast)
     async with running(app):
-        while not (getattr(app.state, "worker", None) and app.state.worker.recovered
-                   and len(app.state.worker.table) >= result.cases):
+        while not ((worker := app.state.deps.running.worker) and worker.recovered
+                   and len(worker.table) >= result.cases):
             await asyncio.sleep(0.05)
         return fold_s, time.perf_counter() - t, result.cases
 

@@ -2,7 +2,7 @@
 
 Reading a million events through a faust agent costs ~1 ms each (faust's per-event machinery,
 not the counting), i.e. ~20 minutes. This tool does the same fold with plain aiokafka clients
-and the same pure functions (`counting.apply_event`), then hands the result to faust in faust's
+and the same pure functions (`rules.apply_event`), then hands the result to faust in faust's
 own terms:
 
 1. one partition number at a time (a case's events on the three topics and its changelog record
@@ -39,7 +39,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from services.analytics.counting import CaseState, apply_event
+from services.analytics.rules import CaseState, apply_event
 from services.analytics.tables import CASES_TABLE
 from services.analytics.worker import SOURCE_TOPICS
 from shared.events import EnvelopeError, parse_envelope

@@ -7,7 +7,7 @@ processed, so a case's state, its source events and its changelog record share o
 number and a restarted or rebalanced worker recovers exactly the cases of its partitions.
 
 The counters are not a second table: they are the sum of every case's `contributions` (see
-`counting.py`), kept in memory and rebuilt from this table after each recovery. So one event is
+`rules.py`), kept in memory and rebuilt from this table after each recovery. So one event is
 one changelog record, and "counted" and "remembered as counted" can never disagree.
 """
 

@@ -10,17 +10,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import faust
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import Counter, Gauge
 
-from services.analytics.counting import Aggregate, CaseState, apply_event
+from services.analytics.rules import Aggregate, CaseState, apply_event
 from services.analytics.tables import declare_tables
 from shared import tansu
 from shared.events import Envelope
-from shared.settings import Settings
 from shared.streams import EnvelopeSchema, StreamProcessor, make_faust_app
 from shared.topics import PARTITIONS, Topic, Topics
+
+if TYPE_CHECKING:
+    from services.analytics.deps import Deps
 
 log = logging.getLogger("clms.analytics.worker")
 
@@ -41,8 +44,8 @@ class Worker:
             fn()
 
 
-def build_worker(settings: Settings, *, aggregate: Aggregate, registry: CollectorRegistry,
-                 name: str = "analytics") -> Worker:
+def build_worker(deps: Deps, *, name: str = "analytics") -> Worker:
+    settings, aggregate, registry = deps.settings, deps.aggregate, deps.registry
     # On Tansu, one changelog record per batch (shared/tansu.py: faust's table recovery would
     # otherwise stop early and drop the rest of a multi-record batch).
     batch = tansu.changelog_batch_size(settings)

@@ -66,8 +66,8 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
 
     app = create_app(env)
     async with running(app) as client:
-        await wait_until(lambda: app.state.aggregate.version and sum(
-            n for k, n in app.state.aggregate.counts.items() if k[:2] == ("id", "prizren") and k[3] == "total") == 5,
+        await wait_until(lambda: app.state.deps.aggregate.version and sum(
+            n for k, n in app.state.deps.aggregate.counts.items() if k[:2] == ("id", "prizren") and k[3] == "total") == 5,
             timeout_s=45, what="the first five identifications")
 
         # --- dashboard and map
@@ -117,7 +117,7 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
                                         builders.envelope(builders.case_identified(municipality="gjilan")))
         finally:
             await producer.stop()
-        await wait_until(lambda: app.state.aggregate.counts.get(
+        await wait_until(lambda: app.state.deps.aggregate.counts.get(
             ("id", "gjilan", date.today().strftime("%Y-%m"), "total", "")) == 1, timeout_s=20, what="gjilan folded")
         totals = (await client.get("/v1/funnel", headers=bearer(
             env, sub="c", agency="coordinator", municipality="*", roles=["coordinator"]))).json()["stages"]
@@ -125,7 +125,7 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
     # --- restart with the same app id: the table comes back from its changelog
     app2 = create_app(env)
     async with running(app2) as client:
-        await wait_until(lambda: app2.state.aggregate.counts.get(
+        await wait_until(lambda: app2.state.deps.aggregate.counts.get(
             ("id", "gjilan", date.today().strftime("%Y-%m"), "total", "")) == 1,
             timeout_s=45, what="the restarted worker to recover its table")
         national = bearer(env, sub="c", agency="coordinator", municipality="*", roles=["coordinator"])
@@ -135,7 +135,7 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
     rebuilt_env = env.model_copy(update={"analytics_app_id": "analytics-rebuild"})
     app3 = create_app(rebuilt_env)
     async with running(app3) as client:
-        await wait_until(lambda: sum(n for k, n in app3.state.aggregate.counts.items()
+        await wait_until(lambda: sum(n for k, n in app3.state.deps.aggregate.counts.items()
                                      if k[0] == "id" and k[3] == "total") == 7,
                          timeout_s=45, what="the new deployment to rebuild all tables")
         assert (await client.get("/v1/funnel", headers=national)).json()["stages"] == totals
@@ -149,8 +149,8 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
     fast_env = env.model_copy(update={"analytics_app_id": "analytics-fast"})
     app4 = create_app(fast_env)
     async with running(app4) as client:
-        await wait_until(lambda: app4.state.aggregate.version and sum(
-            n for k, n in app4.state.aggregate.counts.items() if k[0] == "id" and k[3] == "total") == 7,
+        await wait_until(lambda: app4.state.deps.aggregate.version and sum(
+            n for k, n in app4.state.deps.aggregate.counts.items() if k[0] == "id" and k[3] == "total") == 7,
             timeout_s=45, what="the fast-rebuilt deployment to recover its table")
         assert (await client.get("/v1/funnel", headers=national)).json()["stages"] == totals
         await asyncio.sleep(1.0)

@@ -9,7 +9,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from services.analytics import counting as c
+from services.analytics import rules as c
 from shared import events as ev
 from tests import builders
 
