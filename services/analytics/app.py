@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from services.analytics.deps import Deps, build_deps
+from services.analytics.partials import PartialsReader, declare_partials_topic, stop as stop_task
 from services.analytics.rebuild import declare_changelog
 from services.analytics.views import STATIC_DIR, router
 from services.analytics.worker import build_worker
@@ -56,24 +57,31 @@ def worker_lifespan(deps: Deps) -> Lifespan:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings, publisher = deps.settings, deps.publisher
+        app_id = settings.analytics_app_id
         publisher.on_publish.append(deps.live.changed)  # exact viewers' streams also show publications
-        worker = build_worker(deps, name=settings.analytics_app_id)
-        worker.on_change.append(deps.live.changed)
+        worker = build_worker(deps, name=app_id)
         deps.running.worker = worker
-        await declare_changelog(settings, settings.analytics_app_id)
+        reader = deps.running.reader = PartialsReader(settings, app_id, deps.aggregate, on_change=deps.live.changed)
+        await declare_changelog(settings, app_id)
+        await declare_partials_topic(settings, app_id)
+        assert worker.producer is not None
+        await worker.producer.start()
+        tasks = [asyncio.create_task(reader.run(), name="analytics-partials-reader")]
         await worker.app.start()
         log.info("analytics worker started")
-        publishing = asyncio.create_task(publisher.run(deps.aggregate, ready=lambda: worker.recovered),
-                                         name="analytics-publisher")
+        tasks += [asyncio.create_task(worker.publish_forever(), name="analytics-partials-publisher"),
+                  asyncio.create_task(publisher.run(deps.aggregate, ready=lambda: worker.recovered and reader.complete),
+                                      name="analytics-publisher")]
         try:
             yield
         finally:
-            publishing.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await publishing
+            for task in reversed(tasks):
+                await stop_task(task)
             publisher.on_publish.remove(deps.live.changed)
             await worker.app.stop()
-            deps.running.worker = None
+            with contextlib.suppress(Exception):
+                await worker.producer.stop()
+            deps.running.worker = deps.running.reader = None
 
     return lifespan
 
@@ -98,6 +106,9 @@ def _worker_check(deps: Deps) -> Callable[[], object]:
             return "tables still recovering from their changelog"
         if w.processor is not None and w.processor.blocked:
             return w.processor.blocked
+        reader = deps.running.reader
+        if reader is None or not reader.complete:
+            return "partial counts of every partition not read yet"
         if deps.publisher.snapshot is None:
             return "first public snapshot not published yet"
         return None

@@ -21,20 +21,23 @@ from services.analytics.service import Live, Publisher
 from shared.settings import Settings
 
 if TYPE_CHECKING:
+    from services.analytics.partials import PartialsReader
     from services.analytics.worker import Worker
 
 
 @dataclass
 class Running:
-    """What the app's lifespan starts: the faust worker while it runs, else None."""
+    """What the app's lifespan starts: the faust worker and the reader of every partition's
+    partial counts while they run, else None."""
 
     worker: Worker | None = None
+    reader: PartialsReader | None = None
 
 
 @dataclass(frozen=True)
 class Deps:
     settings: Settings
-    aggregate: Aggregate
+    aggregate: Aggregate  # the sum of every partition's partial (partials.py): what the API reads
     publisher: Publisher
     live: Live  # wakes the exact viewers' streams on every change (and on a publication)
     registry: CollectorRegistry

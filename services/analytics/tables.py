@@ -13,6 +13,9 @@ one changelog record, and "counted" and "remembered as counted" can never disagr
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import faust
 
 from shared.topics import PARTITIONS
@@ -20,12 +23,14 @@ from shared.topics import PARTITIONS
 CASES_TABLE = "analytics-cases"
 
 
-def declare_tables(app: faust.App) -> faust.Table:
+def declare_tables(app: faust.App, *, on_changelog_event: Callable[[Any], Awaitable[None]] | None = None) -> faust.Table:
+    """`on_changelog_event` sees every changelog record read while recovering (its partition)."""
     return app.Table(
         CASES_TABLE,
         default=None,
         partitions=PARTITIONS,
         key_type=bytes,
         value_type=bytes,
+        on_changelog_event=on_changelog_event,
         help="analytics: per-case state (seen event ids, stages reached, referrals)",
     )
