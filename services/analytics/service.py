@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from services.analytics.counting import (
+from services.analytics.rules import (
     BREAKDOWNS,
     FUNNEL_STAGES,
     REFERRAL_AGENCIES,
@@ -27,9 +27,10 @@ from services.analytics.counting import (
     Aggregate,
     LogHistogram,
 )
-from services.analytics.disclosure import Rules, next_boundary, public_view
+from services.analytics.disclosure import SUPPRESSED, Rules, next_boundary, public_view
 from shared import access
 from shared.auth import Claims
+from shared.errors import Forbidden, Unauthenticated, Unavailable
 from shared.reference import municipalities
 
 log = logging.getLogger("clms.analytics")
@@ -55,6 +56,26 @@ class Viewer:
         if self.claims is None:
             return False
         return bool(access.allowed(self.claims, "analytics.exact", access.Resource(municipality=municipality)))
+
+
+def require_exact(viewer: Viewer, municipality: str | None, what: str) -> None:
+    """Unauthenticated (401) or Forbidden (403) unless the viewer sees `municipality` (None:
+    national) exactly."""
+    if viewer.exact_for(municipality):
+        return
+    scope = f"municipality {municipality!r}" if municipality else "the national figures"
+    if viewer.claims is None:
+        raise Unauthenticated(f"{what} is for signed-in coordinators and analysts; send a Bearer token "
+                              "(the public view is the published snapshot without it)")
+    raise Forbidden(f"{what} is for coordinators and analysts of {scope}; this token's scope is "
+                    f"{viewer.claims.municipality!r}")
+
+
+def require_range_allowed(viewer: Viewer, months: MonthRange, municipality: str | None) -> None:
+    """A month range is for exact viewers only: two ranges of the published view would
+    difference each other."""
+    if not months.whole:
+        require_exact(viewer, municipality, "a month range (from/to)")
 
 
 @dataclass(frozen=True)
@@ -127,6 +148,14 @@ class Publisher:
                 log.exception("publishing the public analytics view failed; the previous one stays")
 
 
+def disclosure_terms(publisher: Publisher) -> dict[str, Any]:
+    """The disclosure rules and cadence, stated beside the published figures."""
+    r = publisher.rules
+    return {"suppressed": f"{SUPPRESSED!r}: 1 to {r.small}, or hidden so that such a count cannot be worked out",
+            "rounded_to": r.base, "breakdowns_from": r.breakdown_min,
+            "cadence_seconds": publisher.every_s, "lag_seconds": publisher.lag_s}
+
+
 # --- reading the aggregate -----------------------------------------------------------------------
 
 
@@ -164,8 +193,9 @@ def tally(agg: Aggregate, months: MonthRange) -> dict[str, dict[str, Any]]:
     return out
 
 
-class NotPublishedYet(Exception):
-    """The first public snapshot is not published yet (the worker is still recovering)."""
+class NotPublishedYet(Unavailable):
+    """The first public snapshot is not published yet (the worker is still recovering): 503 with
+    Retry-After 5."""
 
 
 def _published(snapshot: Snapshot | None) -> Snapshot:

@@ -14,21 +14,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query, Request, status
+from fastapi import APIRouter, Depends, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, PlainTextResponse, Response
-from sse_starlette.sse import EventSourceResponse
-
-from services.analytics import service
-from services.analytics.counting import Aggregate
-from services.analytics.disclosure import SUPPRESSED
-from services.analytics.models import Funnel, MunicipalityDetail, MunicipalityList, TimeToAcknowledge
-from services.analytics.service import Live, MonthRange, Publisher, Snapshot, Viewer
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
+from services.analytics import service
+from services.analytics.deps import Deps
+from services.analytics.models import Funnel, MunicipalityDetail, MunicipalityList, TimeToAcknowledge
+from services.analytics.service import Live, MonthRange, Snapshot, Viewer
 from shared import access
 from shared.auth import CurrentClaims, OptionalClaims, TokenError, Verified, authenticate
+from shared.errors import Forbidden, NotFound, Unauthenticated
 from shared.guard import StreamTicket, guard_of
 from shared.reference import municipality_slugs
 
@@ -38,35 +37,15 @@ MONTH = r"^\d{4}-(0[1-9]|1[0-2])$"
 router = APIRouter(tags=["analytics"])
 
 
-def _aggregate(request: Request) -> Aggregate:
-    return request.app.state.aggregate
+def _deps(request: Request) -> Deps:
+    return request.app.state.deps
 
 
-def _live(request: Request) -> Live:
-    return request.app.state.live
+DepsDep = Annotated[Deps, Depends(_deps)]
 
 
-def _snapshot(request: Request) -> Snapshot | None:
-    return request.app.state.publisher.snapshot
-
-
-def _exact_only(viewer: Viewer, municipality: str | None, what: str) -> None:
-    """401/403 unless the viewer sees `municipality` (None: national) exactly."""
-    if viewer.exact_for(municipality):
-        return
-    scope = f"municipality {municipality!r}" if municipality else "the national figures"
-    if viewer.claims is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED,
-                            f"{what} is for signed-in coordinators and analysts; send a Bearer token "
-                            "(the public view is the published snapshot without it)")
-    raise HTTPException(status.HTTP_403_FORBIDDEN,
-                        f"{what} is for coordinators and analysts of {scope}; this token's scope is "
-                        f"{viewer.claims.municipality!r}")
-
-
-def _range_check(viewer: Viewer, months: MonthRange, municipality: str | None) -> None:
-    if not months.whole:
-        _exact_only(viewer, municipality, "a month range (from/to)")
+def _snapshot(deps: DepsDep) -> Snapshot | None:
+    return deps.publisher.snapshot
 
 
 def _viewer(request: Request, claims: OptionalClaims) -> Viewer:
@@ -86,8 +65,7 @@ def _months(
 
 def _slug(slug: Annotated[str, PathParam(description="Municipality slug, e.g. prizren")]) -> str:
     if slug not in municipality_slugs():
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            f"unknown municipality {slug!r}; use one of the 38 slugs, e.g. 'prizren'")
+        raise NotFound(f"unknown municipality {slug!r}; use one of the 38 slugs, e.g. 'prizren'")
     return slug
 
 
@@ -100,7 +78,6 @@ def _municipality_filter(
     return municipality
 
 
-Agg = Annotated[Aggregate, Depends(_aggregate)]
 Snap = Annotated[Snapshot | None, Depends(_snapshot)]
 ViewerDep = Annotated[Viewer, Depends(_viewer)]
 Months = Annotated[MonthRange, Depends(_months)]
@@ -119,30 +96,22 @@ def _csv(text: str, filename: str) -> Response:
 
 @router.get("/v1/counts/municipalities", response_model=MunicipalityList,
             summary="Identifications and funnel stages for all 38 municipalities (zeros included)")
-async def list_municipalities(request: Request, agg: Agg, snap: Snap, viewer: ViewerDep, months: Months,
+async def list_municipalities(deps: DepsDep, snap: Snap, viewer: ViewerDep, months: Months,
                               format: Format = "json") -> Any:
-    _range_check(viewer, months, None)
-    rows = service.municipality_rows(agg, viewer=viewer, months=months, snapshot=snap)
+    service.require_range_allowed(viewer, months, None)
+    rows = service.municipality_rows(deps.aggregate, viewer=viewer, months=months, snapshot=snap)
     if format == "csv":
         return _csv(service.municipalities_csv(rows), "municipalities.csv")
     return {"from": months.start, "to": months.end, "as_of": snap.as_of_iso if snap else None,
-            "disclosure": _disclosure(request), "municipalities": rows}
-
-
-def _disclosure(request: Request) -> dict[str, Any]:
-    p: Publisher = request.app.state.publisher
-    r = p.rules
-    return {"suppressed": f"{SUPPRESSED!r}: 1 to {r.small}, or hidden so that such a count cannot be worked out",
-            "rounded_to": r.base, "breakdowns_from": r.breakdown_min,
-            "cadence_seconds": p.every_s, "lag_seconds": p.lag_s}
+            "disclosure": service.disclosure_terms(deps.publisher), "municipalities": rows}
 
 
 @router.get("/v1/counts/municipalities/{slug}", response_model=MunicipalityDetail,
             summary="One municipality: identifications by month and breakdowns, funnel, referrals")
-async def get_municipality(slug: Slug, agg: Agg, snap: Snap, viewer: ViewerDep, months: Months,
+async def get_municipality(slug: Slug, deps: DepsDep, snap: Snap, viewer: ViewerDep, months: Months,
                            format: Format = "json") -> Any:
-    _range_check(viewer, months, slug)
-    detail = service.municipality_detail(agg, viewer=viewer, slug=slug, months=months, snapshot=snap)
+    service.require_range_allowed(viewer, months, slug)
+    detail = service.municipality_detail(deps.aggregate, viewer=viewer, slug=slug, months=months, snapshot=snap)
     if format == "csv":
         return _csv(service.detail_csv(detail), f"municipality-{slug}.csv")
     return detail
@@ -151,10 +120,10 @@ async def get_municipality(slug: Slug, agg: Agg, snap: Snap, viewer: ViewerDep, 
 @router.get("/v1/funnel", response_model=Funnel, response_model_exclude_none=False,
             summary="The CLMS funnel: identified -> referred -> acknowledged in time -> accepted -> "
                     "completed -> withdrawn -> school enrolled")
-async def get_funnel(agg: Agg, snap: Snap, viewer: ViewerDep, months: Months, municipality: MunicipalityFilter,
+async def get_funnel(deps: DepsDep, snap: Snap, viewer: ViewerDep, months: Months, municipality: MunicipalityFilter,
                      format: Format = "json") -> Any:
-    _range_check(viewer, months, municipality)
-    result = service.funnel(agg, viewer=viewer, municipality=municipality, months=months, snapshot=snap)
+    service.require_range_allowed(viewer, months, municipality)
+    result = service.funnel(deps.aggregate, viewer=viewer, municipality=municipality, months=months, snapshot=snap)
     if format == "csv":
         return _csv(service.funnel_csv(result), f"funnel-{municipality or 'all'}.csv")
     return result
@@ -162,35 +131,35 @@ async def get_funnel(agg: Agg, snap: Snap, viewer: ViewerDep, months: Months, mu
 
 @router.get("/v1/time-to-acknowledge", response_model=TimeToAcknowledge,
             summary="Median and 90th percentile time from referral to acknowledgement, per agency")
-async def get_time_to_acknowledge(agg: Agg, viewer: ViewerDep, municipality: MunicipalityFilter) -> Any:
+async def get_time_to_acknowledge(deps: DepsDep, viewer: ViewerDep, municipality: MunicipalityFilter) -> Any:
     # per agency: which agencies a case reaches follows from the child's age, sector and form of work
-    _exact_only(viewer, municipality, "time to acknowledge")
-    return service.time_to_acknowledge(agg, municipality=municipality)
+    service.require_exact(viewer, municipality, "time to acknowledge")
+    return service.time_to_acknowledge(deps.aggregate, municipality=municipality)
 
 
 # --- CSV exports (same tables, stable file URLs) -------------------------------------------------
 
 
 @router.get("/v1/export/municipalities.csv", response_class=PlainTextResponse, summary="CSV of /v1/counts/municipalities")
-async def export_municipalities(agg: Agg, snap: Snap, viewer: ViewerDep, months: Months) -> Response:
-    _range_check(viewer, months, None)
-    return _csv(service.municipalities_csv(service.municipality_rows(agg, viewer=viewer, months=months,
+async def export_municipalities(deps: DepsDep, snap: Snap, viewer: ViewerDep, months: Months) -> Response:
+    service.require_range_allowed(viewer, months, None)
+    return _csv(service.municipalities_csv(service.municipality_rows(deps.aggregate, viewer=viewer, months=months,
                                                                      snapshot=snap)), "municipalities.csv")
 
 
 @router.get("/v1/export/municipalities/{slug}.csv", response_class=PlainTextResponse,
             summary="CSV of /v1/counts/municipalities/{slug}")
-async def export_municipality(slug: Slug, agg: Agg, snap: Snap, viewer: ViewerDep, months: Months) -> Response:
-    _range_check(viewer, months, slug)
-    detail = service.municipality_detail(agg, viewer=viewer, slug=slug, months=months, snapshot=snap)
+async def export_municipality(slug: Slug, deps: DepsDep, snap: Snap, viewer: ViewerDep, months: Months) -> Response:
+    service.require_range_allowed(viewer, months, slug)
+    detail = service.municipality_detail(deps.aggregate, viewer=viewer, slug=slug, months=months, snapshot=snap)
     return _csv(service.detail_csv(detail), f"municipality-{slug}.csv")
 
 
 @router.get("/v1/export/funnel.csv", response_class=PlainTextResponse, summary="CSV of /v1/funnel")
-async def export_funnel(agg: Agg, snap: Snap, viewer: ViewerDep, months: Months,
+async def export_funnel(deps: DepsDep, snap: Snap, viewer: ViewerDep, months: Months,
                         municipality: MunicipalityFilter) -> Response:
-    _range_check(viewer, months, municipality)
-    result = service.funnel(agg, viewer=viewer, municipality=municipality, months=months, snapshot=snap)
+    service.require_range_allowed(viewer, months, municipality)
+    result = service.funnel(deps.aggregate, viewer=viewer, municipality=municipality, months=months, snapshot=snap)
     return _csv(service.funnel_csv(result), f"funnel-{municipality or 'all'}.csv")
 
 
@@ -208,7 +177,7 @@ async def stream_ticket(request: Request, claims: CurrentClaims) -> dict:
     lifetime. The ticket works once, for this stream and this user only."""
     decision = access.allowed(claims, "analytics.stream_ticket", access.Resource(owner=claims.sub))
     if not decision:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, decision.reason)
+        raise Forbidden(decision.reason)
     verified = Verified(claims=claims, exp=request.state.token_exp, iat=0)
     ticket, ttl = guard_of(request).tickets.issue(verified, stream=STREAM)
     return {"ticket": ticket, "expires_in": round(ttl, 1), "url": f"{STREAM}?ticket={ticket}"}
@@ -226,22 +195,22 @@ async def _stream_viewer(
         try:
             return guard_of(request).tickets.redeem(ticket, stream=STREAM)
         except TokenError as exc:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc)) from None
+            raise Unauthenticated(str(exc)) from None
     return None
 
 
 @router.get("/v1/stream", summary="Server-sent events: `counts` with every municipality row and the "
                                   "national funnel: for the public, the published snapshot whenever a "
                                   "new one is published; live within a coordinator's or analyst's scope")
-async def stream(request: Request, agg: Agg,
+async def stream(request: Request, deps: DepsDep,
                  caller: Annotated[Verified | None, Depends(_stream_viewer)]) -> EventSourceResponse:
     """A signed-in stream ends with an `expired` event when the token expires; at most
     SSE_MAX_PER_USER signed-in streams per user (429 beyond)."""
     viewer = Viewer(caller.claims if caller else None)
-    publisher: Publisher = request.app.state.publisher
+    publisher = deps.publisher
     # the public stream wakes only on a publication, never on an event
-    live: Live = publisher.live if viewer.is_public else request.app.state.live
-    coalesce_s: float = request.app.state.stream_coalesce_s
+    live: Live = publisher.live if viewer.is_public else deps.live
+    coalesce_s = deps.stream_coalesce_s
     release = guard_of(request).open_stream(caller.claims.sub) if caller else (lambda: None)
     expires = caller.exp if caller else float("inf")
 
@@ -258,7 +227,7 @@ async def stream(request: Request, agg: Agg,
                 if publisher.snapshot is None:  # starting: nothing published yet
                     await Live.wait(publisher.live.token(), min(1.0, left))
                     continue
-                payload = orjson.dumps(service.summary(agg, viewer=viewer, snapshot=publisher.snapshot))
+                payload = orjson.dumps(service.summary(deps.aggregate, viewer=viewer, snapshot=publisher.snapshot))
                 if payload != last:
                     last = payload
                     yield {"event": "counts", "data": payload.decode()}

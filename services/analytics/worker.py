@@ -1,5 +1,7 @@
 """The faust worker: one agent over the three event topics, folding each event into the case
-state table and adjusting the in-memory aggregate by the case's change of contribution.
+state table and adjusting the partial aggregate of the event's partition by the case's change
+of contribution; the changed partials are published for every analytics process to sum
+(`partials.py`), so several workers can split the partitions.
 
 Runs in the API process (the app's lifespan starts it). Agent concurrency is 1; the handler
 reads and writes the table without awaiting in between, so it is atomic within the event loop.
@@ -7,20 +9,27 @@ reads and writes the table without awaiting in between, so it is atomic within t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import faust
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from aiokafka import AIOKafkaProducer
+from prometheus_client import Counter, Gauge
 
-from services.analytics.counting import Aggregate, CaseState, apply_event
+from services.analytics.partials import MAX_RECORD_BYTES, PUBLISH_EVERY_S, partition_key, partials_topic
+from services.analytics.rules import Aggregate, CaseState, apply_event
 from services.analytics.tables import declare_tables
 from shared import tansu
 from shared.events import Envelope
-from shared.settings import Settings
+from shared.kafka import make_producer
 from shared.streams import EnvelopeSchema, StreamProcessor, make_faust_app
 from shared.topics import PARTITIONS, Topic, Topics
+
+if TYPE_CHECKING:
+    from services.analytics.deps import Deps
 
 log = logging.getLogger("clms.analytics.worker")
 
@@ -31,36 +40,125 @@ SOURCE_TOPICS = (Topic.case_events, Topic.referral_events, Topic.notification_ev
 class Worker:
     app: faust.App
     table: faust.Table
-    aggregate: Aggregate
+    source_topics: frozenset[str]
     recovered: bool = False
     processor: StreamProcessor | None = None
+    partials: dict[int, Aggregate] = field(default_factory=dict)  # partition -> its cases' sum
+    where: dict[bytes, int] = field(default_factory=dict)  # case key -> partition
+    dirty: set[int] = field(default_factory=set)  # partials changed since last published
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     on_change: list[Callable[[], None]] = field(default_factory=list)
+    producer: AIOKafkaProducer | None = None  # of the partials (started with the app)
+    partials_topic: str = ""
 
-    def changed(self) -> None:
+    def changed(self, partition: int) -> None:
+        self.dirty.add(partition)
+        self.wake.set()
         for fn in self.on_change:
             fn()
 
+    def cases_held(self) -> int:
+        """Cases of the partitions this worker counts now."""
+        return sum(1 for p in self.where.values() if p in self.partials)
 
-def build_worker(settings: Settings, *, aggregate: Aggregate, registry: CollectorRegistry,
-                 name: str = "analytics") -> Worker:
+    def active_partitions(self) -> set[int]:
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic in self.source_topics}
+
+    def recount(self) -> None:
+        """After a recovery: forget the cases of partitions this worker no longer owns (faust's
+        memory store forgets only the keys it recovered, not those written live), then sum each
+        owned partition's cases; every owned partition is published again."""
+        active = self.active_partitions()
+        for key, p in list(self.where.items()):
+            if p not in active:
+                del self.where[key]
+                self.table.data.pop(key, None)
+        self.partials = {p: Aggregate() for p in active}
+        for key, raw in self.table.data.items():
+            p = self.where.get(key)
+            if p is None:
+                log.error("case of unknown partition in the analytics table; not counted")
+                continue
+            self.partials[p].add(CaseState.from_bytes(raw))
+        self.dirty = set(active)
+        self.wake.set()
+
+    async def publish(self) -> None:
+        """Send every changed partial and wait until the broker has them."""
+        assert self.producer is not None
+        dirty, self.dirty = sorted(self.dirty), set()
+        futures = [await self.producer.send(self.partials_topic, self.partials[p].to_bytes(), key=partition_key(p))
+                   for p in dirty if p in self.partials]
+        await asyncio.gather(*futures)
+
+    async def publish_forever(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            await self.publish()
+            await asyncio.sleep(PUBLISH_EVERY_S)  # coalesce a burst into one record per partition
+
+    async def hand_over(self, revoked: set[int]) -> None:
+        """Partitions revoked: publish their last changes, wait until the broker has them, then
+        stop counting them (the new owner publishes them after its recovery)."""
+        if self.producer is not None:
+            await self.publish()
+        for p in revoked:
+            self.partials.pop(p, None)
+
+
+def build_worker(deps: Deps, *, name: str = "analytics") -> Worker:
+    settings, registry = deps.settings, deps.registry
     # On Tansu, one changelog record per batch (shared/tansu.py: faust's table recovery would
-    # otherwise stop early and drop the rest of a multi-record batch).
+    # otherwise stop early and drop the rest of a multi-record batch). No standby replicas: a
+    # standby's records would land in the same memory store; a new owner recovers from the
+    # changelog instead.
     batch = tansu.changelog_batch_size(settings)
-    extra = {"producer_max_batch_size": batch} if batch else {}
-    app = make_faust_app(settings, name, store=settings.analytics_store, **extra)
-    table = declare_tables(app)
+    extra: dict[str, Any] = {"producer_max_batch_size": batch} if batch else {}
+    app = make_faust_app(settings, name, store=settings.analytics_store, table_standby_replicas=0, **extra)
     topics = Topics(settings.topic_prefix)
-    worker = Worker(app=app, table=table, aggregate=aggregate)
+    worker: Worker
 
+    async def recovered_record(event: Any) -> None:  # every changelog record read in recovery
+        if event.message.value is not None:
+            worker.where[event.key] = event.message.partition
+        else:  # a tombstone: the case is gone from the table
+            worker.where.pop(event.key, None)
+
+    table = declare_tables(app, on_changelog_event=recovered_record)
+    worker = Worker(app=app, table=table, source_topics=frozenset(topics.name(t) for t in SOURCE_TOPICS),
+                    producer=make_producer(settings, linger_ms=5, compression_type="gzip",
+                                           max_request_size=MAX_RECORD_BYTES),
+                    partials_topic=partials_topic(settings, name))
+    _fold_agent(worker, deps, topics, name)
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
+        await worker.hand_over({tp.partition for tp in revoked if tp.topic in worker.source_topics})
+
+    @table.on_recover
+    async def _rebuild() -> None:
+        worker.recount()
+        worker.recovered = True
+        log.info("analytics partials rebuilt from %d cases of partitions %s (table %d keys)",
+                 worker.cases_held(), sorted(worker.partials), len(table.data))
+        for fn in worker.on_change:
+            fn()
+
+    return worker
+
+
+def _fold_agent(worker: Worker, deps: Deps, topics: Topics, name: str) -> None:
+    app, table, registry = worker.app, worker.table, deps.registry
     applied = Counter("analytics_events_applied_total", "Events folded into the tables",
                       ["type"], registry=registry)
     duplicates = Counter("analytics_events_duplicate_total",
                          "Redelivered events recognised and skipped", registry=registry)
     dead = Counter("analytics_dead_letters_total", "Events dead-lettered", ["reason"], registry=registry)
     cases = Gauge("analytics_cases", "Cases held by this worker", registry=registry)
-    cases.set_function(lambda: len(table))
+    cases.set_function(worker.cases_held)
 
-    processor = StreamProcessor(app=app, topics=topics, group=settings.group_id(name),
+    processor = StreamProcessor(app=app, topics=topics, group=deps.settings.group_id(name),
                                 on_dead_letter=lambda letter: dead.labels(letter.reason).inc())
     worker.processor = processor
     source = app.topic(*(topics.name(t) for t in SOURCE_TOPICS), schema=EnvelopeSchema(),
@@ -68,27 +166,20 @@ def build_worker(settings: Settings, *, aggregate: Aggregate, registry: Collecto
 
     async def handle(envelope: Envelope) -> None:
         key = envelope.key
+        partition = faust.current_event().message.partition
         old = CaseState.from_bytes(table.get(key))
         new, was_applied = apply_event(old, envelope)
         if not was_applied:
             duplicates.inc()
             return
         table[key] = new.to_bytes()
-        aggregate.replace(old, new)
+        worker.where[key] = partition
         applied.labels(envelope.type).inc()
-        worker.changed()
+        part = worker.partials.get(partition)
+        if part is not None:  # else revoked while this event was in flight: its new owner counts it
+            part.replace(old, new)
+            worker.changed(partition)
 
     @app.agent(source, concurrency=1, name="analytics-fold")
     async def fold(stream):  # noqa: ANN001 - faust stream
         await processor.run(stream, handle)
-
-    @table.on_recover
-    async def _rebuild() -> None:
-        # After every recovery (start-up, rebalance) the table holds exactly this worker's
-        # active partitions: the aggregate is their sum.
-        aggregate.rebuild(CaseState.from_bytes(v) for v in table.values())
-        worker.recovered = True
-        log.info("analytics aggregate rebuilt from %d cases", len(table))
-        worker.changed()
-
-    return worker

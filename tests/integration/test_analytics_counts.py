@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 import uuid
 from datetime import date, datetime, timedelta, timezone
 
@@ -114,7 +115,7 @@ async def test_counts_funnel_suppression_and_redelivery(env):
                 stages["withdrawn"] == 2 and stages["accepted"] == 5 else None
 
         await wait_until(settled, timeout_s=45, what="all events folded into the funnel")
-        await wait_until(lambda: app.state.aggregate.counts.get(("nt", "email", "sent")) == 8,
+        await wait_until(lambda: app.state.deps.aggregate.counts.get(("nt", "email", "sent")) == 8,
                          timeout_s=10, what="notification events folded")
 
         # --- exact figures for the coordinator of prizren
@@ -135,9 +136,12 @@ async def test_counts_funnel_suppression_and_redelivery(env):
 
         # --- the public sees the published snapshot: 6 rounded to 5, 1..5 as "c", 0 as 0; prizren
         # has fewer than 20 children, so no breakdowns; referral figures are never public
+        settled_at = time.time()  # every event is folded: a snapshot captured from now on has them all
+
         async def published():
             r = await client.get("/v1/counts/municipalities/prizren")
-            return r.json() if r.json()["funnel"]["withdrawn"] == "c" else None
+            as_of = r.json()["as_of"]
+            return r.json() if datetime.fromisoformat(as_of).timestamp() >= settled_at else None
         await wait_until(published, timeout_s=10, what="a public snapshot with every event")
         for headers in ({}, public_role):
             r = await client.get("/v1/counts/municipalities/prizren", headers=headers)
@@ -212,7 +216,7 @@ async def test_counts_funnel_suppression_and_redelivery(env):
         # --- a later redelivery of an old event does not count again; a new event does
         late_new = _case_story("decan", month=2, ack_after_s=None, complete=False, withdraw=False)[0][0]
         await _produce(env, topics.case_events, [case_events[0], case_events[1], late_new])
-        await wait_until(lambda: app.state.aggregate.counts.get(("id", "decan", "2026-02", "total", "")) == 1,
+        await wait_until(lambda: app.state.deps.aggregate.counts.get(("id", "decan", "2026-02", "total", "")) == 1,
                          timeout_s=20, what="the new decan identification")
         r = await client.get("/v1/counts/municipalities/prizren", headers=coordinator)
         assert r.json()["identified"] == 6

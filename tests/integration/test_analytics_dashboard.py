@@ -101,7 +101,7 @@ async def test_dashboard_in_chromium_shows_the_map_and_a_live_count_change(env):
     # the public page shows the published snapshot: every second here (daily in production)
     app = create_app(env.model_copy(update={"analytics_publish_every_s": 1.0, "analytics_publish_lag_s": 0.0}))
     async with running(app), served(app) as base, browser() as page:
-        await wait_until(lambda: sum(n for k, n in app.state.aggregate.counts.items()
+        await wait_until(lambda: sum(n for k, n in app.state.deps.aggregate.counts.items()
                                      if k[:2] == ("id", "prizren") and k[3] == "total") == 5,
                          timeout_s=45, what="the first identifications to be counted")
         await page.call("Page.enable")

@@ -48,8 +48,8 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
 
     app = create_app(env)
     async with running(app) as client:
-        await wait_until(lambda: app.state.aggregate.version and sum(
-            n for k, n in app.state.aggregate.counts.items() if k[:2] == ("id", "prizren") and k[3] == "total") == 5,
+        await wait_until(lambda: app.state.deps.aggregate.version and sum(
+            n for k, n in app.state.deps.aggregate.counts.items() if k[:2] == ("id", "prizren") and k[3] == "total") == 5,
             timeout_s=45, what="the first five identifications")
 
         # --- dashboard and map
@@ -99,7 +99,7 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
                                         builders.envelope(builders.case_identified(municipality="gjilan")))
         finally:
             await producer.stop()
-        await wait_until(lambda: app.state.aggregate.counts.get(
+        await wait_until(lambda: app.state.deps.aggregate.counts.get(
             ("id", "gjilan", date.today().strftime("%Y-%m"), "total", "")) == 1, timeout_s=20, what="gjilan folded")
         totals = (await client.get("/v1/funnel", headers=bearer(
             env, sub="c", agency="coordinator", municipality="*", roles=["coordinator"]))).json()["stages"]
@@ -107,7 +107,7 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
     # --- restart with the same app id: the table comes back from its changelog
     app2 = create_app(env)
     async with running(app2) as client:
-        await wait_until(lambda: app2.state.aggregate.counts.get(
+        await wait_until(lambda: app2.state.deps.aggregate.counts.get(
             ("id", "gjilan", date.today().strftime("%Y-%m"), "total", "")) == 1,
             timeout_s=45, what="the restarted worker to recover its table")
         national = bearer(env, sub="c", agency="coordinator", municipality="*", roles=["coordinator"])
@@ -117,7 +117,7 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
     rebuilt_env = env.model_copy(update={"analytics_app_id": "analytics-rebuild"})
     app3 = create_app(rebuilt_env)
     async with running(app3) as client:
-        await wait_until(lambda: sum(n for k, n in app3.state.aggregate.counts.items()
+        await wait_until(lambda: sum(n for k, n in app3.state.deps.aggregate.counts.items()
                                      if k[0] == "id" and k[3] == "total") == 7,
                          timeout_s=45, what="the new deployment to rebuild all tables")
         assert (await client.get("/v1/funnel", headers=national)).json()["stages"] == totals
@@ -131,8 +131,8 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
     fast_env = env.model_copy(update={"analytics_app_id": "analytics-fast"})
     app4 = create_app(fast_env)
     async with running(app4) as client:
-        await wait_until(lambda: app4.state.aggregate.version and sum(
-            n for k, n in app4.state.aggregate.counts.items() if k[0] == "id" and k[3] == "total") == 7,
+        await wait_until(lambda: app4.state.deps.aggregate.version and sum(
+            n for k, n in app4.state.deps.aggregate.counts.items() if k[0] == "id" and k[3] == "total") == 7,
             timeout_s=45, what="the fast-rebuilt deployment to recover its table")
         assert (await client.get("/v1/funnel", headers=national)).json()["stages"] == totals
         await asyncio.sleep(1.0)
@@ -140,3 +140,29 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
         assert "analytics_events_applied_total{" not in metrics  # nothing re-folded by the agent
         assert "analytics_events_duplicate_total 0.0" in metrics
 
+
+
+async def test_rebuild_in_two_shares_writes_the_same_changelog_as_one_run(env):
+    """Two operators (or pods) can each rebuild a share of the partitions: together they write
+    exactly the changelog one run writes, and each commits only its share's offsets."""
+    from services.analytics.rebuild import END_MARKER, changelog_topic
+    from tests.kafka_helpers import read_all
+
+    topics = Topics(env.topic_prefix)
+    cases = [builders.case_identified(municipality=m) for m in ("prizren", "gjilan", "peje") * 8]
+    await produce(env, topics.case_events, [(e.key, e.to_json_bytes()) for e in map(builders.envelope, cases)])
+
+    whole = await rebuild(env, app_id="analytics-whole")
+    first = await rebuild(env, app_id="analytics-shared", partitions=[0, 1, 2])
+    second = await rebuild(env, app_id="analytics-shared", partitions=[3, 4, 5])
+    assert whole.cases == first.cases + second.cases == 24
+    assert 0 < first.cases < 24  # 24 random case ids: both shares hold some
+    with pytest.raises(SystemExit):  # the share is taken now
+        await rebuild(env, app_id="analytics-shared", partitions=[0, 1, 2])
+
+    def table(records) -> set:
+        return {(r.partition, r.key, r.value) for r in records if r.key != END_MARKER}
+
+    one = table(await read_all(env, changelog_topic(env, "analytics-whole"), min_count=30))
+    two = table(await read_all(env, changelog_topic(env, "analytics-shared"), min_count=30))
+    assert len(one) == 24 and one == two

@@ -24,7 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from typer.testing import CliRunner
 
 from services.analytics.app import create_app as analytics_app
-from services.analytics.counting import BREAKDOWNS
+from services.analytics.rules import BREAKDOWNS
 from services.analytics.rebuild import changelog_topic
 from services.intake.app import create_app as intake_app
 from services.intake.cli import app as intake_cli

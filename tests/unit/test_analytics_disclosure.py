@@ -12,7 +12,7 @@ from datetime import date
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from services.analytics import counting as c
+from services.analytics import rules as c
 from services.analytics import disclosure as d
 from services.analytics import service
 from services.analytics.service import MonthRange

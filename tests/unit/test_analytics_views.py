@@ -8,7 +8,7 @@ import io
 import json
 from datetime import date
 
-from services.analytics import counting as c
+from services.analytics import rules as c
 from services.analytics import geo, service
 from services.analytics.disclosure import Rules
 from services.analytics.service import MonthRange, Viewer

@@ -10,7 +10,7 @@ from datetime import date
 
 import pytest
 
-from services.analytics.counting import CaseState, apply_event
+from services.analytics.rules import CaseState, apply_event
 from services.intake.crypto import (
     CaseCipher,
     DecryptionError,
