@@ -243,6 +243,7 @@ async def run(stack, *, phases: list[tuple[float, float]] = ((10, 20), (100, 60)
 
     database_url = await stack.new_database("bench_e2e")
     extra = {"KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap, "DATABASE_URL": database_url,
+             "CLMS_BROKER_KIND": stack.broker_kind,
              "CLMS_TOPIC_PREFIX": f"e2e{uuid.uuid4().hex[:6]}.", "KAFKA_FETCH_MAX_WAIT_MS": stack.fetch_wait_ms,
              "LOG_JSON": "true", "LOG_LEVEL": "WARNING", "KAFKA_SESSION_TIMEOUT_S": "10",  # as `make run`
              # one principal from one address measures throughput, not the rate limits

@@ -46,9 +46,13 @@ class Stack:
 
     @property
     def fetch_wait_ms(self) -> str:
-        # Tansu does not wake a waiting fetch: keep the wait short there (shared/tansu.py);
-        # Apache Kafka answers a waiting fetch as soon as data arrives: its default
-        return "20" if self.broker_kind == "tansu" else "500"
+        """The services' own choice for this broker (shared/tansu.py), or BENCH_FETCH_WAIT_MS."""
+        from types import SimpleNamespace
+
+        from shared import tansu
+
+        return os.environ.get("BENCH_FETCH_WAIT_MS") or str(
+            tansu.fetch_max_wait_ms(SimpleNamespace(kafka_broker_kind=self.broker_kind)))
 
     async def new_database(self, prefix: str = "bench") -> str:
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
@@ -68,7 +72,9 @@ class Stack:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def start_stack(*, durable_postgres: bool = False) -> Stack:
+def start_stack(*, durable_postgres: bool = False, broker: str | None = None) -> Stack:
+    """Start what is missing. `broker` ("kafka" or "tansu") picks the embedded broker for this
+    stack alone (the services it starts are told by their environment); default: CLMS_BROKER."""
     tmp = Path(tempfile.mkdtemp(prefix="clms-bench-"))
     stops = []
     pids: dict[str, int] = {}
@@ -76,15 +82,18 @@ def start_stack(*, durable_postgres: bool = False) -> Stack:
     admin_url = os.environ.get("DATABASE_URL")
     try:
         kind = os.environ.get("CLMS_BROKER_KIND", "kafka")
+        if broker:
+            bootstrap, kind = None, broker
         if not bootstrap:
-            kind, why = choose_broker()
+            kind, why = choose_broker(broker)
             print(f"bench: broker {'Apache Kafka' if kind == 'kafka' else 'Tansu'} ({why})", flush=True)
-            broker = (EmbeddedKafka(free_port(), tmp / "kafka") if kind == "kafka"
-                      else EmbeddedBroker(free_port(), tmp / "tansu.log")).start()
-            stops.append(broker.stop)
-            bootstrap = broker.bootstrap
-            pids["broker_pid"] = broker.proc.pid
-        os.environ["CLMS_BROKER_KIND"] = kind  # the services the bench starts inherit it
+            embedded = (EmbeddedKafka(free_port(), tmp / "kafka") if kind == "kafka"
+                        else EmbeddedBroker(free_port(), tmp / "tansu.log")).start()
+            stops.append(embedded.stop)
+            bootstrap = embedded.bootstrap
+            pids["broker_pid"] = embedded.proc.pid
+        if not broker:
+            os.environ["CLMS_BROKER_KIND"] = kind  # the services the bench starts inherit it
         if not admin_url:
             pg = EmbeddedPostgres(tmp / "pgdata", free_port(), durable=durable_postgres).start()
             stops.append(pg.stop)
@@ -94,8 +103,7 @@ def start_stack(*, durable_postgres: bool = False) -> Stack:
         for stop in reversed(stops):
             stop()
         raise
-    return Stack(bootstrap, admin_url, "KAFKA_BOOTSTRAP_SERVERS" not in os.environ, tmp, stops,
-                 broker_kind=kind, **pids)
+    return Stack(bootstrap, admin_url, "broker_pid" in pids, tmp, stops, broker_kind=kind, **pids)
 
 
 def peak_rss_mb(pid: int) -> float | None:
