@@ -109,7 +109,7 @@ def cpu_split(raw: dict) -> Table | None:
     cols: list[tuple[str, dict]] = []
     for key, label in (("e2e", ""), ("e2e_tansu", "Tansu ")):
         r = raw.get(key)
-        if not r or "phases" not in r:
+        if not r:
             continue
         cols += [(f"{label}ms/identification at {ph['achieved_rate']:.0f}/s", ph["cpu_ms_per_identification"])
                  for ph in r["phases"]]
@@ -126,92 +126,106 @@ def cpu_split(raw: dict) -> Table | None:
     return t
 
 
+async def part_intake(stack, cfg: dict, raw: dict) -> list[dict]:  # noqa: ANN001
+    log("intake: baseline and intake, alternating rounds, 32 clients")
+    r = raw["intake"] = await intake.run(stack, rounds=cfg["intake_rounds"], duration=cfg["intake_duration"],
+                                         warmup=1.0, concurrency=32, log=log)
+    b, o = r["baseline"], r["intake"]
+    return [
+        row("intake identifications/s (32 clients)", round(o["rps"]), round(b["rps"]), round(r["ratio"], 2),
+            ">= 0.8x baseline", r["ratio"] >= 0.8),
+        row("intake p50 ms", round(o["p50_ms"], 1), round(b["p50_ms"], 1), None, "report"),
+        row("intake p99 ms", round(o["p99_ms"], 1), round(b["p99_ms"], 1), None, "< 50 ms", o["p99_ms"] < 50),
+    ]
+
+
+async def part_referral(stack, cfg: dict, raw: dict) -> list[dict]:  # noqa: ANN001
+    log("referral: worker, then the faust baseline")
+    r = raw["referral"] = await referral.run(stack, n=cfg["referral_n"], baseline_n=cfg["referral_baseline_n"])
+    return [row("referral worker events/s", round(r["referral_events_per_s"]), round(r["baseline_events_per_s"]),
+                round(r["ratio"], 2), ">= 0.5x faust baseline", r["ratio"] >= 0.5)]
+
+
+async def part_notifications(stack, cfg: dict, raw: dict) -> list[dict]:  # noqa: ANN001
+    log("notifications: worker on preloaded referral.created (the faust baseline is the referral part's)")
+    r = raw["notifications"] = await notifications.run(stack, n=cfg["notifications_n"], baseline_n=0)
+    base = raw.get("referral", {}).get("baseline_events_per_s")
+    ours = r["notifications_events_per_s"]
+    return [row("notifications worker referral.created/s", round(ours), round(base) if base else None,
+                round(ours / base, 2) if base else None, ">= 1,000/s", ours >= notifications.TARGET)]
+
+
+async def part_analytics(stack, cfg: dict, raw: dict) -> list[dict]:  # noqa: ANN001
+    log("analytics: faust worker fold, restart, fast rebuild, then the faust baseline")
+    r = raw["analytics"] = await analytics.run(stack, n=cfg["analytics_n"], baseline_n=cfg["analytics_baseline_n"],
+                                               log=log)
+    return [row("analytics worker events/s", round(r["analytics_events_per_s"]), round(r["baseline_events_per_s"]),
+                round(r["ratio"], 2), ">= 0.5x faust baseline", r["ratio"] >= 0.5)]
+
+
+async def part_e2e(stack, cfg: dict, raw: dict) -> list[dict]:  # noqa: ANN001
+    r = raw["e2e"] = await _e2e(stack, cfg, "e2e")
+    idle = r["idle_cpu_cores_total"]
+    return [*e2e_rows(r, ""),
+            row(f"idle CPU cores, whole stack ({cfg['idle_s']:.0f} s, nothing to do)", idle, None, None,
+                "< 0.05 core", idle < 0.05),
+            *(row(f"peak RSS {name} MB (after e2e)", round(mb) if mb else None, None, None, "report")
+              for name, mb in r["peak_rss_mb"].items())]
+
+
+async def part_rebuild(stack, cfg: dict, raw: dict) -> list[dict]:  # noqa: ANN001
+    n = cfg["rebuild_n"]
+    log(f"rebuild: analytics from {n:,} events (preload, rebuild tool, service recovery)")
+    r = raw["rebuild"] = await analytics.run_rebuild(stack, n=n, log=log)
+    scale = 1_000_000 / r["events"]
+    # a worker's share (two workers split the partitions) when the part measures it; else one
+    # worker rebuilding every partition, an upper bound of a share
+    share = r.get("worker_share_s")
+    what = "a worker's share" if share is not None else "one worker, all partitions"
+    share = (r["total_s"] if share is None else share) * scale
+    extrapolated = "" if r["events"] >= 1_000_000 else f", extrapolated from {r['events']:,}"
+    return [
+        row(f"analytics rebuild of 1M events s ({what}{extrapolated})", round(share), None, None,
+            "< 60 s (a worker's share)", share < 60),
+        row("peak RSS analytics rebuild tool MB", round(r["rebuild_peak_rss_mb"]), None, None, "< 300 MB",
+            r["rebuild_peak_rss_mb"] < 300),
+        row(f"peak RSS analytics worker MB after recovering {r['events']:,}", round(r["service_peak_rss_mb"]),
+            None, None, "< 300 MB", r["service_peak_rss_mb"] < 300),
+    ]
+
+
+async def part_e2e_tansu(stack, cfg: dict, raw: dict) -> list[dict]:  # noqa: ANN001
+    log("e2e-tansu: a second stack on an embedded Tansu, the same load")
+    tansu_stack = start_stack(durable_postgres=True, broker="tansu")
+    try:
+        r = raw["e2e_tansu"] = await _e2e(tansu_stack, cfg, "e2e-tansu", low=False)
+    finally:
+        tansu_stack.close()
+    return e2e_rows(r, "Tansu: ", main_only=True)
+
+
+PART_RUNNERS = {"intake": part_intake, "referral": part_referral, "notifications": part_notifications,
+                "analytics": part_analytics, "e2e": part_e2e, "rebuild": part_rebuild, "e2e-tansu": part_e2e_tansu}
+
+
 async def run_all(cfg: dict, parts: tuple[str, ...]) -> tuple[list[dict], dict]:
+    """Every part in order on one stack; a part that fails leaves a 'not measured' row (a miss)
+    and the others still run."""
     rows: list[dict] = []
     raw: dict = {}
     stack = start_stack(durable_postgres=True)
     log(f"stack: broker {stack.bootstrap}, PostgreSQL {stack.admin_url.rsplit('@', 1)[-1]}")
     try:
-        if "intake" in parts:
-            log("intake: baseline and intake, alternating rounds, 32 clients")
-            r = await intake.run(stack, rounds=cfg["intake_rounds"], duration=cfg["intake_duration"], warmup=1.0,
-                                 concurrency=32, log=log)
-            raw["intake"] = r
-            b, o = r["baseline"], r["intake"]
-            rows += [
-                row("intake identifications/s (32 clients)", round(o["rps"]), round(b["rps"]), round(r["ratio"], 2),
-                    ">= 0.8x baseline", r["ratio"] >= 0.8),
-                row("intake p50 ms", round(o["p50_ms"], 1), round(b["p50_ms"], 1), None, "report"),
-                row("intake p99 ms", round(o["p99_ms"], 1), round(b["p99_ms"], 1), None, "< 50 ms",
-                    o["p99_ms"] < 50),
-            ]
-        if "referral" in parts:
-            log("referral: worker, then the faust baseline")
-            r = await referral.run(stack, n=cfg["referral_n"], baseline_n=cfg["referral_baseline_n"])
-            raw["referral"] = r
-            rows.append(row("referral worker events/s", round(r["referral_events_per_s"]),
-                            round(r["baseline_events_per_s"]), round(r["ratio"], 2), ">= 0.5x faust baseline",
-                            r["ratio"] >= 0.5))
-        if "notifications" in parts:
-            log("notifications: worker on preloaded referral.created (the faust baseline is the referral part's)")
-            r = await notifications.run(stack, n=cfg["notifications_n"], baseline_n=0)
-            raw["notifications"] = r
-            base = raw.get("referral", {}).get("baseline_events_per_s")
-            ours = r["notifications_events_per_s"]
-            rows.append(row("notifications worker referral.created/s", round(ours), round(base) if base else None,
-                            round(ours / base, 2) if base else None, ">= 1,000/s", ours >= notifications.TARGET))
-        if "analytics" in parts:
-            log("analytics: faust worker fold, restart, fast rebuild, then the faust baseline")
-            r = await analytics.run(stack, n=cfg["analytics_n"], baseline_n=cfg["analytics_baseline_n"], log=log)
-            raw["analytics"] = r
-            rows.append(row("analytics worker events/s", round(r["analytics_events_per_s"]),
-                            round(r["baseline_events_per_s"]), round(r["ratio"], 2), ">= 0.5x faust baseline",
-                            r["ratio"] >= 0.5))
-        if "e2e" in parts:
-            r = await _e2e(stack, cfg, "e2e")
-            raw["e2e"] = r
-            rows += e2e_rows(r, "")
-            idle = r["idle_cpu_cores_total"]
-            rows.append(row(f"idle CPU cores, whole stack ({cfg['idle_s']:.0f} s, nothing to do)", idle, None, None,
-                            "< 0.05 core", idle < 0.05))
-            for name, mb in r["peak_rss_mb"].items():
-                rows.append(row(f"peak RSS {name} MB (after e2e)", round(mb) if mb else None, None, None, "report"))
-        if "rebuild" in parts:
-            n = cfg["rebuild_n"]
-            log(f"rebuild: analytics from {n:,} events (preload, rebuild tool, service recovery)")
-            r = await analytics.run_rebuild(stack, n=n, log=log)
-            raw["rebuild"] = r
-            per_1m = r["total_s"] * 1_000_000 / r["events"]
-            label = "analytics rebuild 1M events s" + ("" if r["events"] >= 1_000_000 else
-                                                        f" (extrapolated from {r['events']:,})")
-            # a worker's share (two workers split the partitions) when the part measures it; else one
-            # worker rebuilding every partition, an upper bound of a share
-            share = r.get("worker_share_s")
-            share_label = "a worker's share" if share is not None else "one worker, all partitions"
-            share = per_1m if share is None else share * 1_000_000 / r["events"]
-            rows += [
-                row(label.replace(" s", f" s ({share_label})", 1), round(share), None, None,
-                    "< 60 s (a worker's share)", share < 60),
-                row("peak RSS analytics rebuild tool MB", round(r["rebuild_peak_rss_mb"]), None, None, "< 300 MB",
-                    r["rebuild_peak_rss_mb"] < 300),
-                row(f"peak RSS analytics worker MB after recovering {r['events']:,}", round(r["service_peak_rss_mb"]),
-                    None, None, "< 300 MB", r["service_peak_rss_mb"] < 300),
-            ]
-        if "e2e-tansu" in parts:
-            log("e2e-tansu: a second stack on an embedded Tansu, the same load")
+        for name in PARTS:
+            if name not in parts:
+                continue
             try:
-                tansu_stack = start_stack(durable_postgres=True, broker="tansu")
-                try:
-                    r = await _e2e(tansu_stack, cfg, "e2e-tansu", low=False)
-                finally:
-                    tansu_stack.close()
-            except Exception as exc:  # noqa: BLE001 - the Apache Kafka figures above stand
-                log(f"e2e-tansu: not measured ({type(exc).__name__}: {exc})")
-                raw["e2e_tansu"] = {"error": f"{type(exc).__name__}: {exc}"}
-                rows.append(row("Tansu: e2e not measured (see the log)", None, None, None, "report"))
-            else:
-                raw["e2e_tansu"] = r
-                rows += e2e_rows(r, "Tansu: ", main_only=True)
+                rows += await PART_RUNNERS[name](stack, cfg, raw)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - the other parts still run
+                log(f"[red]{name}: not measured[/] ({type(exc).__name__}: {str(exc)[-500:]})")
+                raw.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+                rows.append(row(f"{name}: not measured ({type(exc).__name__}; see the log)", None, None, None,
+                                "a figure", False))
     finally:
         stack.close()
     return rows, raw

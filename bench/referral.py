@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import shutil
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import asyncpg
 
+from bench.baseline import faust_rate as baseline_rate
 from services.referral.app import create_app
 from shared.kafka import ensure_topics, make_producer
 from shared.settings import Settings
@@ -33,7 +30,6 @@ from tests import builders
 from tests.apps import running
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE_DIR = Path(os.environ.get("BASELINE_DIR", ROOT.parent / "shared" / "baselines"))
 
 
 async def preload(settings: Settings, n: int) -> None:
@@ -76,17 +72,6 @@ async def referral_rate(settings: Settings, n: int) -> float:
             raise SystemExit(f"only {done} of {n} events applied in time")
         finally:
             await conn.close()
-
-
-def baseline_rate(bootstrap: str, n: int) -> float:
-    env = {**os.environ, "BOOTSTRAP": bootstrap, "N": str(n), "FETCH_WAIT_MS": "20"}
-    faust = shutil.which("faust", path=str(Path(sys.executable).parent)) or "faust"
-    out = subprocess.run([faust, "-A", "faust_baseline", "worker", "-l", "warn"], cwd=BASELINE_DIR,
-                         env=env, capture_output=True, text=True, timeout=600)
-    m = re.search(r"faust_events_per_s=(\d+)", out.stdout + out.stderr)
-    if not m:
-        raise SystemExit(f"baseline printed no figure:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return float(m.group(1))
 
 
 async def run(stack, *, n: int = 3000, baseline_n: int = 10000) -> dict:  # noqa: ANN001
