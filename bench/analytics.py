@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from bench.baseline import faust_rate as baseline_rate
 from services.analytics.app import create_app
 from services.analytics.rebuild import rebuild
 from shared import events as ev
@@ -45,7 +44,6 @@ from tests import builders
 from tests.apps import running
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE_DIR = Path(os.environ.get("BASELINE_DIR", ROOT.parent / "shared" / "baselines"))
 MUNIS = ["prizren", "prishtine", "ferizaj", "gjakove", "gjilan", "peje", "mitrovice", "decan"]
 
 
@@ -150,17 +148,6 @@ async def fast_rebuild(settings: Settings, expected: dict | None) -> tuple[float
                    and len(worker.table) >= result.cases):
             await asyncio.sleep(0.05)
         return fold_s, time.perf_counter() - t, result.cases
-
-
-def baseline_rate(bootstrap: str, n: int) -> float:
-    env = {**os.environ, "BOOTSTRAP": bootstrap, "N": str(n), "FETCH_WAIT_MS": "20"}
-    faust = shutil.which("faust", path=str(Path(sys.executable).parent)) or "faust"
-    out = subprocess.run([faust, "-A", "faust_baseline", "worker", "-l", "warn"], cwd=BASELINE_DIR,
-                         env=env, capture_output=True, text=True, timeout=1800)
-    m = re.search(r"faust_events_per_s=(\d+)", out.stdout + out.stderr)
-    if not m:
-        raise SystemExit(f"baseline printed no figure:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return float(m.group(1))
 
 
 def _settings(stack, **extra) -> Settings:  # noqa: ANN001

@@ -22,9 +22,14 @@ import uuid
 
 import asyncpg
 
-from bench.intake import intake_bodies, post
-from bench.stack import is_broker_process, peak_rss_mb
+from bench.intake import intake_bodies
+from bench.loadgen import open_loop
+from bench.stack import peak_rss_mb, tree_cpu_seconds
 from shared.auth import mint_token
+
+
+# the development mail sink stands in for a mail relay and an SMS gateway the system does not run
+NOT_COUNTED = frozenset({"mail-sink"})
 
 
 def _q(values: list[float], p: int) -> float:
@@ -35,50 +40,12 @@ def _q(values: list[float], p: int) -> float:
 
 
 async def steady_load(port: int, token: str, *, rate: float, seconds: float, connections: int = 32) -> dict:
-    """Open loop: request i starts at t0 + i/rate on a free keep-alive connection."""
-    head = (f"POST /v1/identifications HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {token}\r\nContent-Length: ").encode()
-    total = int(rate * seconds)
-    bodies = intake_bodies(total)
-    pool: asyncio.Queue = asyncio.Queue()
-    for _ in range(connections):
-        pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
-    answered: dict[str, float] = {}  # case id -> wall time the response arrived
-    post_ms: list[float] = []
-    errors: dict[int, int] = {}
-    late = 0
-
-    async def one(i: int) -> None:
-        reader, writer = await pool.get()
-        try:
-            t0 = time.perf_counter()
-            status, payload = await post(reader, writer, head, bodies[i])
-            t1 = time.perf_counter()
-            now = time.time()
-        finally:
-            pool.put_nowait((reader, writer))
-        if status != 201:
-            errors[status] = errors.get(status, 0) + 1
-            return
-        post_ms.append((t1 - t0) * 1000)
-        answered[json.loads(payload)["case_id"]] = now
-
-    start = time.perf_counter()
-    tasks = []
-    for i in range(total):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        elif delay < -0.05:
-            late += 1
-        tasks.append(asyncio.create_task(one(i)))
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
-    while not pool.empty():
-        _, writer = pool.get_nowait()
-        writer.close()
-    return {"answered": answered, "post_ms": sorted(post_ms), "errors": errors, "sent": total,
-            "achieved_rate": total / elapsed, "late_starts": late}
+    """Police identifications at a steady open-loop rate (bench.loadgen.open_loop); `answered`
+    maps each accepted case id to the wall time its response arrived."""
+    r = await open_loop(port, "/v1/identifications", intake_bodies(int(rate * seconds)),
+                        {"Authorization": f"Bearer {token}"}, rate=rate, seconds=seconds, connections=connections)
+    answered = {json.loads(payload)["case_id"]: at for payload, at in r.pop("answers")}
+    return {**r, "answered": answered, "post_ms": r.pop("latency_ms")}
 
 
 async def alert_latencies(database_url: str, answered: dict[str, float], *, timeout_s: float = 120,
@@ -174,28 +141,29 @@ async def handler_times(system) -> dict:  # noqa: ANN001
     return out
 
 
-def _cpu(pid: int) -> float:
-    from bench.intake import _pid_cpu
+def cpu_seconds(system, stack) -> dict[str, float]:  # noqa: ANN001
+    """CPU seconds so far of every process of the system (each service, the development mail
+    sink) and of the stack's broker and PostgreSQL (with their children), by name."""
+    out = {c.name: tree_cpu_seconds(c.proc.pid) for c in system.sup.children}
+    out.update(stack.infra_cpu_seconds())
+    return out
 
-    return _pid_cpu(pid)
+
+def cpu_since(before: dict[str, float], after: dict[str, float], *, per: float, scale: float = 1.0) -> dict[str, float]:
+    """(after - before) * scale / per, per process, rounded."""
+    return {name: round((after[name] - before[name]) * scale / per, 3) for name in before if name in after}
 
 
-async def _phase(system, database_url: str, token: str, *, rate: float, seconds: float, drain_s: float,
+async def _phase(system, stack, database_url: str, token: str, *, rate: float, seconds: float, drain_s: float,
                  log) -> dict:  # noqa: ANN001
-    from bench.intake import cpu_seconds
-
-    pids = {c.name: c.proc.pid for c in system.sup.children}
-    cpu0 = {n: _cpu(p) for n, p in pids.items()}
-    pg0 = cpu_seconds(lambda cmd: cmd.startswith("postgres"))
-    broker0 = cpu_seconds(is_broker_process)
+    cpu0 = cpu_seconds(system, stack)
     load = await steady_load(system.settings.intake_port, token, rate=rate, seconds=seconds)
     log(f"e2e: {len(load['answered'])} of {load['sent']} identifications accepted at "
         f"{load['achieved_rate']:.0f}/s; waiting for their alerts")
     alerts = await alert_latencies(database_url, load["answered"], timeout_s=drain_s)
     n = max(1, len(load["answered"]))
-    cpu = {name: round((_cpu(pid) - cpu0[name]) * 1000 / n, 2) for name, pid in pids.items()}
-    cpu["postgres (all)"] = round((cpu_seconds(lambda cmd: cmd.startswith("postgres")) - pg0) * 1000 / n, 2)
-    cpu["broker (all)"] = round((cpu_seconds(is_broker_process) - broker0) * 1000 / n, 2)
+    cpu = cpu_since(cpu0, cpu_seconds(system, stack), per=n, scale=1000)
+    counted = {k: v for k, v in cpu.items() if k not in NOT_COUNTED}
     hops = await hop_breakdown(database_url, load["answered"])
     ms, post = alerts["ms"], load["post_ms"]
     r = {"rate": rate, "seconds": seconds, "achieved_rate": load["achieved_rate"], "sent": load["sent"],
@@ -203,7 +171,8 @@ async def _phase(system, database_url: str, token: str, *, rate: float, seconds:
          "missing_alerts": alerts["missing"], "p50_ms": _q(ms, 50), "p99_ms": _q(ms, 99),
          "max_ms": ms[-1] if ms else float("nan"), "post_p50_ms": _q(post, 50), "post_p99_ms": _q(post, 99),
          "hops": hops, "cpu_ms_per_identification": cpu,
-         "cpu_ms_per_identification_total": round(sum(cpu.values()), 1)}
+         "cpu_ms_per_identification_total": round(sum(counted.values()), 2),
+         "cpu_ms_per_identification_not_counted": sorted(NOT_COUNTED & cpu.keys())}
     log(f"e2e at {rate:.0f}/s: alert p50 {r['p50_ms']:.0f} ms p99 {r['p99_ms']:.0f} ms, "
         f"{alerts['missing']} alerts missing after the drain; POST p99 {r['post_p99_ms']:.0f} ms")
     log(f"e2e at {rate:.0f}/s: CPU ms per identification by process: {cpu} "
@@ -213,20 +182,58 @@ async def _phase(system, database_url: str, token: str, *, rate: float, seconds:
     return r
 
 
-async def idle_cpu(system, *, seconds: float) -> dict[str, float]:  # noqa: ANN001
+async def quiesce(system, database_url: str, *, timeout_s: float = 120, log=print) -> bool:  # noqa: ANN001
+    """Wait until nothing is left to do: every outbox published, no e-mail or SMS pending, every
+    consumer group caught up. False when still busy after timeout_s."""
+    from shared.kafka import group_lag
+    from shared.topics import consumed_by
+
+    groups = {system.settings.group_id(g) for g in consumed_by()}
+    conn = await asyncpg.connect(database_url)
+    try:
+        schemas = [r[0] for r in await conn.fetch(
+            "select table_schema from information_schema.tables where table_name = 'outbox'")]
+        deadline = time.time() + timeout_s
+        while True:
+            busy = sum([await conn.fetchval(f"select count(*) from {s}.outbox where published_at is null")
+                        for s in schemas])
+            busy += await conn.fetchval("select count(*) from notifications.notifications where status = 'pending'")
+            if not busy:
+                busy = sum(max(0, p.lag) for p in await group_lag(system.settings, groups))
+            if not busy:
+                return True
+            if time.time() > deadline:
+                log(f"e2e: still {busy} rows or events to process after {timeout_s:.0f} s; measuring idle anyway")
+                return False
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+
+
+def _profile(system, seconds: float) -> list:  # noqa: ANN001
+    """With PROFILE_DIR set: `py-spy record` of every service during the idle window (raw
+    collapsed stacks, non-blocking, 50 Hz), for finding what polls."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = os.environ.get("PROFILE_DIR")
+    if not out:
+        return []
+    Path(out).mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).parent / "py-spy")
+    return [subprocess.Popen([spy, "record", "--nonblocking", "-r", "50", "-d", str(int(seconds)), "-f", "raw",
+                              "-o", f"{out}/{c.name}.txt", "--pid", str(c.proc.pid)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for c in system.sup.children if c.name != "mail-sink"]
+
+
+async def idle_cpu(system, stack, *, seconds: float) -> dict[str, float]:  # noqa: ANN001
     """CPU cores each process burns with no load at all (polling: fetch waits, relay and
     delivery polls, faust's timers)."""
-    from bench.intake import cpu_seconds
-
-    pids = {c.name: c.proc.pid for c in system.sup.children}
-    cpu0 = {n: _cpu(p) for n, p in pids.items()}
-    pg0 = cpu_seconds(lambda cmd: cmd.startswith("postgres"))
-    broker0 = cpu_seconds(is_broker_process)
+    before = cpu_seconds(system, stack)
     await asyncio.sleep(seconds)
-    out = {name: round((_cpu(pid) - cpu0[name]) / seconds, 3) for name, pid in pids.items()}
-    out["postgres (all)"] = round((cpu_seconds(lambda cmd: cmd.startswith("postgres")) - pg0) / seconds, 3)
-    out["broker (all)"] = round((cpu_seconds(is_broker_process) - broker0) / seconds, 3)
-    return out
+    return cpu_since(before, cpu_seconds(system, stack), per=seconds)
 
 
 async def run(stack, *, phases: list[tuple[float, float]] = ((10, 20), (100, 60)), drain_s: float = 180,
@@ -236,8 +243,9 @@ async def run(stack, *, phases: list[tuple[float, float]] = ((10, 20), (100, 60)
 
     database_url = await stack.new_database("bench_e2e")
     extra = {"KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap, "DATABASE_URL": database_url,
+             "CLMS_BROKER_KIND": stack.broker_kind,
              "CLMS_TOPIC_PREFIX": f"e2e{uuid.uuid4().hex[:6]}.", "KAFKA_FETCH_MAX_WAIT_MS": stack.fetch_wait_ms,
-             "LOG_JSON": "true", "LOG_LEVEL": "WARNING",
+             "LOG_JSON": "true", "LOG_LEVEL": "WARNING", "KAFKA_SESSION_TIMEOUT_S": "10",  # as `make run`
              # one principal from one address measures throughput, not the rate limits
              "WRITE_RATE_LIMIT_PRINCIPAL": "100000/second", "WRITE_RATE_LIMIT_ADDRESS": "100000/second",
              **(extra_env or {})}
@@ -248,16 +256,20 @@ async def run(stack, *, phases: list[tuple[float, float]] = ((10, 20), (100, 60)
         # Warm-up: a few identifications through every hop (first-use costs out of the figure).
         warm = await steady_load(system.settings.intake_port, token, rate=10, seconds=2)
         await alert_latencies(database_url, warm["answered"], timeout_s=60)
-        idle = await idle_cpu(system, seconds=idle_s)
+        await quiesce(system, database_url, log=log)
+        spies = _profile(system, idle_s)
+        idle = await idle_cpu(system, stack, seconds=idle_s)
+        for spy in spies:
+            spy.wait(30)
         log(f"e2e: idle CPU (cores) by process with no load for {idle_s:.0f} s: {idle} "
             f"(total {sum(idle.values()):.2f})")
-        results = [await _phase(system, database_url, token, rate=rate, seconds=seconds, drain_s=drain_s, log=log)
+        results = [await _phase(system, stack, database_url, token, rate=rate, seconds=seconds, drain_s=drain_s, log=log)
                    for rate, seconds in phases]
         handlers = await handler_times(system)
         log(f"e2e: mean handler ms per event (whole run): {handlers}")
         rss = {c.name: peak_rss_mb(c.proc.pid) for c in system.sup.children if c.name != "mail-sink"}
     return {"phases": results, "handler_ms": handlers, "peak_rss_mb": rss, "idle_cpu_cores": idle,
-            "idle_cpu_cores_total": round(sum(idle.values()), 2)}
+            "idle_cpu_cores_total": round(sum(idle.values()), 3)}
 
 
 async def main() -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.loadgen import closed_loop
 from shared.auth import mint_token
 from shared.embedded import free_port
 from shared.kafka import ensure_topics
@@ -71,55 +72,6 @@ def intake_bodies(n: int) -> list[bytes]:
 
 
 BASELINE_BODY = b'{"municipality":"prishtine","age":12,"sex":"F","form":"street_work"}'
-
-
-async def post(reader, writer, head: bytes, body: bytes) -> tuple[int, bytes]:  # noqa: ANN001
-    """One HTTP/1.1 POST on a kept-alive connection: (status, body)."""
-    writer.write(head + str(len(body)).encode() + b"\r\n\r\n" + body)
-    await writer.drain()
-    status_line = await reader.readline()
-    length = 0
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b""):
-            break
-        if line[:15].lower() == b"content-length:":
-            length = int(line[15:].strip())
-    payload = await reader.readexactly(length) if length else b""
-    return int(status_line.split()[1]), payload
-
-
-async def load(port: int, path: str, bodies: list[bytes], headers: dict[str, str], *, duration: float,
-               warmup: float, concurrency: int) -> dict:
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "Content-Length: ").encode()
-    latencies: list[float] = []
-    errors: dict[int, int] = {}
-    counter = iter(range(10**9))
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + duration
-
-    async def client() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= stop_at:
-                    return
-                status, _ = await post(reader, writer, head, bodies[next(counter) % len(bodies)])
-                t1 = time.perf_counter()
-                if status != 201:
-                    errors[status] = errors.get(status, 0) + 1
-                elif t0 >= measure_from:
-                    latencies.append(t1 - t0)
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    latencies.sort()
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 100 else [float("nan")] * 99
-    return {"rps": len(latencies) / duration, "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000,
-            "n": len(latencies), "errors": errors, "n_all": next(counter)}
 
 
 def cpu_seconds(match) -> float:  # noqa: ANN001
@@ -221,11 +173,13 @@ async def run(stack, *, duration: float = DURATION, warmup: float = WARMUP, roun
         server_cpu = _pid_cpu
 
         def pg_cpu() -> float:
-            return cpu_seconds(lambda cmd: cmd.startswith("postgres"))
+            # the stack's own PostgreSQL when it started one (not other databases on the machine)
+            own = stack.infra_cpu_seconds().get("postgres")
+            return own if own is not None else cpu_seconds(lambda cmd: cmd.startswith("postgres"))
 
         async def measured(pid: int, *args, **kw) -> dict:  # noqa: ANN002, ANN003
             s0, p0 = server_cpu(pid), pg_cpu()
-            result = await load(*args, **kw)
+            result = await closed_loop(*args, **kw)
             total = result["n_all"] or 1
             result["server_ms"] = (server_cpu(pid) - s0) * 1000 / total
             result["pg_ms"] = (pg_cpu() - p0) * 1000 / total

@@ -13,9 +13,7 @@ process spends (`time.process_time`: the worker, its relay and this loop's polli
 and the broker are not in it) per event: `referral_cpu_ms_per_event`.
 
 Both waits print their progress every `PROGRESS_S` seconds. The referral wait gives up only when
-nothing was applied for `STALL_S` seconds; the baseline (a faust worker in its own process) gets
-`BASELINE_TIMEOUT_S` per attempt and `BASELINE_ATTEMPTS` attempts (a fresh group and topics each);
-its topics are made before it starts (`_declare_baseline_topics` says why).
+nothing was applied for `STALL_S` seconds; the baseline is `bench.baseline.faust_rate` (its topics are made before it starts).
 
     PROFILE=/tmp/referral.svg .venv/bin/python -m bench.referral   # py-spy flame graph of the burst
     PROFILE=/tmp/referral.txt ...                                   # the same as collapsed stacks
@@ -28,18 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import asyncpg
 
+from bench.baseline import faust_rate as baseline_rate
 from services.referral.app import create_app
 from shared.kafka import ensure_topics, make_producer
 from shared.settings import Settings
@@ -48,11 +45,8 @@ from tests import builders
 from tests.apps import running
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE_DIR = Path(os.environ.get("BASELINE_DIR", ROOT.parent / "shared" / "baselines"))
 PROGRESS_S = float(os.environ.get("PROGRESS_S", "15"))
 STALL_S = float(os.environ.get("STALL_S", "180"))
-BASELINE_TIMEOUT_S = float(os.environ.get("BASELINE_TIMEOUT_S", "300"))
-BASELINE_ATTEMPTS = int(os.environ.get("BASELINE_ATTEMPTS", "3"))
 
 
 async def preload(settings: Settings, n: int) -> None:
@@ -125,66 +119,6 @@ async def referral_rate(settings: Settings, n: int) -> dict:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)
             await conn.close()
-
-
-async def _declare_baseline_topics(bootstrap: str, run: str) -> None:
-    """The baseline's source and output topics, made before its worker starts. Left to the
-    baseline, the source topic was created by its preload task while the worker's group was
-    forming; the group leader's metadata did not have it yet, so the group settled (state Stable)
-    with an assignment without the source topic, and the worker waited for events it never read
-    until the bench's timeout (seen here: the member's assignment listed only the changelog and
-    the assignor topics)."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(f"fb-{kind}-{run}", num_partitions=6, replication_factor=1)
-                                   for kind in ("src", "out")])
-    finally:
-        await admin.close()
-
-
-def _baseline_once(bootstrap: str, n: int, timeout_s: float) -> float | None:
-    """One run of the faust baseline (a fresh group and topics); None when it printed no figure
-    within `timeout_s` (its process group is then killed)."""
-    run = uuid.uuid4().hex[:6]
-    asyncio.run(_declare_baseline_topics(bootstrap, run))
-    env = {**os.environ, "BOOTSTRAP": bootstrap, "N": str(n), "FETCH_WAIT_MS": "20", "RUN": run}
-    faust = shutil.which("faust", path=str(Path(sys.executable).parent)) or "faust"
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([faust, "-A", "faust_baseline", "worker", "-l", "warn"], cwd=BASELINE_DIR,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        started = time.monotonic()
-        try:
-            while proc.poll() is None and time.monotonic() - started < timeout_s:
-                try:
-                    proc.wait(timeout=PROGRESS_S)
-                except subprocess.TimeoutExpired:
-                    print(f"baseline: still running after {time.monotonic() - started:.0f} s", flush=True)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        out.seek(0)
-        text = out.read()
-    m = re.search(r"faust_events_per_s=(\d+)", text)
-    if not m:
-        print(f"baseline: no figure after {time.monotonic() - started:.0f} s; last output:\n{text[-1500:]}",
-              flush=True)
-        return None
-    return float(m.group(1))
-
-
-def baseline_rate(bootstrap: str, n: int) -> float:
-    """The bare faust baseline's events/s on the same broker: up to `BASELINE_ATTEMPTS` runs."""
-    for attempt in range(1, BASELINE_ATTEMPTS + 1):
-        rate = _baseline_once(bootstrap, n, BASELINE_TIMEOUT_S)
-        if rate is not None:
-            return rate
-        print(f"baseline: attempt {attempt} of {BASELINE_ATTEMPTS} gave no figure", flush=True)
-    raise SystemExit(f"the faust baseline gave no figure in {BASELINE_ATTEMPTS} attempts of "
-                     f"{BASELINE_TIMEOUT_S:.0f} s (BASELINE_TIMEOUT_S, BASELINE_ATTEMPTS)")
 
 
 async def run(stack, *, n: int = 3000, baseline_n: int = 10000) -> dict:  # noqa: ANN001

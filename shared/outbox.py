@@ -5,7 +5,11 @@
 - `OutboxRelay` publishes unpublished rows in `seq` order (one active relay per schema, chosen
   with an advisory lock), waits for the broker's acks, then marks them published. A broker
   outage leaves rows waiting; a crash between send and mark sends them again, and every
-  consumer dedupes on the event id.
+  consumer dedupes on the event id. It does not poll busily: a writer in the same process rings
+  `wake()` after its commit, a replica that does not hold the lock passes its ring on to the one
+  that does (`NOTIFY` on the lock holder's connection), and with nothing to publish the poll
+  interval doubles up to `idle_poll_max_s` (a row written without a ring, by a tool, waits at
+  most that long when the system is idle).
 - `claim(conn, ...)` records an applied event id in `<schema>.inbox` in the consumer's
   transaction; it returns False when the event was applied before.
 - `run_retention(...)`, started by every service that owns an outbox and an inbox, removes
@@ -82,6 +86,7 @@ class OutboxRelay:
         batch_size: int = 500,
         on_published: Callable[[int], None] | None = None,
         send_timeout_s: float = 30.0,
+        idle_poll_max_s: float = 1.0,
     ):
         self.pool = pool
         self.schema = schema
@@ -91,11 +96,36 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.on_published = on_published
         self.send_timeout_s = send_timeout_s
+        self.idle_poll_max_s = max(idle_poll_max_s, poll_interval_s)
         self._wake = Wakeup()
+        self._interval = poll_interval_s
+        self._holds_lock = False
+        self._passing_on: asyncio.Task | None = None
         self.published_total = 0
 
+    @property
+    def channel(self) -> str:
+        return f"clms_outbox_{self.schema}"
+
     def wake(self) -> None:
-        """Tell the relay new rows are committed (saves waiting for the next poll)."""
+        """Tell the relay new rows are committed (saves waiting for the next poll). In a replica
+        that is not the relay, the ring is passed on to the one that is (one NOTIFY at a time)."""
+        self._wake.ring()
+        if self._holds_lock or (self._passing_on is not None and not self._passing_on.done()):
+            return
+        try:
+            self._passing_on = asyncio.get_running_loop().create_task(self._notify_relay())
+        except RuntimeError:  # no running loop: the poll picks the rows up
+            pass
+
+    async def _notify_relay(self) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute("select pg_notify($1, '')", self.channel)
+        except Exception as exc:  # noqa: BLE001 - the relay's poll picks the rows up anyway
+            log.debug("could not notify the %s outbox relay (%s)", self.schema, type(exc).__name__)
+
+    def _on_notify(self, *_: object) -> None:
         self._wake.ring()
 
     async def run(self) -> None:
@@ -111,13 +141,17 @@ class OutboxRelay:
                             released = True
                             await asyncio.sleep(1.0)  # another replica is the relay
                             continue
+                        await lock_conn.add_listener(self.channel, self._on_notify)
+                        self._holds_lock = True
                         try:
                             while True:
                                 n = await self.publish_batch()
                                 backoff = 0.2
                                 if n < self.batch_size:
-                                    await self._sleep()
+                                    await self._sleep(found=n > 0)
                         finally:
+                            self._holds_lock = False
+                            await lock_conn.remove_listener(self.channel, self._on_notify)
                             await lock_conn.execute("select pg_advisory_unlock($1)", _lock_key(self.schema))
                             released = True
                     finally:
@@ -133,8 +167,10 @@ class OutboxRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
 
-    async def _sleep(self) -> None:
-        await self._wake.wait(self.poll_interval_s)
+    async def _sleep(self, *, found: bool = True) -> None:
+        self._interval = next_poll_interval(self._interval, found=found, base=self.poll_interval_s,
+                                            ceiling=self.idle_poll_max_s)
+        await self._wake.wait(self._interval)
 
     async def publish_batch(self) -> int:
         async with self.pool.acquire() as conn:
@@ -158,6 +194,12 @@ class OutboxRelay:
         if self.on_published:
             self.on_published(len(rows))
         return len(rows)
+
+
+def next_poll_interval(current: float, *, found: bool, base: float, ceiling: float) -> float:
+    """The relay's next poll interval: `base` after a poll that found rows, else twice the last
+    one, up to `ceiling` (an idle relay polls about once per `ceiling`, not 1/base times a second)."""
+    return base if found else min(ceiling, max(base, current * 2))
 
 
 async def _publish_rows(producer: AIOKafkaProducer, topics: Topics, rows: list[asyncpg.Record]) -> None:

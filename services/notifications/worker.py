@@ -1,7 +1,7 @@
 """faust agent: referral events -> notifications (thin loop; the work is `service.record_events`
 and `service.record_event`).
 
-Events are taken in batches (`stream.noack_take`) and applied in one transaction
+Events are taken in batches (`shared.streams.noack_batches`) and applied in one transaction
 (`handle_many`); if that fails, the batch is handled again one event at a time through
 `StreamProcessor` (`handle`), so a transient error is retried and only a bad event is
 dead-lettered. Undecodable messages never enter a batch. Delivery (e-mail, SMS) is not on this
@@ -28,7 +28,7 @@ from services.notifications.deps import Deps
 from services.notifications.service import Cause
 from shared.events import Envelope
 from shared.metrics import CONSUMED, PROCESSING
-from shared.streams import StreamProcessor, envelope_topic
+from shared.streams import StreamProcessor, envelope_topic, noack_batches
 from shared.topics import Topic, Topics
 
 log = logging.getLogger("clms.notifications.worker")
@@ -81,7 +81,7 @@ def register(app: faust.App, *, topics: Topics, group: str, handle: Handle,
 
     @app.agent(envelope_topic(app, topics, Topic.referral_events), concurrency=1, name="referral-events")
     async def referral_events(stream: faust.StreamT) -> None:
-        async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in noack_batches(stream, BATCH_MAX, within=BATCH_WITHIN_S):
             await handle_batch(list(events), stream.ack)
 
     return proc

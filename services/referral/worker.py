@@ -5,7 +5,8 @@ Events are taken in small batches and applied in one transaction; if that fails,
 handled again one event at a time through `StreamProcessor`, so a transient error is retried and
 only a bad event is dead-lettered. Undecodable messages never enter a batch.
 
-Acks: the batches come from faust's `noack_take`, and each event is acked here only once it was
+Acks: the batches come from `shared.streams.noack_batches` (faust's `noack_take` without its
+idle timer), and each event is acked here only once it was
 applied (its batch committed, or it was applied on its own) or dead-lettered. faust's
 `take_events` would ack every event of a batch in a `finally`, also when the worker was stopped
 or failed in the middle of the batch, so events never applied would be committed and lost. An
@@ -26,7 +27,7 @@ from services.referral.deps import Deps
 from shared.events import Envelope
 from shared.kafka import DeadLetter
 from shared.settings import Settings
-from shared.streams import StreamProcessor, Undecodable, envelope_topic, make_faust_app
+from shared.streams import StreamProcessor, Undecodable, envelope_topic, make_faust_app, noack_batches
 from shared.topics import Topic, Topics
 
 log = logging.getLogger("clms.referral.worker")
@@ -81,7 +82,7 @@ def build_worker(settings: Settings, deps: Deps,
     @app.agent(envelope_topic(app, topics, Topic.case_events), concurrency=1,
                name="referral.route-case-events")
     async def route_case_events(stream):  # noqa: ANN001 - faust stream
-        async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in noack_batches(stream, BATCH_MAX, within=BATCH_WITHIN_S):
             await handle_batch(list(events), stream.ack)
 
     return app, proc
