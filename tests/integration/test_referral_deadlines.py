@@ -53,8 +53,8 @@ class Clock:
         it has read the time twice since now, the first of those scans has finished and its
         transaction is committed."""
         since = self()
-        await wait_until(lambda: sum(t >= since for t in self.scans) >= 2, timeout_s=timeout_s,
-                         what=f"the deadline scanner (task {SCANNER_TASK!r}) to finish a scan at {since:%Y-%m-%d %H:%M}")
+        what = f"the deadline scanner (task {SCANNER_TASK!r}) to finish a scan at {since:%Y-%m-%d %H:%M}"
+        await wait_until(lambda: sum(t >= since for t in self.scans) >= 2, timeout_s=timeout_s, what=what)
 
 
 async def test_an_overdue_referral_is_escalated_once_across_restarts(env):
