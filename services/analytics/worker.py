@@ -87,22 +87,37 @@ class Worker:
         """Send every changed partial and wait until the broker has them."""
         assert self.producer is not None
         dirty, self.dirty = sorted(self.dirty), set()
-        futures = [await self.producer.send(self.partials_topic, self.partials[p].to_bytes(), key=partition_key(p))
-                   for p in dirty if p in self.partials]
-        await asyncio.gather(*futures)
+        try:
+            futures = [await self.producer.send(self.partials_topic, self.partials[p].to_bytes(),
+                                                key=partition_key(p)) for p in dirty if p in self.partials]
+            await asyncio.gather(*futures)
+        except Exception:
+            self.dirty.update(dirty)  # sent again (whole, the latest) on the next try
+            raise
 
     async def publish_forever(self) -> None:
+        backoff = PUBLISH_EVERY_S
         while True:
             await self.wake.wait()
             self.wake.clear()
-            await self.publish()
-            await asyncio.sleep(PUBLISH_EVERY_S)  # coalesce a burst into one record per partition
+            try:
+                await self.publish()
+                backoff = PUBLISH_EVERY_S
+            except Exception as exc:  # noqa: BLE001 - broker away: the partials wait, then go again
+                log.warning("publishing the analytics partials failed (%s); retrying in %.1fs",
+                            type(exc).__name__, backoff)
+                self.wake.set()
+                backoff = min(5.0, backoff * 2)
+            await asyncio.sleep(backoff)  # coalesce a burst into one record per partition
 
     async def hand_over(self, revoked: set[int]) -> None:
         """Partitions revoked: publish their last changes, wait until the broker has them, then
         stop counting them (the new owner publishes them after its recovery)."""
         if self.producer is not None:
-            await self.publish()
+            try:
+                await self.publish()
+            except Exception as exc:  # noqa: BLE001 - the new owner publishes them after its recovery
+                log.warning("last analytics partials before a rebalance not sent (%s)", type(exc).__name__)
         for p in revoked:
             self.partials.pop(p, None)
 
@@ -127,8 +142,7 @@ def build_worker(deps: Deps, *, name: str = "analytics") -> Worker:
 
     table = declare_tables(app, on_changelog_event=recovered_record)
     worker = Worker(app=app, table=table, source_topics=frozenset(topics.name(t) for t in SOURCE_TOPICS),
-                    producer=make_producer(settings, linger_ms=5, compression_type="gzip",
-                                           max_request_size=MAX_RECORD_BYTES),
+                    producer=make_producer(settings, linger_ms=5, max_request_size=MAX_RECORD_BYTES),
                     partials_topic=partials_topic(settings, name))
     _fold_agent(worker, deps, topics, name)
 

@@ -3,8 +3,8 @@ the running apps on the real broker and PostgreSQL, and compared with the answer
 policy (shared/access_policy.yaml via shared.access).
 
 - The routes are enumerated from the apps (`app.routes`); a route the policy file has no rule
-  for, or that this walk has no probe for, fails the test, so a new route cannot slip in
-  without a rule.
+  for, or that this walk has no probe for, fails a test of its own, naming the route, so a new
+  route cannot slip in without a rule.
 - Principals: no token (public), and a token of each agency with each role (one role per
   token, so each grant is exercised on its own, including roles the agency may not hold) for
   the resource's own office, another office of the same municipality (the other agencies of
@@ -14,6 +14,7 @@ policy (shared/access_policy.yaml via shared.access).
   change nothing), the CSW referral of case A (closed with it), the caller's own inbox.
 - A refusal must be exactly the policy's (401 without a token, 403 with one); an allowed call
   must give the route's answer for an allowed caller (200, 201, or the 409/404 of the state).
+  A failure lists each route with the principals it answered wrongly.
 - The workspace (pages for people, sessions instead of tokens) is walked without a session:
   its public pages answer, every other page sends the visitor to sign in; what a signed-in
   user sees is decided by the APIs above with the user's token.
@@ -244,69 +245,52 @@ async def first_status(app, method: str, url: str, headers: dict[str, str], para
             await task
 
 
-async def test_every_route_answers_what_the_policy_says_for_every_agency_role_and_scope(env):
+def service_apps(settings, notifications_settings=None) -> dict[str, Any]:
+    """The four services' apps, not started (`create_app` does no I/O)."""
+    return {"intake": intake_app(settings), "referral": referral_app(settings),
+            "notifications": notifications_app(notifications_settings or settings),
+            "analytics": analytics_app(settings)}
+
+
+async def test_every_route_of_the_services_and_the_workspace_has_a_rule_in_the_policy(env):
     p = policy()
+    apps = {**service_apps(env), "workspace": workspace_app(env)}
+    missing = [f"{name}: {m} {path}" for name, app in apps.items()
+               for m, path in sorted(app_routes(app)) if p.route_actions(name, m, path) is None]
+    assert not missing, "routes without a rule in shared/access_policy.yaml: " + "; ".join(missing)
+
+
+async def test_every_route_of_the_services_has_a_probe_in_the_walk(env):
+    case_resource = referral_resource = Resource(municipality="prizren")
+    probed = {(t.service, t.method, t.route)
+              for t in probes(str(uuid.uuid4()), str(uuid.uuid4()), case_resource, referral_resource)}
+    missing = [f"{name}: {m} {path}" for name, app in service_apps(env).items()
+               for m, path in sorted(app_routes(app)) if (name, m, path) not in probed]
+    assert not missing, "routes with a rule but no probe in this walk (add one to `probes`): " + "; ".join(missing)
+
+
+async def test_every_route_answers_what_the_policy_says_for_every_agency_role_and_scope(env):
     async with contextlib.AsyncExitStack() as stack:
-        sink, nsettings = await stack.enter_async_context(sink_and_settings(env))
-        apps = {"intake": intake_app(env), "referral": referral_app(env),
-                "notifications": notifications_app(nsettings), "analytics": analytics_app(env)}
-        workspace = workspace_app(env)
-
-        # --- every route has a rule, and a probe ----------------------------------------------
-        missing = [f"{name}: {m} {path}" for name, app in {**apps, "workspace": workspace}.items()
-                   for m, path in sorted(app_routes(app)) if p.route_actions(name, m, path) is None]
-        assert not missing, "routes without a rule in shared/access_policy.yaml: " + "; ".join(missing)
-
+        _, nsettings = await stack.enter_async_context(sink_and_settings(env))
+        apps = service_apps(env, nsettings)
         clients = {name: await stack.enter_async_context(running(app)) for name, app in apps.items()}
-        ws = await stack.enter_async_context(running(workspace))
-
-        # --- case A: Prizren police report it, CSW and education get referrals, then it closes ----
-        police = bearer(env, sub="police.prizren.duty", agency="police", municipality="prizren",
-                        roles=["reporter", "caseworker"])
-        r = await clients["intake"].post("/v1/identifications", json=identification("prizren"), headers=police)
-        assert r.status_code == 201, r.text
-        case_id = r.json()["case_id"]
         conn = await asyncpg.connect(env.database_url)
         stack.push_async_callback(conn.close)
-
-        async def holders():
-            rows = await conn.fetch("select agency from intake.case_access where case_id = $1", uuid.UUID(case_id))
-            return {r["agency"] for r in rows} >= {"csw", "education"} or None
-        await wait_until(holders, timeout_s=60, what="intake to learn the csw and education referrals")
-        coordinator = bearer(env, sub="coordinator.prizren", agency="coordinator", municipality="prizren",
-                             roles=["coordinator"])
-        r = await clients["intake"].post(f"/v1/cases/{case_id}/events", headers=coordinator,
-                                         json={"type": "closed", "on": TODAY, "reason": "resolved"})
-        assert r.status_code == 201, r.text
-        referral_id = await conn.fetchval("select referral_id from referral.referral where case_id = $1 "
-                                          "and agency = 'csw'", uuid.UUID(case_id))
-
-        async def referrals_closed():
-            n = await conn.fetchval("select count(*) from referral.referral where case_id = $1 "
-                                    "and status <> 'closed'", uuid.UUID(case_id))
-            return n == 0
-        await wait_until(referrals_closed, timeout_s=60, what="the referrals to close with the case")
+        case_id, referral_id = await closed_case_a(env, clients, conn)
         await wait_until(_ready(clients["analytics"]), timeout_s=90, what="analytics to be ready")
 
         case_resource = Resource(municipality="prizren", offices=frozenset(
             {("police", "prizren"), ("csw", "prizren"), ("education", "prizren")}),
             facts={"worst_form": False, "open_referral_agencies": []})
         referral_resource = Resource(municipality="prizren", offices=frozenset({("csw", "prizren")}))
-        table = probes(case_id, str(referral_id), case_resource, referral_resource)
-
-        probed = {(t.service, t.method, t.route) for t in table}
-        for name, app in apps.items():
-            for m, path in app_routes(app):
-                assert (name, m, path) in probed, f"{name}: {m} {path} has a rule but no probe in this walk"
-
-        # --- the walk ----------------------------------------------------------------------------
-        wrong: list[str] = []
+        table = probes(case_id, referral_id, case_resource, referral_resource)
+        everyone = principals()
+        wrong: dict[str, list[str]] = {}  # route -> the principals it answered wrongly, and how
         counts = {"allowed": 0, "refused": 0}
         gate = asyncio.Semaphore(8)
 
         async def one(probe: Probe, who: Principal) -> None:
-            claims = who.claims
-            expected = probe.expect(claims)
+            expected = probe.expect(who.claims)
             headers = who.headers(env)
             async with gate:
                 if probe.stream:
@@ -315,43 +299,103 @@ async def test_every_route_answers_what_the_policy_says_for_every_agency_role_an
                     r = await clients[probe.service].request(probe.method, probe.url, headers=headers,
                                                              json=probe.body, params=probe.params)
                     status = r.status_code
-            if expected.allowed:
-                counts["allowed"] += 1
-                if status not in probe.ok:
-                    wrong.append(f"{who} {probe.method} {probe.service}{probe.url} {probe.body or ''}: "
-                                 f"policy allows ({expected.reason}), got {status}")
+            counts["allowed" if expected.allowed else "refused"] += 1
+            if expected.allowed and status not in probe.ok:
+                why = f"the policy allows ({expected.reason}), got {status}"
+            elif not expected.allowed and status != expected.status:
+                why = f"the policy says {expected.status} ({expected.reason}), got {status}"
             else:
-                counts["refused"] += 1
-                if status != expected.status:
-                    wrong.append(f"{who} {probe.method} {probe.service}{probe.url} {probe.body or ''}: "
-                                 f"policy says {expected.status}, got {status}")
+                return
+            route = f"{probe.service} {probe.method} {probe.route} {probe.body or ''}{probe.params or ''}".rstrip()
+            wrong.setdefault(route, []).append(f"{who}: {why}")
 
-        everyone = principals()
         await asyncio.gather(*(one(probe, who) for probe in table for who in everyone))
-        assert not wrong, f"{len(wrong)} answers differ from the policy:\n" + "\n".join(wrong[:40])
-        print(f"[access walk] {len(table)} probes x {len(everyone)} principals: "
-              f"{counts['allowed']} allowed, {counts['refused']} refused, as the policy says")
-        assert counts["allowed"] > 0 and counts["refused"] > 0
+    assert not wrong, (f"{sum(map(len, wrong.values()))} answers on {len(wrong)} routes differ from the policy:\n"
+                       + "\n".join(f"{route}\n  " + "\n  ".join(sorted(whos)[:10])
+                                   + (f"\n  ... and {len(whos) - 10} more" if len(whos) > 10 else "")
+                                   for route, whos in sorted(wrong.items())))
+    print(f"[access walk] {len(table)} probes x {len(everyone)} principals: "
+          f"{counts['allowed']} allowed, {counts['refused']} refused, as the policy says")
+    assert counts["allowed"] > 0 and counts["refused"] > 0
 
-        # --- the workspace without a session: public pages answer, the rest asks to sign in ---------
-        for m, path in sorted(app_routes(workspace)):
-            actions = p.route_actions("workspace", m, path) or p.route_actions("every_service", m, path)
-            url = (path.replace("{case_id}", case_id).replace("{referral_id}", str(referral_id))
-                   .replace("{alert_id}", str(uuid.uuid4())).replace("{action}", "acknowledge"))
-            if path == "/static":
-                url = "/static/style.css"
+
+async def closed_case_a(env, clients: dict[str, httpx.AsyncClient], conn: asyncpg.Connection) -> tuple[str, str]:
+    """Case A: Prizren police report it, CSW and education get referrals, then the coordinator
+    closes it and its referrals close with it. Returns the case id and the CSW referral's id."""
+    police = bearer(env, sub="police.prizren.duty", agency="police", municipality="prizren",
+                    roles=["reporter", "caseworker"])
+    r = await clients["intake"].post("/v1/identifications", json=identification("prizren"), headers=police)
+    assert r.status_code == 201, r.text
+    case_id = r.json()["case_id"]
+
+    async def holders():
+        rows = await conn.fetch("select agency from intake.case_access where case_id = $1", uuid.UUID(case_id))
+        return {r["agency"] for r in rows} >= {"csw", "education"} or None
+    await wait_until(holders, timeout_s=60, what="intake to learn the csw and education referrals")
+    coordinator = bearer(env, sub="coordinator.prizren", agency="coordinator", municipality="prizren",
+                         roles=["coordinator"])
+    r = await clients["intake"].post(f"/v1/cases/{case_id}/events", headers=coordinator,
+                                     json={"type": "closed", "on": TODAY, "reason": "resolved"})
+    assert r.status_code == 201, r.text
+    referral_id = await conn.fetchval("select referral_id from referral.referral where case_id = $1 "
+                                      "and agency = 'csw'", uuid.UUID(case_id))
+
+    async def referrals_closed():
+        n = await conn.fetchval("select count(*) from referral.referral where case_id = $1 "
+                                "and status <> 'closed'", uuid.UUID(case_id))
+        return n == 0
+    await wait_until(referrals_closed, timeout_s=60, what="the referrals to close with the case")
+    return case_id, str(referral_id)
+
+
+def workspace_walk(env) -> list[tuple[str, str, str, bool]]:
+    """(method, route, url, public) of every workspace route, with made-up ids: without a
+    session no page gets as far as reading a case."""
+    p = policy()
+    out = []
+    for m, path in sorted(app_routes(workspace_app(env))):
+        actions = p.route_actions("workspace", m, path) or p.route_actions("every_service", m, path)
+        url = (path.replace("{case_id}", str(uuid.uuid4())).replace("{referral_id}", str(uuid.uuid4()))
+               .replace("{alert_id}", str(uuid.uuid4())).replace("{action}", "acknowledge"))
+        if path == "/static":
+            url = "/static/style.css"
+        out.append((m, path, url, all(p.allowed(None, a) for a in actions)))
+    return out
+
+
+def to_signin(r: httpx.Response) -> bool:
+    return r.status_code in (302, 303, 307) and r.headers.get("location", "").startswith("/signin")
+
+
+async def test_the_workspaces_public_pages_answer_without_a_session(env):
+    wrong = []
+    async with running(workspace_app(env)) as ws:
+        for m, path, url, public in workspace_walk(env):
+            if not public:
+                continue
             r = await ws.request(m, url, follow_redirects=False)
-            to_signin = r.status_code in (302, 303, 307) and r.headers.get("location", "").startswith("/signin")
-            public = all(p.allowed(None, a) for a in actions)
+            # reached without a session (`/` itself sends a visitor without one to sign in; the
+            # sign-in forms' own CSRF and OIDC-state checks refuse a forged request with 403)
+            if not (r.status_code < 500 and (path == "/" or not to_signin(r))):
+                wrong.append(f"workspace {m} {path} ({url}) without a session: got {r.status_code} "
+                             f"{r.headers.get('location', '')}".rstrip())
+    assert not wrong, "public workspace pages that do not answer without a session:\n" + "\n".join(wrong)
+
+
+async def test_the_workspaces_other_pages_send_a_visitor_without_a_session_to_sign_in(env):
+    wrong, checked = [], 0
+    async with running(workspace_app(env)) as ws:
+        for m, path, url, public in workspace_walk(env):
             if public:
-                # reached without a session (`/` itself sends a visitor without one to sign in; the
-                # sign-in forms' own CSRF and OIDC-state checks refuse a forged request with 403)
-                assert r.status_code < 500 and (path == "/" or not to_signin), f"workspace {m} {path}: {r.status_code}"
-            else:
-                # to the sign-in page, a refusal, or (the live inbox) 204: EventSource stops, no data
-                empty = r.status_code == 204 and not r.content
-                assert to_signin or empty or r.status_code in (401, 403), \
-                    f"workspace {m} {path} answered {r.status_code} without a session"
+                continue
+            checked += 1
+            r = await ws.request(m, url, follow_redirects=False)
+            # to the sign-in page, a refusal, or (the live inbox) 204: EventSource stops, no data
+            empty = r.status_code == 204 and not r.content
+            if not (to_signin(r) or empty or r.status_code in (401, 403)):
+                wrong.append(f"workspace {m} {path} ({url}): answered {r.status_code} without a session")
+    assert not wrong, "workspace pages open without a session:\n" + "\n".join(wrong)
+    assert checked > 0, "no workspace page needs a session: the walk found none"
 
 
 def _ready(client: httpx.AsyncClient):

@@ -111,8 +111,10 @@ async def test_counts_funnel_suppression_and_redelivery(env):
         async def settled():
             r = await client.get("/v1/funnel", headers=national)
             stages = {s["stage"]: s["count"] for s in r.json()["stages"]}
-            return stages if stages["identified"] == 8 and stages["completed"] == 3 and \
-                stages["withdrawn"] == 2 and stages["accepted"] == 5 else None
+            overdue = r.json()["referrals_by_agency"]["csw"]["overdue"]
+            # every case referred and every overdue folded too: the three topics are read independently
+            return stages if stages["identified"] == 8 and stages["referred"] == 8 and stages["completed"] == 3 and \
+                stages["withdrawn"] == 2 and stages["accepted"] == 5 and overdue == 3 else None
 
         await wait_until(settled, timeout_s=45, what="all events folded into the funnel")
         await wait_until(lambda: app.state.deps.aggregate.counts.get(("nt", "email", "sent")) == 8,

@@ -3,13 +3,13 @@ into its deadline and an escalation afterwards."""
 
 from __future__ import annotations
 
-import asyncio
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta
 
 import asyncpg
 import pytest
 
 from services.referral.app import create_app
+from services.referral.service import escalate_due
 from shared import events as ev
 from shared.events import parse_envelope
 from shared.kafka import make_producer, send_envelope
@@ -17,24 +17,24 @@ from shared.topics import Topics
 from tests import builders
 from tests.apps import running
 from tests.infra import wait_until
+from tests.integration.test_referral_deadlines import Clock
 from tests.kafka_helpers import read_all
 
 pytestmark = pytest.mark.integration
 
 
 async def test_a_closed_case_closes_its_open_referrals_and_stops_their_deadlines(env):
+    env = env.model_copy(update={"referral_deadline_poll_s": 0.05})
     topics = Topics(env.topic_prefix)
-    skew = {"days": 0}
-
-    def clock() -> datetime:
-        return datetime.now(timezone.utc) + timedelta(days=skew["days"])
+    clock = Clock()
 
     case = builders.case_identified(municipality="prizren")
     opened = builders.envelope(case)
     closed = opened.follow(ev.CaseClosed(case_id=case.case_id, municipality="prizren", on=date.today(),
                                          confirmed_by_agency=ev.AgencyType.csw,
                                          reason=ev.CaseClosedReason.moved_away), source="csw/prizren")
-    async with running(create_app(env, clock=clock)):
+    app = create_app(env, clock=clock)
+    async with running(app):
         producer = make_producer(env)
         await producer.start()
         try:
@@ -49,9 +49,12 @@ async def test_a_closed_case_closes_its_open_referrals_and_stops_their_deadlines
                 rows = await conn.fetch("select status from referral.referral where case_id = $1", case.case_id)
                 return rows if rows and all(r["status"] == "closed" for r in rows) else None
             rows = await wait_until(all_closed, timeout_s=30, what="the case's referrals to close")
-            skew["days"] = 30  # far past every deadline
-            await asyncio.sleep(3)  # several deadline scans
+            clock.offset = timedelta(days=30)  # far past every deadline
+            await clock.scanned()  # a whole deadline scan of the running service ran with that clock
             assert await conn.fetchval("select count(*) from referral.referral where overdue or escalated") == 0
+            # and one more scan here, which would raise if the scans were failing (a failing scan
+            # escalates nothing either): it finds nothing due
+            assert await escalate_due(app.state.deps) == 0
         finally:
             await conn.close()
     events = [parse_envelope(r.value) for r in await read_all(env, topics.referral_events, min_count=2 * len(rows))]

@@ -3,10 +3,12 @@ marked overdue and escalated to the municipal coordinator exactly once, also whe
 passes while the service is down and when the service restarts afterwards.
 
 The clock is injected (`create_app(settings, clock=...)`): the test moves it four days ahead
-instead of waiting."""
+instead of waiting, and learns from it when the deadline scanner has run (`Clock.scanned`)
+instead of sleeping."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -23,12 +25,36 @@ from tests.kafka_helpers import produce, read_all
 pytestmark = pytest.mark.integration
 
 
+SCANNER_TASK = "referral-deadlines"  # the name services/referral/app.py gives the scanner's task
+
+
 class Clock:
+    """The referral service's clock, moved by the test (`offset`). It also notes the times it gave
+    the deadline scanner (the asyncio task `referral-deadlines`), which is how a test knows that
+    a scan ran, and with which time, without sleeping."""
+
     def __init__(self) -> None:
         self.offset = timedelta()
+        self.scans: list[datetime] = []
 
     def __call__(self) -> datetime:
-        return datetime.now(timezone.utc) + self.offset
+        now = datetime.now(timezone.utc) + self.offset
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop running
+            task = None
+        if task is not None and task.get_name() == SCANNER_TASK:
+            self.scans.append(now)
+        return now
+
+    async def scanned(self, *, timeout_s: float = 20) -> None:
+        """Wait until a whole deadline scan ran with the clock as it reads now (or later). The
+        scanner reads the clock when a scan starts and scans one round after the other, so once
+        it has read the time twice since now, the first of those scans has finished and its
+        transaction is committed."""
+        since = self()
+        what = f"the deadline scanner (task {SCANNER_TASK!r}) to finish a scan at {since:%Y-%m-%d %H:%M}"
+        await wait_until(lambda: sum(t >= since for t in self.scans) >= 2, timeout_s=timeout_s, what=what)
 
 
 async def test_an_overdue_referral_is_escalated_once_across_restarts(env):
@@ -53,7 +79,7 @@ async def test_an_overdue_referral_is_escalated_once_across_restarts(env):
         for path in (f"{refs['csw']}/acknowledge", f"{refs['education']}/acknowledge", f"{refs['education']}/accept"):
             r = await client.post(f"/v1/referrals/{path}", headers=coordinator)
             assert r.status_code == 200, r.text
-        await _polls()
+        await clock.scanned()
         assert not await db_rows(env, "select 1 from referral.referral where overdue")
 
     # 2. the deadlines pass while the service is down
@@ -63,7 +89,7 @@ async def test_an_overdue_referral_is_escalated_once_across_restarts(env):
     app = create_app(env, clock=clock)
     async with running(app) as client:
         await wait_until(lambda: _escalated(env, 2), timeout_s=20, what="two escalated referrals")
-        await _polls()
+        await clock.scanned()  # a scan after the escalations: nothing more is due
         overdue = (await client.get("/v1/referrals", params={"overdue": "true"}, headers=coordinator)).json()
         assert {i["agency"] for i in overdue["items"]} == {"csw", "police"}
         for item in overdue["items"]:
@@ -76,7 +102,7 @@ async def test_an_overdue_referral_is_escalated_once_across_restarts(env):
 
     # 4. and once more: nothing is escalated twice; answering late is recorded as late
     async with running(create_app(env, clock=clock)) as client:
-        await _polls()
+        await clock.scanned()  # the restarted scanner ran past the deadlines again
         r = await client.post(f"/v1/referrals/{refs['police']}/acknowledge", headers=coordinator)
         assert r.status_code == 200
         records = await read_all(env, topics.referral_events, min_count=3 + 3 + 4 + 1, timeout_s=20)
@@ -104,9 +130,3 @@ async def _escalated(env, n: int) -> bool:
     rows = await db_rows(env, "select count(*) as n from referral.referral where overdue and escalated")
     return rows[0]["n"] >= n
 
-
-async def _polls() -> None:
-    """Let the deadline scanner (every 0.05 s here) run several times."""
-    import asyncio
-
-    await asyncio.sleep(0.5)
