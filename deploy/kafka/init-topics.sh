@@ -26,6 +26,7 @@ topic referral-__assignor-__leader 1 --config cleanup.policy=delete
 topic notifications-__assignor-__leader 1 --config cleanup.policy=delete
 topic analytics-__assignor-__leader 1 --config cleanup.policy=delete
 topic analytics-analytics-cases-changelog 6 --config cleanup.policy=compact
+topic analytics-analytics-partials 1 --config cleanup.policy=compact
 
 "$BIN/kafka-topics.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$CONFIG" --list
 echo "kafka-topics: done"

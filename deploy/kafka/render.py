@@ -115,6 +115,8 @@ def internal_topics(access: dict) -> list[tuple[str, int, str]]:
         out.append((f"{app}{LEADER_SUFFIX}", 1, "delete"))
         for table in p.get("tables", []):
             out.append((f"{app}-{table}-changelog", 6, "compact"))
+        for name in p.get("compacted", []):
+            out.append((f"{app}-{name}", 1, "compact"))
     return out
 
 
