@@ -305,11 +305,13 @@ async def realert_due(pool: asyncpg.Pool, *, settings: Settings) -> list[dict[st
 
 def publish_alerts(deps: Deps, alerts: list[dict[str, Any]]) -> None:
     """After a commit: push the new alerts to this replica's streams, wake the relay (their
-    outbox rows) and the delivery loop when it runs here."""
+    outbox rows), the re-alert loop (a referral it may have to re-alert first) and the delivery
+    loop when it runs here."""
     for a in alerts:
         deps.hub.publish(a)
     deps.metrics.alerts.inc(len(alerts))
     deps.relay.wake()
+    deps.realerts.referral_recorded()
     if deps.delivery is not None:
         deps.delivery.wake()
 
@@ -326,8 +328,12 @@ async def apply_events(deps: Deps, items: list[tuple[Envelope, Cause]]) -> None:
     publish_alerts(deps, alerts)
 
 
-async def realert(deps: Deps) -> None:
+async def realert(deps: Deps) -> float | None:
+    """One re-alert round; returns the seconds until the next re-alert falls due (None: no
+    referral waits for one)."""
     publish_alerts(deps, await realert_due(deps.pool, settings=deps.settings))
+    async with deps.pool.acquire() as conn:
+        return await store.seconds_until_next_realert(conn, after_s=deps.settings.realert_after_s)
 
 
 # --- inbox ---------------------------------------------------------------------------------------
@@ -432,9 +438,12 @@ class AlertHub:
         return True
 
 
-async def listen(settings: Settings, channel: str, handle: Callable[[str], Awaitable[None]]) -> None:
+async def listen(settings: Settings, channel: str, handle: Callable[[str], Awaitable[None]], *,
+                 listening: Callable[[], None] | None = None) -> None:
     """LISTEN on the Postgres `channel` and await `handle(payload)` for each notification, in
-    order, on a connection of its own; reconnects forever."""
+    order, on a connection of its own; reconnects forever. `listening()` is called each time the
+    LISTEN is in place (at start and after a reconnect: a NOTIFY sent while it was away is lost,
+    so the caller looks at the database once then)."""
     backoff = 0.5
     while True:
         conn: asyncpg.Connection | None = None
@@ -443,6 +452,8 @@ async def listen(settings: Settings, channel: str, handle: Callable[[str], Await
             pending: asyncio.Queue = asyncio.Queue()
             await conn.add_listener(channel, lambda *args: pending.put_nowait(args[3]))
             backoff = 0.5
+            if listening is not None:
+                listening()
             while True:
                 await handle(await pending.get())
         except asyncio.CancelledError:
@@ -456,8 +467,10 @@ async def listen(settings: Settings, channel: str, handle: Callable[[str], Await
                 conn.terminate()
 
 
-async def listen_for_alerts(settings: Settings, pool: asyncpg.Pool, hub: AlertHub) -> None:
-    """LISTEN for alerts committed by any replica and feed the hub; reconnects forever."""
+async def listen_for_alerts(settings: Settings, pool: asyncpg.Pool, hub: AlertHub, *,
+                            listening: Callable[[], None] | None = None) -> None:
+    """LISTEN for alerts committed by any replica and feed the hub; reconnects forever
+    (`listening`: as for `listen`)."""
     async def feed(raw: str) -> None:
         payload = orjson.loads(raw)
         if hub.wants(payload["recipient"]):
@@ -465,4 +478,4 @@ async def listen_for_alerts(settings: Settings, pool: asyncpg.Pool, hub: AlertHu
             if alert:
                 hub.publish(alert)
 
-    await listen(settings, NOTIFY_CHANNEL, feed)
+    await listen(settings, NOTIFY_CHANNEL, feed, listening=listening)

@@ -17,19 +17,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
 
-from services.notifications import service
+from services.notifications import rules, service
 from services.notifications.deps import Deps
 from services.notifications.service import Cause
 from shared.events import Envelope
 from shared.metrics import CONSUMED, PROCESSING
 from shared.streams import StreamProcessor, envelope_topic
 from shared.topics import Topic, Topics
+from shared.wakeup import Wakeup
 
 log = logging.getLogger("clms.notifications.worker")
 
@@ -94,15 +96,36 @@ def register_deps(app: faust.App, deps: Deps) -> StreamProcessor:
                     handle_many=functools.partial(service.apply_events, deps))
 
 
-async def realert_loop(deps: Deps) -> None:
-    """Re-alert the supervisor of each referral.created alert nobody handled in time; a round
-    that fails (database away) is tried again next round."""
-    interval = max(0.1, min(5.0, deps.settings.realert_after_s / 4))
-    while True:
-        try:
-            await service.realert(deps)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - database away: next round
-            log.warning("re-alert round failed: %s", type(exc).__name__)
-        await asyncio.sleep(interval)
+class RealertLoop:
+    """Re-alerts the supervisor of each referral.created alert nobody handled within
+    REALERT_AFTER_S (`service.realert`). Between rounds it sleeps until the earliest re-alert
+    falls due, at most NOTIFY_POLL_INTERVAL_S (a safety net), and is woken earlier by
+    `referral_recorded()` when a commit may have recorded a referral whose re-alert falls due
+    before its sleep ends (issue 18: no polling). A round that fails (database away) is tried
+    again after a pause."""
+
+    def __init__(self, *, after_s: float, cap_s: float):
+        self.after_s = after_s
+        self.cap_s = cap_s
+        self._wake = Wakeup()
+        self._asleep_until = math.inf  # loop.time() when its sleep ends; inf while awake
+
+    def referral_recorded(self) -> None:
+        """After a commit: a referral recorded now has its re-alert due in `after_s`; ring
+        unless the loop wakes before that anyway (so, under load, not once per batch)."""
+        if asyncio.get_running_loop().time() + self.after_s < self._asleep_until:
+            self._wake.ring()
+
+    async def run(self, deps: Deps) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._asleep_until = math.inf  # a commit while this round runs rings: look again after it
+            try:
+                delay = rules.sleep_until_due(await service.realert(deps), cap_s=self.cap_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - database away: next round
+                log.warning("re-alert round failed: %s", type(exc).__name__)
+                delay = min(self.cap_s, 5.0)
+            self._asleep_until = loop.time() + delay
+            await self._wake.wait(delay)

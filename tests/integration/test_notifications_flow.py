@@ -69,7 +69,9 @@ async def sink_and_settings(env, **extra):
         "smtp_port_override": sink.smtp_port,
         "sms_webhook_url_override": f"http://127.0.0.1:{sink.http_port}/sms",
         "workspace_url_override": "https://clms.example.org",
-        "notify_poll_interval_s": 0.1,
+        # a safety net far beyond every wait below: retries and re-alerts must wake the loops
+        # when they fall due, and new rows by the commit that recorded them (issue 18)
+        "notify_poll_interval_s": 600,
         **extra,
     })
     try:

@@ -268,3 +268,14 @@ def test_every_label_is_a_whole_sentence_in_each_language():
             if isinstance(texts, dict):
                 assert set(texts) <= {"sq", "sr", "en"} and all(isinstance(t, str) for t in texts.values()), \
                     f"{group}.{key}: {texts}"
+
+
+def test_a_loop_sleeps_until_the_earliest_due_time_capped_and_never_spins():
+    """The delivery and re-alert loops sleep until what they wait for falls due (a hair after,
+    for the database's clock), no longer than the safety net, and pause briefly (never zero)
+    when something is due already but was not taken."""
+    assert rules.sleep_until_due(None, cap_s=60) == 60  # nothing pending: only the safety net
+    assert rules.sleep_until_due(2.0, cap_s=60) == pytest.approx(2.0 + rules.DUE_MARGIN_S)
+    assert rules.sleep_until_due(600.0, cap_s=60) == 60
+    assert rules.sleep_until_due(-3.0, cap_s=60) == rules.BUSY_PAUSE_S > 0
+    assert rules.sleep_until_due(0.0, cap_s=60) == rules.BUSY_PAUSE_S
