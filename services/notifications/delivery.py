@@ -43,7 +43,7 @@ from shared.kafka import DeadLetter, dead_letter
 from shared.redact import redact_contacts
 from shared.settings import Settings
 from shared.topics import Topic, Topics
-from shared.wakeup import Wakeup
+from shared.wakeup import Alarm
 
 log = logging.getLogger("clms.notifications.delivery")
 
@@ -88,10 +88,10 @@ class DeliveryLoop:
         self.lease_s = lease_s if lease_s is not None else settings.notify_lease_s
         self.metrics = metrics
         self.lost_leases = 0  # sends cancelled because this replica no longer held the lease
-        self._wake = Wakeup()
+        self.alarm = Alarm()  # rung by wake(); says how long the loop sleeps (asleep_s)
 
     def wake(self) -> None:
-        self._wake.ring()
+        self.alarm.ring()
 
     async def run(self) -> None:
         """Deliver what is due, then sleep until the earliest pending row falls due (a retry after
@@ -106,7 +106,7 @@ class DeliveryLoop:
                 await self.dead_letter_failed()
                 backoff = 0.5
                 if n < self.batch_size:
-                    await self._wake.wait(await self.seconds_to_sleep())
+                    await self.alarm.wait(await self.seconds_to_sleep())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - database or broker away: try again later

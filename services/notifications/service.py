@@ -305,13 +305,11 @@ async def realert_due(pool: asyncpg.Pool, *, settings: Settings) -> list[dict[st
 
 def publish_alerts(deps: Deps, alerts: list[dict[str, Any]]) -> None:
     """After a commit: push the new alerts to this replica's streams, wake the relay (their
-    outbox rows), the re-alert loop (a referral it may have to re-alert first) and the delivery
-    loop when it runs here."""
+    outbox rows) and the delivery loop when it runs here."""
     for a in alerts:
         deps.hub.publish(a)
     deps.metrics.alerts.inc(len(alerts))
     deps.relay.wake()
-    deps.realerts.referral_recorded()
     if deps.delivery is not None:
         deps.delivery.wake()
 
@@ -320,12 +318,14 @@ async def apply_event(deps: Deps, envelope: Envelope, *, cause: Cause) -> None:
     async with deps.pool.acquire() as conn, conn.transaction():
         alerts = await record_event(conn, envelope=envelope, settings=deps.settings, cause=cause)
     publish_alerts(deps, alerts)
+    deps.realerts.referral_recorded()  # not from a re-alert round: it would ring itself forever
 
 
 async def apply_events(deps: Deps, items: list[tuple[Envelope, Cause]]) -> None:
     async with deps.pool.acquire() as conn, conn.transaction():
         alerts = await record_events(conn, items=items, settings=deps.settings)
     publish_alerts(deps, alerts)
+    deps.realerts.referral_recorded()
 
 
 async def realert(deps: Deps) -> float | None:

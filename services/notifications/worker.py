@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,7 +30,7 @@ from shared.events import Envelope
 from shared.metrics import CONSUMED, PROCESSING
 from shared.streams import StreamProcessor, envelope_topic
 from shared.topics import Topic, Topics
-from shared.wakeup import Wakeup
+from shared.wakeup import Alarm
 
 log = logging.getLogger("clms.notifications.worker")
 
@@ -107,19 +106,16 @@ class RealertLoop:
     def __init__(self, *, after_s: float, cap_s: float):
         self.after_s = after_s
         self.cap_s = cap_s
-        self._wake = Wakeup()
-        self._asleep_until = math.inf  # loop.time() when its sleep ends; inf while awake
+        self.alarm = Alarm()
 
     def referral_recorded(self) -> None:
-        """After a commit: a referral recorded now has its re-alert due in `after_s`; ring
-        unless the loop wakes before that anyway (so, under load, not once per batch)."""
-        if asyncio.get_running_loop().time() + self.after_s < self._asleep_until:
-            self._wake.ring()
+        """After a commit that applied referral events: a referral recorded now has its re-alert
+        due in `after_s`; ring unless the loop wakes before that anyway (so, under load, not
+        once per batch)."""
+        self.alarm.ring_if_due_before(self.after_s)
 
     async def run(self, deps: Deps) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            self._asleep_until = math.inf  # a commit while this round runs rings: look again after it
             try:
                 delay = rules.sleep_until_due(await service.realert(deps), cap_s=self.cap_s)
             except asyncio.CancelledError:
@@ -127,5 +123,4 @@ class RealertLoop:
             except Exception as exc:  # noqa: BLE001 - database away: next round
                 log.warning("re-alert round failed: %s", type(exc).__name__)
                 delay = min(self.cap_s, 5.0)
-            self._asleep_until = loop.time() + delay
-            await self._wake.wait(delay)
+            await self.alarm.wait(delay)

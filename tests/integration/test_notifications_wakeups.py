@@ -79,3 +79,20 @@ async def test_an_unhandled_referral_is_realerted_when_realert_after_s_has_passe
             assert await pool.fetchval(
                 f"select count(*) from {S}.alerts where referral_id = $1 and event_type = $2 "
                 "and recipient = 'csw.gjakove.supervisor'", event.data.referral_id, rules.REALERT) == 1
+
+
+async def test_after_work_the_loops_sleep_until_the_next_due_time(env):
+    """Once a referral's e-mail is sent, nothing is due: the delivery loop sleeps for the safety
+    net, the re-alert loop until the referral's re-alert falls due. Neither wakes itself (a round
+    that rang its own doorbell would spin, and never be seen asleep)."""
+    after_s = 300.0
+    async with sink_and_settings(env, realert_after_s=after_s, notify_poll_interval_s=SAFETY_NET_S) as (sink, settings):
+        app = create_app(settings)
+        async with running(app):
+            deps = app.state.notifications.deps
+            await publish(settings, created(municipality="peje"))
+            await wait_until(lambda: sink.messages, timeout_s=30, what="the e-mail")
+            await wait_until(lambda: deps.delivery.alarm.asleep_s > SAFETY_NET_S - 60, timeout_s=10,
+                             what="the delivery loop asleep for the safety net")
+            await wait_until(lambda: after_s - 60 < deps.realerts.alarm.asleep_s <= after_s, timeout_s=10,
+                             what=f"the re-alert loop asleep until the re-alert falls due (~{after_s:.0f} s)")
