@@ -10,7 +10,8 @@ development mail sink, each as its own OS process with the default settings, on 
 referrals go through first (so the delivery and re-alert loops have rows to look at, as in real
 life: sent e-mails, referrals waiting for their re-alert), then, after a short settle, the CPU
 time (utime + stime from /proc) of each process and of the PostgreSQL backends serving this run's
-database is read over IDLE_S seconds (30) with no traffic at all.
+database, and the transactions on that database (pg_stat_database), are read over IDLE_S
+seconds (30) with no traffic at all.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ def _pid_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def _transactions(url: str, database: str) -> int:
+    """Transactions on the database so far (pg_stat_database: each backend reports its own
+    about once a second while busy, within 10 s when idle; over 30 s, a fair count)."""
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("select xact_commit + xact_rollback from pg_stat_database "
+                                   "where datname = $1", database)
+    finally:
+        await conn.close()
+
+
 async def idle_cpu(settings: Settings, env: dict[str, str], *, idle_s: float, events: int) -> dict[str, float]:
     def start(module: str, **extra: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", module], env={**env, **extra},
@@ -63,15 +75,19 @@ async def idle_cpu(settings: Settings, env: dict[str, str], *, idle_s: float, ev
                 await asyncio.sleep(0.2)
         finally:
             await conn.close()
-        await asyncio.sleep(5)  # settle: the relay and the consumer's last round trips
+        # settle: the last round trips, and their statistics (an idle backend reports within 10 s)
+        await asyncio.sleep(12)
         database = settings.database_url.rsplit("/", 1)[1]
         pids = {name: p.pid for name, p in procs.items()}
         cpu0 = {name: _pid_cpu(pid) for name, pid in pids.items()}
         pg0 = cpu_seconds(lambda cmd: cmd.startswith("postgres:") and f" {database} " in cmd)
+        tx0 = await _transactions(settings.database_url, database)
         await asyncio.sleep(idle_s)
+        tx = await _transactions(settings.database_url, database) - tx0 - 1  # less the reading's own
         out = {name: round((_pid_cpu(pid) - cpu0[name]) / idle_s, 4) for name, pid in pids.items()}
         out["postgres backends of this database"] = round(
             (cpu_seconds(lambda cmd: cmd.startswith("postgres:") and f" {database} " in cmd) - pg0) / idle_s, 4)
+        out["transactions per second on this database"] = round(tx / idle_s, 2)
         return out
     finally:
         for p in procs.values():
@@ -99,7 +115,7 @@ async def main() -> None:
         load = os.getloadavg()[0]
         r = await idle_cpu(settings, env, idle_s=idle_s, events=int(os.environ.get("EVENTS", "20")))
         for name, cores in r.items():
-            print(f"idle CPU over {idle_s:.0f} s: {name}: {cores:.4f} core")
+            print(f"idle over {idle_s:.0f} s: {name}: {cores:.4f}{'' if name.startswith('trans') else ' core'}")
         print(f"load average before / after: {load:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     finally:
         stack.close()
