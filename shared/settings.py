@@ -207,7 +207,9 @@ class Settings(BaseSettings):
     notify_max_attempts: int = Field(5, alias="NOTIFY_MAX_ATTEMPTS", ge=1, le=50)
     notify_backoff_base_s: float = Field(1.0, alias="NOTIFY_BACKOFF_BASE_S", gt=0)
     notify_backoff_max_s: float = Field(300.0, alias="NOTIFY_BACKOFF_MAX_S", gt=0)
-    notify_poll_interval_s: float = Field(0.5, alias="NOTIFY_POLL_INTERVAL_S", gt=0)
+    # The longest the delivery and re-alert loops sleep: a safety net only. They sleep until the
+    # earliest retry, lease end or re-alert falls due, and a commit that records one wakes them.
+    notify_poll_interval_s: float = Field(60.0, alias="NOTIFY_POLL_INTERVAL_S", gt=0)
     # How long a replica holds an e-mail/SMS it is delivering before another replica may take it;
     # renewed every third of it while the delivery is in flight, so a slow server never lets a
     # second replica send the same message. A replica that dies frees its deliveries after this.

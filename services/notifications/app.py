@@ -29,7 +29,7 @@ from services.notifications.channels import close_senders, open_senders
 from services.notifications.delivery import DeliveryLoop
 from services.notifications.deps import Deps, Metrics
 from services.notifications.store import MIGRATIONS, SCHEMA
-from services.notifications.worker import realert_loop, register_deps
+from services.notifications.worker import RealertLoop, register_deps
 from shared import access
 from shared.db import create_pool, migrate_service
 from shared.guard import harden
@@ -123,7 +123,8 @@ async def build_deps(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, r
         delivery = DeliveryLoop(pool=pool, settings=settings, senders=run.senders, producer=producer,
                                 topics=topics, relay=relay, metrics=metrics.deliveries)
     return Deps(pool=pool, settings=settings, topics=topics, producer=producer, relay=relay,
-                hub=service.AlertHub(), metrics=metrics, delivery=delivery)
+                hub=service.AlertHub(), metrics=metrics, delivery=delivery,
+                realerts=RealertLoop(after_s=settings.realert_after_s, cap_s=settings.notify_poll_interval_s))
 
 
 def start_relay(deps: Deps) -> list[asyncio.Task]:
@@ -136,7 +137,7 @@ async def start_worker(deps: Deps, run: Running) -> None:
     run.faust = make_faust_app(deps.settings, "notifications")
     run.processor = register_deps(run.faust, deps)
     run.tasks += [
-        asyncio.create_task(realert_loop(deps), name="realert"),
+        asyncio.create_task(deps.realerts.run(deps), name="realert"),
         asyncio.create_task(service.listen_for_alerts(deps.settings, deps.pool, deps.hub), name="alert-listener"),
     ]
     if deps.delivery is not None:
@@ -188,8 +189,9 @@ def add_routes(app: FastAPI, settings: Settings, registry: CollectorRegistry, ru
 
 
 def create_delivery_app(settings: Settings) -> FastAPI:
-    """The delivery process: the DeliveryLoop, woken by LISTEN on `PENDING_CHANNEL` (and polling
-    every NOTIFY_POLL_INTERVAL_S for retries that fall due), behind /healthz, /readyz, /metrics."""
+    """The delivery process: the DeliveryLoop, woken by LISTEN on `PENDING_CHANNEL` (and when the
+    LISTEN is back after a reconnect), else asleep until the earliest retry or lease end falls
+    due, behind /healthz, /readyz, /metrics."""
     registry = CollectorRegistry()
     metrics = deliveries_counter(registry)
     state: dict[str, Any] = {}
@@ -202,14 +204,21 @@ def create_delivery_app(settings: Settings) -> FastAPI:
         tasks: list[asyncio.Task] = []
         try:
             await producer.start()
+            topics = Topics(settings.topic_prefix)
+            # Never run here: the API/worker process's relay publishes this process's outbox rows
+            # (notification.sent/failed). This one is only rung after each delivery: where
+            # `OutboxRelay.wake` passes a ring on to the replica that holds the relay (NOTIFY),
+            # the rows go out at once; otherwise at that relay's next poll.
+            relay = OutboxRelay(pool=pool, schema=SCHEMA, producer=producer, topics=topics)
             loop = DeliveryLoop(pool=pool, settings=settings, senders=senders, producer=producer,
-                                topics=Topics(settings.topic_prefix), metrics=metrics)
+                                topics=topics, relay=relay, metrics=metrics)
 
             async def wake(_payload: str) -> None:
                 loop.wake()
 
             tasks = state["tasks"] = [asyncio.create_task(loop.run(), name="delivery"),
-                                      asyncio.create_task(service.listen(settings, service.PENDING_CHANNEL, wake),
+                                      asyncio.create_task(service.listen(settings, service.PENDING_CHANNEL, wake,
+                                                                         listening=loop.wake),
                                                           name="delivery-wakeup")]
             log.info("notifications delivery started")
             yield

@@ -43,7 +43,7 @@ from shared.kafka import DeadLetter, dead_letter
 from shared.redact import redact_contacts
 from shared.settings import Settings
 from shared.topics import Topic, Topics
-from shared.wakeup import Wakeup
+from shared.wakeup import Alarm
 
 log = logging.getLogger("clms.notifications.delivery")
 
@@ -88,12 +88,17 @@ class DeliveryLoop:
         self.lease_s = lease_s if lease_s is not None else settings.notify_lease_s
         self.metrics = metrics
         self.lost_leases = 0  # sends cancelled because this replica no longer held the lease
-        self._wake = Wakeup()
+        self.alarm = Alarm()  # rung by wake(); says how long the loop sleeps (asleep_s)
 
     def wake(self) -> None:
-        self._wake.ring()
+        self.alarm.ring()
 
     async def run(self) -> None:
+        """Deliver what is due, then sleep until the earliest pending row falls due (a retry after
+        its backoff, or the end of a lease: a dead replica's rows), woken earlier by `wake()` (a
+        commit that recorded new rows: directly in this process, by LISTEN in the delivery
+        process). NOTIFY_POLL_INTERVAL_S caps the sleep, a safety net only: idle, the loop makes
+        one round trip per cap, not one per half second (issue 18)."""
         backoff = 0.5
         while True:
             try:
@@ -101,13 +106,21 @@ class DeliveryLoop:
                 await self.dead_letter_failed()
                 backoff = 0.5
                 if n < self.batch_size:
-                    await self._wake.wait(self.settings.notify_poll_interval_s)
+                    await self.alarm.wait(await self.seconds_to_sleep())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - database or broker away: try again later
                 log.warning("delivery loop paused %.1fs (%s: %s)", backoff, type(exc).__name__, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(10.0, backoff * 2)
+
+    async def seconds_to_sleep(self) -> float:
+        """Until the earliest pending row falls due (and a hair more, so that the claim then finds
+        it due on the database's clock), at most NOTIFY_POLL_INTERVAL_S; a short pause when a row
+        is due already but was not claimed (another replica holds its row lock this instant)."""
+        async with self.pool.acquire() as conn:
+            due_in = await store.seconds_until_next_delivery(conn)
+        return rules.sleep_until_due(due_in, cap_s=self.settings.notify_poll_interval_s)
 
     async def run_once(self) -> int:
         loop = asyncio.get_running_loop()

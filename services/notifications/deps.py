@@ -18,6 +18,7 @@ from shared.topics import Topics
 if TYPE_CHECKING:
     from services.notifications.delivery import DeliveryLoop
     from services.notifications.service import AlertHub
+    from services.notifications.worker import RealertLoop
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class Deps:
     hub: AlertHub  # this replica's SSE subscribers
     metrics: Metrics
     delivery: DeliveryLoop | None  # None: e-mail/SMS go out from their own process (delivery.py)
+    realerts: RealertLoop  # rung after each commit: a new referral's re-alert may fall due first
 
 
 def get_deps(request: Request) -> Deps:

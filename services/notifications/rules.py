@@ -166,3 +166,16 @@ def backoff_s(attempt: int, *, base_s: float, max_s: float, jitter: float) -> fl
     "equal jitter" (half fixed, half random; `jitter` in [0, 1) supplied by the caller)."""
     ceiling = min(max_s, base_s * (2 ** max(0, attempt - 1)))
     return ceiling / 2 + (ceiling / 2) * jitter
+
+
+DUE_MARGIN_S = 0.01  # wake this much after a due time, so the database's clock sees it due too
+BUSY_PAUSE_S = 0.05  # a row due but not claimed (another replica's row lock): look again after this
+
+
+def sleep_until_due(due_in_s: float | None, *, cap_s: float) -> float:
+    """How long a loop that acts on due rows (deliveries, re-alerts) sleeps: until the earliest
+    falls due, at most `cap_s` (a safety net, also with nothing due at all: None); a short pause,
+    never zero, when one is due already but was not taken (so the loop cannot spin)."""
+    if due_in_s is None:
+        return cap_s
+    return min(cap_s, max(BUSY_PAUSE_S, due_in_s + DUE_MARGIN_S))

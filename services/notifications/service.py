@@ -318,16 +318,22 @@ async def apply_event(deps: Deps, envelope: Envelope, *, cause: Cause) -> None:
     async with deps.pool.acquire() as conn, conn.transaction():
         alerts = await record_event(conn, envelope=envelope, settings=deps.settings, cause=cause)
     publish_alerts(deps, alerts)
+    deps.realerts.referral_recorded()  # not from a re-alert round: it would ring itself forever
 
 
 async def apply_events(deps: Deps, items: list[tuple[Envelope, Cause]]) -> None:
     async with deps.pool.acquire() as conn, conn.transaction():
         alerts = await record_events(conn, items=items, settings=deps.settings)
     publish_alerts(deps, alerts)
+    deps.realerts.referral_recorded()
 
 
-async def realert(deps: Deps) -> None:
+async def realert(deps: Deps) -> float | None:
+    """One re-alert round; returns the seconds until the next re-alert falls due (None: no
+    referral waits for one)."""
     publish_alerts(deps, await realert_due(deps.pool, settings=deps.settings))
+    async with deps.pool.acquire() as conn:
+        return await store.seconds_until_next_realert(conn, after_s=deps.settings.realert_after_s)
 
 
 # --- inbox ---------------------------------------------------------------------------------------
@@ -432,9 +438,12 @@ class AlertHub:
         return True
 
 
-async def listen(settings: Settings, channel: str, handle: Callable[[str], Awaitable[None]]) -> None:
+async def listen(settings: Settings, channel: str, handle: Callable[[str], Awaitable[None]], *,
+                 listening: Callable[[], None] | None = None) -> None:
     """LISTEN on the Postgres `channel` and await `handle(payload)` for each notification, in
-    order, on a connection of its own; reconnects forever."""
+    order, on a connection of its own; reconnects forever. `listening()` is called each time the
+    LISTEN is in place (at start and after a reconnect: a NOTIFY sent while it was away is lost,
+    so the caller looks at the database once then)."""
     backoff = 0.5
     while True:
         conn: asyncpg.Connection | None = None
@@ -443,6 +452,8 @@ async def listen(settings: Settings, channel: str, handle: Callable[[str], Await
             pending: asyncio.Queue = asyncio.Queue()
             await conn.add_listener(channel, lambda *args: pending.put_nowait(args[3]))
             backoff = 0.5
+            if listening is not None:
+                listening()
             while True:
                 await handle(await pending.get())
         except asyncio.CancelledError:
@@ -456,8 +467,10 @@ async def listen(settings: Settings, channel: str, handle: Callable[[str], Await
                 conn.terminate()
 
 
-async def listen_for_alerts(settings: Settings, pool: asyncpg.Pool, hub: AlertHub) -> None:
-    """LISTEN for alerts committed by any replica and feed the hub; reconnects forever."""
+async def listen_for_alerts(settings: Settings, pool: asyncpg.Pool, hub: AlertHub, *,
+                            listening: Callable[[], None] | None = None) -> None:
+    """LISTEN for alerts committed by any replica and feed the hub; reconnects forever
+    (`listening`: as for `listen`)."""
     async def feed(raw: str) -> None:
         payload = orjson.loads(raw)
         if hub.wants(payload["recipient"]):
@@ -465,4 +478,4 @@ async def listen_for_alerts(settings: Settings, pool: asyncpg.Pool, hub: AlertHu
             if alert:
                 hub.publish(alert)
 
-    await listen(settings, NOTIFY_CHANNEL, feed)
+    await listen(settings, NOTIFY_CHANNEL, feed, listening=listening)

@@ -160,6 +160,14 @@ async def claim_due_realerts(conn: asyncpg.Connection, *, after_s: float, limit:
         after_s, limit)
 
 
+async def seconds_until_next_realert(conn: asyncpg.Connection, *, after_s: float) -> float | None:
+    """Seconds until the earliest re-alert falls due (what `claim_due_realerts` would claim then;
+    negative: due already); None when no referral waits for one."""
+    return await conn.fetchval(
+        f"""select extract(epoch from min(alerted_at) + make_interval(secs => $1) - now())::float8
+            from {S}.referrals where handled_at is null and realerted_at is null""", after_s)
+
+
 async def mark_realerted(conn: asyncpg.Connection, referral_id: uuid.UUID) -> None:
     await conn.execute(f"update {S}.referrals set realerted_at = now() where referral_id = $1", referral_id)
 
@@ -214,6 +222,14 @@ async def claim_due_deliveries(conn: asyncpg.Connection, *, limit: int, lease_s:
                 (select email from {S}.officers o where o.officer_id = n.recipient) as email,
                 (select phone from {S}.officers o where o.officer_id = n.recipient) as phone""",
         limit, lease_s, token)
+
+
+async def seconds_until_next_delivery(conn: asyncpg.Connection) -> float | None:
+    """Seconds until the earliest `pending` row falls due (negative: due already; a leased row
+    falls due when its lease ends); None when nothing is pending."""
+    return await conn.fetchval(
+        f"""select extract(epoch from min(next_attempt_at) - now())::float8 from {S}.notifications
+            where status = 'pending'""")
 
 
 async def renew_leases(conn: asyncpg.Connection, notification_ids: list[uuid.UUID], *, token: uuid.UUID,

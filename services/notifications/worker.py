@@ -23,13 +23,14 @@ from typing import Any
 
 import faust
 
-from services.notifications import service
+from services.notifications import rules, service
 from services.notifications.deps import Deps
 from services.notifications.service import Cause
 from shared.events import Envelope
 from shared.metrics import CONSUMED, PROCESSING
 from shared.streams import StreamProcessor, envelope_topic, noack_batches
 from shared.topics import Topic, Topics
+from shared.wakeup import Alarm
 
 log = logging.getLogger("clms.notifications.worker")
 
@@ -94,15 +95,32 @@ def register_deps(app: faust.App, deps: Deps) -> StreamProcessor:
                     handle_many=functools.partial(service.apply_events, deps))
 
 
-async def realert_loop(deps: Deps) -> None:
-    """Re-alert the supervisor of each referral.created alert nobody handled in time; a round
-    that fails (database away) is tried again next round."""
-    interval = max(0.1, min(5.0, deps.settings.realert_after_s / 4))
-    while True:
-        try:
-            await service.realert(deps)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - database away: next round
-            log.warning("re-alert round failed: %s", type(exc).__name__)
-        await asyncio.sleep(interval)
+class RealertLoop:
+    """Re-alerts the supervisor of each referral.created alert nobody handled within
+    REALERT_AFTER_S (`service.realert`). Between rounds it sleeps until the earliest re-alert
+    falls due, at most NOTIFY_POLL_INTERVAL_S (a safety net), and is woken earlier by
+    `referral_recorded()` when a commit may have recorded a referral whose re-alert falls due
+    before its sleep ends (issue 18: no polling). A round that fails (database away) is tried
+    again after a pause."""
+
+    def __init__(self, *, after_s: float, cap_s: float):
+        self.after_s = after_s
+        self.cap_s = cap_s
+        self.alarm = Alarm()
+
+    def referral_recorded(self) -> None:
+        """After a commit that applied referral events: a referral recorded now has its re-alert
+        due in `after_s`; ring unless the loop wakes before that anyway (so, under load, not
+        once per batch)."""
+        self.alarm.ring_if_due_before(self.after_s)
+
+    async def run(self, deps: Deps) -> None:
+        while True:
+            try:
+                delay = rules.sleep_until_due(await service.realert(deps), cap_s=self.cap_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - database away: next round
+                log.warning("re-alert round failed: %s", type(exc).__name__)
+                delay = min(self.cap_s, 5.0)
+            await self.alarm.wait(delay)

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from services.notifications import rules
+from services.notifications import rules, store
 from services.notifications.app import create_app
 from services.notifications.directory import seed_officers
 from services.notifications.service import MIGRATIONS, SCHEMA, seed_if_empty
@@ -69,7 +69,9 @@ async def sink_and_settings(env, **extra):
         "smtp_port_override": sink.smtp_port,
         "sms_webhook_url_override": f"http://127.0.0.1:{sink.http_port}/sms",
         "workspace_url_override": "https://clms.example.org",
-        "notify_poll_interval_s": 0.1,
+        # a safety net far beyond every wait below: retries and re-alerts must wake the loops
+        # when they fall due, and new rows by the commit that recorded them (issue 18)
+        "notify_poll_interval_s": 600,
         **extra,
     })
     try:
@@ -84,132 +86,162 @@ async def notification_events(env, min_count: int) -> list[ev.Envelope]:
     return [ev.parse_envelope(r.value) for r in records]
 
 
-async def test_referral_alerts_reach_the_right_officers_on_every_channel(env):
-    async with sink_and_settings(env, realert_after_s=2.5) as (sink, settings):
+@contextlib.asynccontextmanager
+async def notifications_app(env, **extra):
+    """The notifications API/worker (delivery in process) on the test's broker and database,
+    sending to a sink: yields (sink, settings, app, in-process client)."""
+    async with sink_and_settings(env, **extra) as (sink, settings):
         app = create_app(settings)
-        async with running(app) as client, http_server(app) as base:
-            duty = bearer(settings, sub="csw.prizren.duty", agency="csw", municipality="prizren",
-                          roles=["duty_officer"])
-            assert (await client.get("/readyz")).status_code == 200
-            other = bearer(settings, sub="csw.peje.duty", agency="csw", municipality="peje", roles=["duty_officer"])
+        async with running(app) as client:
+            yield sink, settings, app, client
 
-            # --- SSE: a new alert is pushed within a second ---------------------------------
-            first = created(priority="urgent")
-            got: dict[str, float] = {}
-            ready = asyncio.Event()
 
-            async def listen() -> None:
-                async with httpx.AsyncClient(timeout=30) as http, \
-                        http.stream("GET", f"{base}/v1/inbox/stream", headers=duty) as resp:
-                    assert resp.status_code == 200
-                    event = None
-                    async for line in resp.aiter_lines():
-                        if line.startswith("event:"):
-                            event = line.split(":", 1)[1].strip()
-                            if event == "ready":
-                                ready.set()
-                        elif line.startswith("data:") and event == "alert":
-                            alert = orjson.loads(line.split(":", 1)[1])
-                            got["t"] = time.monotonic()
-                            got["alert"] = alert
-                            return
-
-            listener = asyncio.create_task(listen())
-            await asyncio.wait_for(ready.wait(), 10)
-            # the first event also pays for the consumer's first fetch: measure the second
-            warmup = created(municipality="peje")
-            await publish(settings, warmup)
-            await wait_until(lambda: mails_to(sink, "csw.peje.duty@example.invalid"), timeout_s=30,
-                             what="the warm-up e-mail")
-            t0 = time.monotonic()
-            await publish(settings, first)
-            await asyncio.wait_for(listener, 10)
-            assert got["t"] - t0 < 1.0, f"SSE alert took {got['t'] - t0:.2f}s"
-            assert got["alert"]["case_id"] == str(first.data.case_id)
-            assert got["alert"]["event_type"] == "referral.created"
-
-            # --- e-mail in the officer's language, SMS for an urgent referral ---------------
-            await wait_until(lambda: mails_to(sink, "csw.prizren.duty@example.invalid"), timeout_s=10,
-                             what="the e-mail to the on-duty officer")
-            mail = mails_to(sink, "csw.prizren.duty@example.invalid")[0]
-            assert mail["language"] == "sq" and "Referim i ri" in mail["subject"]
-            assert str(first.data.case_id) in mail["body"]
-            assert not mails_to(sink, "csw.prizren.supervisor@example.invalid")  # not on duty
-            phone = next(o.phone for o in seed_officers() if o.officer_id == "csw.prizren.duty")
-            sms = await wait_until(lambda: [s for s in sink.sms if s["to"] == phone], timeout_s=10,
-                                   what="the signed SMS webhook (urgent referral)")
-            assert "URGJENT" in sms[0]["text"] and f"https://clms.example.org/referrals/{first.data.referral_id}" in sms[0]["text"]
-
-            serb = created(municipality="zvecan")
-            await publish(settings, serb)
-            await wait_until(lambda: mails_to(sink, "csw.zvecan.duty@example.invalid"), timeout_s=10,
-                             what="the e-mail to Zvečan")
-            assert mails_to(sink, "csw.zvecan.duty@example.invalid")[0]["language"] == "sr"
-            assert "Novi uput" in mails_to(sink, "csw.zvecan.duty@example.invalid")[0]["subject"]
-
-            # --- inbox; ack by someone else is 404; by the recipient it is recorded ---------
-            r = await client.get("/v1/inbox", headers=duty)
-            assert r.status_code == 200
-            items = r.json()["items"]
-            assert [i["case_id"] for i in items] == [str(first.data.case_id)]
-            alert_id = items[0]["id"]
-            assert (await client.get("/v1/inbox", headers=other)).json()["items"][0]["case_id"] == \
-                str(warmup.data.case_id)
-            assert (await client.post(f"/v1/inbox/{alert_id}/ack", headers=other)).status_code == 404
-            assert (await client.post(f"/v1/inbox/{alert_id}/ack")).status_code == 401
-            assert (await client.post("/v1/inbox/not-a-uuid/ack", headers=duty)).status_code == 422
-            r = await client.post(f"/v1/inbox/{alert_id}/ack", headers=duty)
-            assert r.status_code == 200 and r.json()["acked_at"]
-            assert (await client.get("/v1/inbox", headers=duty)).json()["unacked"] == 0
-
-            # --- the same event again: nothing new -----------------------------------------
-            before = len(sink.messages)
-            await publish(settings, first)
-            # a later event proves the redelivered one has been consumed
-            marker = acted(first)
-            await publish(settings, marker)
-            await wait_until(lambda: mails_to(sink, "police.prizren.duty@example.invalid"), timeout_s=10,
-                             what="the reporter's e-mail about the acceptance")
-            assert len(sink.messages) == before + 1
-            assert len(mails_to(sink, "csw.prizren.duty@example.invalid")) == 1
-            reporter = bearer(settings, sub="police.prizren.duty", agency="police", municipality="prizren",
-                              roles=["reporter"])
-            items = (await client.get("/v1/inbox", headers=reporter)).json()["items"]
-            assert [i["event_type"] for i in items] == ["referral.accepted"]
-
-            # --- re-alert: the unacknowledged Zvečan referral goes to its supervisor once ----
-            sup = bearer(settings, sub="csw.zvecan.supervisor", agency="csw", municipality="zvecan",
-                         roles=["supervisor"])
-            realerts = await wait_until(
-                lambda: _items(client, sup), timeout_s=15, what="the re-alert to the Zvečan supervisor")
-            assert [i["event_type"] for i in realerts] == [rules.REALERT]
-            assert realerts[0]["case_id"] == str(serb.data.case_id)
-            await wait_until(lambda: mails_to(sink, "csw.zvecan.supervisor@example.invalid"), timeout_s=10,
-                             what="the re-alert e-mail")
-            prizren_sup = bearer(settings, sub="csw.prizren.supervisor", agency="csw", municipality="prizren",
-                                 roles=["supervisor"])
-            assert await _items(client, prizren_sup) == []  # acknowledged: no re-alert
-            await asyncio.sleep(1.5)
-            assert len(await _items(client, sup)) == 1  # once
-
-        # --- events out ------------------------------------------------------------------------
-        out = await notification_events(settings, min_count=10)
-        sent = [e for e in out if e.type == "notification.sent"]
-        # the officer is not on the topic; the deterministic notification id still says who it was
-        assert {e.data.notification_id for e in sent
-                if e.data.case_id == first.data.case_id and e.data.cause_event_type == "referral.created"} == {
-            rules.notification_id(first.id, "csw.prizren.duty", ch) for ch in ("inapp", "email", "sms")}
-        assert all(e.data.recipient is None for e in out)
-        acks = [e for e in out if e.type == "notification.acknowledged"]
-        assert len(acks) == 1 and acks[0].data.notification_id == rules.notification_id(
-            first.id, "csw.prizren.duty", "inapp")
-        assert acks[0].data.seconds_to_ack >= 0 and acks[0].correlationid == first.correlationid
-        assert all(e.subject == str(e.data.case_id) for e in out)
-        assert b"example.invalid" not in b"".join(e.to_json_bytes() for e in out)  # no contact data
+def officer(settings, sub: str, role: str = "duty_officer") -> dict[str, str]:
+    """The bearer header of an office's officer, e.g. `csw.prizren.duty`."""
+    agency, municipality = sub.split(".")[:2]
+    return bearer(settings, sub=sub, agency=agency, municipality=municipality, roles=[role])
 
 
 async def _items(client, headers):
     return (await client.get("/v1/inbox", headers=headers)).json()["items"]
+
+
+async def test_a_new_alert_is_pushed_to_the_officers_stream_within_a_second(env):
+    async with notifications_app(env) as (_, settings, app, client), http_server(app) as base:
+        duty = officer(settings, "csw.prizren.duty")
+        got: dict = {}
+        ready = asyncio.Event()
+
+        async def listen() -> None:
+            async with httpx.AsyncClient(timeout=30) as http, \
+                    http.stream("GET", f"{base}/v1/inbox/stream", headers=duty) as resp:
+                assert resp.status_code == 200
+                event = None
+                async for line in resp.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line.split(":", 1)[1].strip()
+                        if event == "ready":
+                            ready.set()
+                    elif line.startswith("data:") and event == "alert":
+                        got.update(t=time.monotonic(), alert=orjson.loads(line.split(":", 1)[1]))
+                        return
+
+        listener = asyncio.create_task(listen())
+        await asyncio.wait_for(ready.wait(), 10)
+        # the first event also pays for the consumer's first fetch: measure the second
+        await publish(settings, created(municipality="peje"))
+        await wait_until(lambda: _items(client, officer(settings, "csw.peje.duty")), timeout_s=30,
+                         what="the warm-up alert")
+        first = created(priority="urgent")
+        t0 = time.monotonic()
+        await publish(settings, first)
+        await asyncio.wait_for(listener, 10)
+        assert got["t"] - t0 < 1.0, f"SSE alert took {got['t'] - t0:.2f}s"
+        assert got["alert"]["case_id"] == str(first.data.case_id)
+        assert got["alert"]["event_type"] == "referral.created"
+
+
+async def test_email_in_the_officers_language_and_sms_for_an_urgent_referral(env):
+    async with notifications_app(env) as (sink, settings, _, _client):
+        first, serb = created(priority="urgent"), created(municipality="zvecan")
+        await publish(settings, first, serb)
+        await wait_until(lambda: mails_to(sink, "csw.prizren.duty@example.invalid"), timeout_s=30,
+                         what="the e-mail to the on-duty officer")
+        mail = mails_to(sink, "csw.prizren.duty@example.invalid")[0]
+        assert mail["language"] == "sq" and "Referim i ri" in mail["subject"]
+        assert str(first.data.case_id) in mail["body"]
+        phone = next(o.phone for o in seed_officers() if o.officer_id == "csw.prizren.duty")
+        sms = await wait_until(lambda: [s for s in sink.sms if s["to"] == phone], timeout_s=10,
+                               what="the signed SMS webhook (urgent referral)")
+        assert "URGJENT" in sms[0]["text"]
+        assert f"https://clms.example.org/referrals/{first.data.referral_id}" in sms[0]["text"]
+        await wait_until(lambda: mails_to(sink, "csw.zvecan.duty@example.invalid"), timeout_s=10,
+                         what="the e-mail to Zvečan")
+        assert mails_to(sink, "csw.zvecan.duty@example.invalid")[0]["language"] == "sr"
+        assert "Novi uput" in mails_to(sink, "csw.zvecan.duty@example.invalid")[0]["subject"]
+        # the supervisor is not on duty: a new referral is for the duty officer only
+        assert {r for m in sink.messages for r in m["rcpt_tos"]} == {
+            "csw.prizren.duty@example.invalid", "csw.zvecan.duty@example.invalid"}
+
+
+async def test_only_the_recipient_can_acknowledge_an_alert(env):
+    async with notifications_app(env) as (_, settings, _app, client):
+        first, elsewhere = created(), created(municipality="peje")
+        await publish(settings, first, elsewhere)
+        duty, other = officer(settings, "csw.prizren.duty"), officer(settings, "csw.peje.duty")
+        items = await wait_until(lambda: _items(client, duty), timeout_s=30, what="the alert in the inbox")
+        assert [i["case_id"] for i in items] == [str(first.data.case_id)]
+        alert_id = items[0]["id"]
+        others = await wait_until(lambda: _items(client, other), timeout_s=10, what="the other office's alert")
+        assert [i["case_id"] for i in others] == [str(elsewhere.data.case_id)]
+        assert (await client.post(f"/v1/inbox/{alert_id}/ack", headers=other)).status_code == 404
+        assert (await client.post(f"/v1/inbox/{alert_id}/ack")).status_code == 401
+        assert (await client.post("/v1/inbox/not-a-uuid/ack", headers=duty)).status_code == 422
+        r = await client.post(f"/v1/inbox/{alert_id}/ack", headers=duty)
+        assert r.status_code == 200 and r.json()["acked_at"]
+        assert (await client.get("/v1/inbox", headers=duty)).json()["unacked"] == 0
+        out = await notification_events(settings, min_count=5)  # 2 in-app and 2 e-mails sent, 1 ack
+    acks = [e for e in out if e.type == "notification.acknowledged"]
+    assert len(acks) == 1 and acks[0].data.notification_id == rules.notification_id(
+        first.id, "csw.prizren.duty", "inapp")
+    assert acks[0].data.seconds_to_ack >= 0 and acks[0].correlationid == first.correlationid
+
+
+async def test_a_redelivered_event_notifies_nobody_again(env):
+    async with notifications_app(env) as (sink, settings, _app, client):
+        first = created()
+        await publish(settings, first)
+        await wait_until(lambda: mails_to(sink, "csw.prizren.duty@example.invalid"), timeout_s=30,
+                         what="the first e-mail")
+        before = len(sink.messages)
+        await publish(settings, first, acted(first))  # a later event proves the redelivered one was consumed
+        await wait_until(lambda: mails_to(sink, "police.prizren.duty@example.invalid"), timeout_s=10,
+                         what="the reporter's e-mail about the acceptance")
+        assert len(sink.messages) == before + 1
+        assert len(mails_to(sink, "csw.prizren.duty@example.invalid")) == 1
+        assert len(await _items(client, officer(settings, "csw.prizren.duty"))) == 1
+        reporter = officer(settings, "police.prizren.duty", role="reporter")
+        assert [i["event_type"] for i in await _items(client, reporter)] == ["referral.accepted"]
+
+
+async def test_an_unacknowledged_referral_is_realerted_to_its_supervisor_once(env):
+    after_s = 5.0  # long enough to acknowledge the other referral before its re-alert falls due
+    async with notifications_app(env, realert_after_s=after_s) as (sink, settings, app, client):
+        pool = app.state.notifications.pool
+        acked, ignored = created(), created(municipality="zvecan")
+        await publish(settings, acked, ignored)
+        alert = (await wait_until(lambda: _items(client, officer(settings, "csw.prizren.duty")), timeout_s=30,
+                                  what="the alert to acknowledge"))[0]
+        assert (await client.post(f"/v1/inbox/{alert['id']}/ack",
+                                  headers=officer(settings, "csw.prizren.duty"))).status_code == 200
+        sup = officer(settings, "csw.zvecan.supervisor", role="supervisor")
+        realerts = await wait_until(lambda: _items(client, sup), timeout_s=30,
+                                    what="the re-alert to the Zvečan supervisor")
+        assert [(i["event_type"], i["case_id"]) for i in realerts] == [(rules.REALERT, str(ignored.data.case_id))]
+        await wait_until(lambda: mails_to(sink, "csw.zvecan.supervisor@example.invalid"), timeout_s=10,
+                         what="the re-alert e-mail")
+        # once: the re-alerted referral is marked so, the acknowledged one handled (a re-alert
+        # round takes neither), and no other re-alert is due at all
+        marks = {r["referral_id"]: (r["handled_at"] is not None, r["realerted_at"] is not None)
+                 for r in await pool.fetch(f"select * from {SCHEMA}.referrals")}
+        assert marks == {acked.data.referral_id: (True, False), ignored.data.referral_id: (False, True)}
+        async with pool.acquire() as conn:
+            assert await store.seconds_until_next_realert(conn, after_s=after_s) is None
+        assert await _items(client, officer(settings, "csw.prizren.supervisor", role="supervisor")) == []
+
+
+async def test_notification_events_name_no_officer_and_no_contact(env):
+    async with notifications_app(env) as (_, settings, _app, _client):
+        first = created(priority="urgent")
+        await publish(settings, first)
+        out = await notification_events(settings, min_count=3)
+    sent = [e for e in out if e.type == "notification.sent"]
+    # the officer is not on the topic; the deterministic notification id still says who it was
+    assert {e.data.notification_id for e in sent} == {
+        rules.notification_id(first.id, "csw.prizren.duty", ch) for ch in ("inapp", "email", "sms")}
+    assert all(e.data.recipient is None for e in out)
+    assert all(e.subject == str(e.data.case_id) for e in out)
+    assert b"example.invalid" not in b"".join(e.to_json_bytes() for e in out)  # no contact data
 
 
 async def test_smtp_outage_retries_then_delivers_or_fails_and_dead_letters(env):
@@ -362,8 +394,9 @@ async def test_alerts_committed_by_another_replica_reach_this_replicas_stream(en
             await migrate(conn, schema=SCHEMA, folder=MIGRATIONS)
             await seed_if_empty(conn)
         queue = hub.subscribe("csw.prishtine.duty")
-        listener = asyncio.create_task(listen_for_alerts(env, pool, hub))
-        await asyncio.sleep(0.3)  # LISTEN registered
+        listening = asyncio.Event()
+        listener = asyncio.create_task(listen_for_alerts(env, pool, hub, listening=listening.set))
+        await asyncio.wait_for(listening.wait(), 10)
         event = created(municipality="prishtine")
         other_replica = await asyncpg.connect(env.database_url)  # "replica B": its own connection
         try:

@@ -29,6 +29,9 @@ pytestmark = pytest.mark.reliability
 OFFICES = [(agency, municipality) for agency in ("csw", "education", "police")
            for municipality in ("prizren", "peje", "gjakove", "ferizaj")]
 S = service.SCHEMA
+# A 2 s lease; the safety-net sleep (NOTIFY_POLL_INTERVAL_S) far beyond the test's timeout: the new
+# process must wake when the dead one's lease ends, not at a poll (issue 18).
+PROCESS_ENV = {"NOTIFY_LEASE_S": 2, "NOTIFY_POLL_INTERVAL_S": 600}
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
@@ -49,7 +52,7 @@ async def test_delivery_process_stopped_mid_send_loses_and_doubles_nothing(env, 
         assert len(emails) == len(OFFICES) and not await pool.fetchval(
             f"select count(*) from {S}.notifications where channel = 'sms'"), "12 e-mails, no SMS"
 
-        first = DeliveryProcess(env, sink, NOTIFY_LEASE_S=2, NOTIFY_POLL_INTERVAL_S=0.2).start()
+        first = DeliveryProcess(env, sink, **PROCESS_ENV).start()
         procs.append(first)
 
         seen: dict = {}
@@ -71,7 +74,7 @@ async def test_delivery_process_stopped_mid_send_loses_and_doubles_nothing(env, 
         stopped_after = len(sink.messages)
         assert stopped_after < len(emails)
 
-        procs.append(DeliveryProcess(env, sink, NOTIFY_LEASE_S=2, NOTIFY_POLL_INTERVAL_S=0.2).start())
+        procs.append(DeliveryProcess(env, sink, **PROCESS_ENV).start())
         await wait_until(lambda: pool.fetchval(f"select count(*) = 0 from {S}.notifications "
                                                "where channel = 'email' and status <> 'sent'"),
                          timeout_s=90, what="the second process to send the rest", interval_s=0.2)

@@ -268,3 +268,32 @@ def test_every_label_is_a_whole_sentence_in_each_language():
             if isinstance(texts, dict):
                 assert set(texts) <= {"sq", "sr", "en"} and all(isinstance(t, str) for t in texts.values()), \
                     f"{group}.{key}: {texts}"
+
+
+def test_a_loop_sleeps_until_the_earliest_due_time_capped_and_never_spins():
+    """The delivery and re-alert loops sleep until what they wait for falls due (a hair after,
+    for the database's clock), no longer than the safety net, and pause briefly (never zero)
+    when something is due already but was not taken."""
+    assert rules.sleep_until_due(None, cap_s=60) == 60  # nothing pending: only the safety net
+    assert rules.sleep_until_due(2.0, cap_s=60) == pytest.approx(2.0 + rules.DUE_MARGIN_S)
+    assert rules.sleep_until_due(600.0, cap_s=60) == 60
+    assert rules.sleep_until_due(-3.0, cap_s=60) == rules.BUSY_PAUSE_S > 0
+    assert rules.sleep_until_due(0.0, cap_s=60) == rules.BUSY_PAUSE_S
+
+
+async def test_an_alarm_rings_only_for_what_falls_due_before_its_sleep_ends():
+    import asyncio
+
+    from shared.wakeup import Alarm
+
+    alarm = Alarm()
+    alarm.ring_if_due_before(3600)  # awake: always rung, it looks again after its round
+    await asyncio.wait_for(alarm.wait(60), 1)
+    sleeper = asyncio.create_task(alarm.wait(60))
+    await asyncio.sleep(0)  # let it fall asleep
+    assert 59 < alarm.asleep_s <= 60
+    alarm.ring_if_due_before(120)  # falls due after it wakes anyway: not rung
+    assert alarm.asleep_s > 59 and not sleeper.done()
+    alarm.ring_if_due_before(5)
+    await asyncio.wait_for(sleeper, 1)
+    assert alarm.asleep_s == 0
