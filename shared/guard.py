@@ -35,7 +35,8 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.auth import Claims, TokenError, Verified, Verifier
+from shared.auth import Claims, TokenError, Verified, Verifier, authenticate
+from shared.errors import Unauthenticated
 from shared.settings import Environment, Settings
 
 TOKEN_PARAMS = frozenset({"token", "access_token", "id_token", "jwt"})
@@ -176,6 +177,26 @@ class StreamTickets:
 
 def guard_of(request: Request) -> Guard:
     return request.app.state.guard
+
+
+def issue_stream_ticket(request: Request, claims: Claims, *, stream: str) -> dict:
+    """The answer of `POST <stream>/ticket` for an authenticated caller the route has authorised."""
+    verified = Verified(claims=claims, exp=request.state.token_exp, iat=0)
+    ticket, ttl = guard_of(request).tickets.issue(verified, stream=stream)
+    return {"ticket": ticket, "expires_in": round(ttl, 1), "url": f"{stream}?ticket={ticket}"}
+
+
+async def stream_caller(request: Request, *, bearer: str | None, ticket: str | None, stream: str) -> Verified | None:
+    """Who opens a live stream: the bearer token when one is sent, else the one-time ticket
+    (redeemed here: 401 naming why when it is refused), else None (no credentials)."""
+    if bearer is not None:
+        return await authenticate(request, bearer)
+    if ticket:
+        try:
+            return guard_of(request).tickets.redeem(ticket, stream=stream)
+        except TokenError as exc:
+            raise Unauthenticated(str(exc)) from None
+    return None
 
 
 def stream_remaining_s(exp: float) -> float:

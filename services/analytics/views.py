@@ -26,9 +26,9 @@ from services.analytics.deps import Deps
 from services.analytics.models import Funnel, MunicipalityDetail, MunicipalityList, TimeToAcknowledge
 from services.analytics.service import Live, MonthRange, Snapshot, Viewer
 from shared import access
-from shared.auth import CurrentClaims, OptionalClaims, TokenError, Verified, authenticate
-from shared.errors import Forbidden, NotFound, Unauthenticated
-from shared.guard import StreamTicket, guard_of
+from shared.auth import CurrentClaims, OptionalClaims, Verified
+from shared.errors import Forbidden, NotFound
+from shared.guard import StreamTicket, guard_of, issue_stream_ticket, stream_caller
 from shared.reference import municipality_slugs
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -178,9 +178,7 @@ async def stream_ticket(request: Request, claims: CurrentClaims) -> dict:
     decision = access.allowed(claims, "analytics.stream_ticket", access.Resource(owner=claims.sub))
     if not decision:
         raise Forbidden(decision.reason)
-    verified = Verified(claims=claims, exp=request.state.token_exp, iat=0)
-    ticket, ttl = guard_of(request).tickets.issue(verified, stream=STREAM)
-    return {"ticket": ticket, "expires_in": round(ttl, 1), "url": f"{STREAM}?ticket={ticket}"}
+    return issue_stream_ticket(request, claims, stream=STREAM)
 
 
 async def _stream_viewer(
@@ -189,14 +187,8 @@ async def _stream_viewer(
     ticket: Annotated[str | None, Query(description="One-time ticket from POST /v1/stream/ticket (for "
                                                     "EventSource, which cannot send headers); omit for the public view")] = None,
 ) -> Verified | None:
-    if credentials is not None and credentials.scheme.lower() == "bearer":
-        return await authenticate(request, credentials.credentials)
-    if ticket:
-        try:
-            return guard_of(request).tickets.redeem(ticket, stream=STREAM)
-        except TokenError as exc:
-            raise Unauthenticated(str(exc)) from None
-    return None
+    bearer = credentials.credentials if credentials is not None and credentials.scheme.lower() == "bearer" else None
+    return await stream_caller(request, bearer=bearer, ticket=ticket, stream=STREAM)
 
 
 @router.get("/v1/stream", summary="Server-sent events: `counts` with every municipality row and the "

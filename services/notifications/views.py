@@ -17,9 +17,9 @@ from sse_starlette.sse import EventSourceResponse
 from services.notifications import service
 from services.notifications.deps import DepsDep
 from services.notifications.models import Alert, Inbox
-from shared.auth import MISSING_TOKEN, CurrentClaims, TokenError, Verified, authenticate
+from shared.auth import MISSING_TOKEN, CurrentClaims, Verified
 from shared.errors import Unauthenticated
-from shared.guard import StreamTicket, guard_of
+from shared.guard import StreamTicket, guard_of, issue_stream_ticket, stream_caller
 
 router = APIRouter(prefix="/v1/inbox", tags=["inbox"])
 
@@ -49,9 +49,7 @@ async def stream_ticket(request: Request, claims: CurrentClaims) -> dict:
     here with the bearer token, then open `GET /v1/inbox/stream?ticket=<ticket>` within the
     ticket's lifetime. The ticket works once, for this stream and this user only."""
     service.require_own_inbox(claims)
-    verified = Verified(claims=claims, exp=request.state.token_exp, iat=0)
-    ticket, ttl = guard_of(request).tickets.issue(verified, stream=STREAM)
-    return {"ticket": ticket, "expires_in": round(ttl, 1), "url": f"{STREAM}?ticket={ticket}"}
+    return issue_stream_ticket(request, claims, stream=STREAM)
 
 
 async def _stream_caller(
@@ -60,13 +58,10 @@ async def _stream_caller(
     ticket: Annotated[str | None, Query(description="One-time ticket from POST /v1/inbox/stream/ticket "
                                                     "(for EventSource, which cannot send headers)")] = None,
 ) -> Verified:
-    if credentials is not None and credentials.scheme.lower() == "bearer":
-        return await authenticate(request, credentials.credentials)
-    if ticket:
-        try:
-            return guard_of(request).tickets.redeem(ticket, stream=STREAM)
-        except TokenError as exc:
-            raise Unauthenticated(str(exc)) from None
+    bearer = credentials.credentials if credentials is not None and credentials.scheme.lower() == "bearer" else None
+    verified = await stream_caller(request, bearer=bearer, ticket=ticket, stream=STREAM)
+    if verified is not None:
+        return verified
     raise Unauthenticated(f"{MISSING_TOKEN}, or a one-time ticket from POST {STREAM}/ticket as ?ticket=",
                           headers={"WWW-Authenticate": "Bearer"})
 
