@@ -172,10 +172,8 @@ async def run(stack, *, duration: float = DURATION, warmup: float = WARMUP, roun
 
         server_cpu = _pid_cpu
 
-        def pg_cpu() -> float:
-            # the stack's own PostgreSQL when it started one (not other databases on the machine)
-            own = stack.infra_cpu_seconds().get("postgres")
-            return own if own is not None else cpu_seconds(lambda cmd: cmd.startswith("postgres"))
+        def pg_cpu() -> float:  # the stack's own PostgreSQL when it started one, not others on the machine
+            return stack.infra_cpu_seconds().get("postgres") or cpu_seconds(lambda cmd: cmd.startswith("postgres"))
 
         async def measured(pid: int, *args, **kw) -> dict:  # noqa: ANN002, ANN003
             s0, p0 = server_cpu(pid), pg_cpu()
