@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,7 +35,35 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
             libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port() -> int:
+    """A port free now for a listener started later, chosen BELOW the kernel's ephemeral range:
+    a port from that range (what bind(0) gives) can be taken in the meantime as the source port of
+    any outgoing connection (Kafka, PostgreSQL clients), and a service restarted on it then fails
+    with "address already in use" (seen: analytics restarted after SIGKILL). Falls back to bind(0)
+    where the range starts too low to leave room."""
+    low = _ephemeral_low()
+    if low > 12_000:
+        for _ in range(200):
+            port = random.randrange(10_000, low)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
