@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
 from datetime import date
 
 import asyncpg
@@ -37,7 +38,7 @@ from shared.kafka import DeadLetter, connection_kwargs, ensure_topics, make_prod
 from shared.outbox import replay
 from shared.topics import Topics
 from tests.apps import bearer, running
-from tests.infra import wait_until
+from tests.infra import create_database, drop_database, wait_until
 from tests.kafka_helpers import produce, read_all
 
 pytestmark = pytest.mark.integration
@@ -115,7 +116,40 @@ def found(haystack: bytes, texts: list[str]) -> list[str]:
     return [t for t in texts if any(n.lower() in low for n in needles(t))]
 
 
-async def test_erase_leaves_no_identity_or_pseudonym_readable_in_the_database_or_on_the_topics(env, tmp_path):
+@dataclass(frozen=True)
+class Erased:
+    """One system run in which one child was reported twice (linked), another child once, and
+    the first child's two cases were erased with `clms erase`; the scans before and after."""
+    settings: object
+    topics: Topics
+    first: dict
+    second: dict
+    other: dict
+    cases: tuple[str, ...]       # the erased cases
+    tokens: tuple[str, ...]      # their per-case tokens, as the API returned them
+    pseudonym: str               # the cross-case pseudonym intake kept for linking them
+    changelog: str               # analytics' table changelog topic
+    view: dict                   # GET of the other child's case, after erasure
+    gone: dict                   # GET of the second erased case, after erasure
+    before_db: bytes             # every database row, before erasure
+    before_topics: bytes         # every record of every topic of the test, before erasure
+    after_topics: tuple          # (topic, record) of every topic of the test, after erasure
+
+
+@pytest.fixture(scope="module")
+async def erased(infra):
+    """Built once for the module (the tests below only read what it left): its own database and
+    topic prefix, as `env` gives a test."""
+    db_url = await create_database(infra)
+    env = infra.settings(db_url=db_url, prefix=f"t{uuid.uuid4().hex[:10]}.")
+    await ensure_topics(env)
+    try:
+        yield await _report_and_erase(env)
+    finally:
+        await drop_database(infra, db_url)
+
+
+async def _report_and_erase(env) -> Erased:
     topics = Topics(env.topic_prefix)
     sink = await Sink(smtp_port=free_port(), http_port=free_port(),
                       webhook_secret=env.webhook_secret.get_secret_value()).start()
@@ -168,11 +202,8 @@ async def test_erase_leaves_no_identity_or_pseudonym_readable_in_the_database_or
             await wait_until(lambda: read_all(settings, topics.dead_letters, min_count=1, timeout_s=2, idle_s=0.2),
                              timeout_s=30, what="a dead letter of the damaged event")
 
-            # before erasure the scanners do find what they look for (the scan is not blind)
             before_db = b"\n".join(row.encode() for _, row in await db_rows(settings))
-            assert found(before_db, [pseudonym, *tokens]) == [pseudonym, *tokens]
             before_topics = b"\n".join(blob(r) for _, r in await topic_records(settings))
-            assert found(before_topics, tokens) == tokens
 
             runner = CliRunner()
             cli_env = {"DATABASE_URL": settings.database_url, "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers}
@@ -180,38 +211,80 @@ async def test_erase_leaves_no_identity_or_pseudonym_readable_in_the_database_or
                 result = await asyncio.to_thread(runner.invoke, intake_cli, ["erase", cid, "--yes"], env=cli_env)
                 assert result.exit_code == 0, result.output
 
-            # the other child is untouched: readable, token and all
             view = (await client.get(f"/v1/cases/{other['case_id']}", headers=police(settings))).json()
             gone = (await client.get(f"/v1/cases/{second['case_id']}", headers=police(settings))).json()
     finally:
         await sink.stop()
+    # one scan of every topic after erasure, read by the topic and changelog tests below
+    after_topics = tuple(await topic_records(settings))
+    return Erased(settings=settings, topics=topics, first=first, second=second, other=other,
+                  cases=tuple(cases), tokens=tuple(tokens), pseudonym=pseudonym, changelog=changelog,
+                  view=view, gone=gone, before_db=before_db, before_topics=before_topics,
+                  after_topics=after_topics)
 
-    # 1. the database: no name, phone, birth date or note, no pseudonym, no token, no link
-    rows = await db_rows(settings)
-    for table, row in rows:
-        assert not found(row.encode(), [*SECRETS, pseudonym, *tokens]), f"{table} still holds {row[:300]}"
-    conn = await asyncpg.connect(settings.database_url)
+
+async def test_the_scans_find_the_pseudonym_and_tokens_before_erasure(erased: Erased):
+    """The scans below are not blind: before erasure they do find what they look for."""
+    e = erased
+    assert found(e.before_db, [e.pseudonym, *e.tokens]) == [e.pseudonym, *e.tokens]
+    assert found(e.before_topics, list(e.tokens)) == list(e.tokens)
+
+
+OTHER_SCHEMAS = "other_schemas"  # every schema not named in the list
+
+
+@pytest.mark.parametrize("schema", ["intake", "referral", "notifications", OTHER_SCHEMAS])
+async def test_no_database_row_holds_identity_pseudonym_or_token_after_erasure(erased: Erased, schema: str):
+    """No name, phone, birth date or note, no pseudonym, no token, in any row of any table (by
+    schema, so a failure names the service that kept a copy)."""
+    e = erased
+    named = {"intake", "referral", "notifications"}
+    for table, row in await db_rows(e.settings):
+        table_schema = table.split(".")[0].strip('"')
+        if (table_schema != schema) if schema != OTHER_SCHEMAS else (table_schema in named):
+            continue
+        assert not found(row.encode(), [*SECRETS, e.pseudonym, *e.tokens]), f"{table} still holds {row[:300]}"
+
+
+async def test_erasure_leaves_no_link_idempotency_key_or_case_key(erased: Erased):
+    e = erased
+    conn = await asyncpg.connect(e.settings.database_url)
     try:
         assert await conn.fetchval("select count(*) from intake.cases where linked_case_id = any($1::uuid[])",
-                                   [uuid.UUID(c) for c in cases]) == 0
+                                   [uuid.UUID(c) for c in e.cases]) == 0
         assert await conn.fetchval("select count(*) from intake.idempotency_keys") == 0
         assert await conn.fetchval("select count(*) from intake.case_keys where case_id = any($1::uuid[])",
-                                   [uuid.UUID(c) for c in cases]) == 0
-        # the outbox `make run` replays keeps the facts of the erased cases, with the erased marker
-        kept = await conn.fetch("select envelope from intake.outbox where event_type = 'case.identified' "
-                                "and key = any($1::text[])", cases)
-        assert [orjson.loads(r["envelope"])["data"]["child_ref"] for r in kept] == [ERASED_CHILD_REF] * 2
+                                   [uuid.UUID(c) for c in e.cases]) == 0
     finally:
         await conn.close()
-    # the other child is untouched: readable, token and all; the erased case keeps its facts
-    assert view["personal"]["given_name"] == "Besa" and view["child_ref"] == other["child_ref"]
-    assert gone["personal"] is None and gone["child_ref"] is None and gone["linked_case_id"] is None
-    assert gone["repeat_identification"] is False and gone["sector"] == "construction"
 
-    # 2. replayed into an empty broker (what `make run` does), the outbox carries no token
-    fresh = settings.model_copy(update={"topic_prefix": f"r{uuid.uuid4().hex[:8]}."})
+
+async def test_the_outbox_keeps_the_erased_cases_facts_with_the_erased_marker(erased: Erased):
+    """The outbox `make run` replays keeps the facts of the erased cases, with the erased marker."""
+    e = erased
+    conn = await asyncpg.connect(e.settings.database_url)
+    try:
+        kept = await conn.fetch("select envelope from intake.outbox where event_type = 'case.identified' "
+                                "and key = any($1::text[])", list(e.cases))
+    finally:
+        await conn.close()
+    assert [orjson.loads(r["envelope"])["data"]["child_ref"] for r in kept] == [ERASED_CHILD_REF] * 2
+
+
+async def test_the_other_child_stays_readable_and_the_erased_case_keeps_its_facts(erased: Erased):
+    e = erased
+    assert e.view["personal"]["given_name"] == "Besa" and e.view["child_ref"] == e.other["child_ref"]
+    assert e.gone["personal"] is None and e.gone["child_ref"] is None and e.gone["linked_case_id"] is None
+    assert e.gone["repeat_identification"] is False and e.gone["sector"] == "construction"
+
+
+async def test_the_outbox_replayed_into_an_empty_broker_carries_no_token(erased: Erased):
+    """Replayed into an empty broker (what `make run` does), the outbox carries no identity, no
+    pseudonym, no token and no link; the erased cases keep their facts."""
+    e = erased
+    fresh = e.settings.model_copy(update={"topic_prefix": f"r{uuid.uuid4().hex[:8]}."})
     await ensure_topics(fresh)
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+    pool = await asyncpg.create_pool(e.settings.database_url, min_size=1, max_size=1)
     producer = make_producer(fresh)
     await producer.start()
     try:
@@ -222,26 +295,36 @@ async def test_erase_leaves_no_identity_or_pseudonym_readable_in_the_database_or
     replayed = await read_all(fresh, Topics(fresh.topic_prefix).case_events, min_count=3)
     assert len(replayed) == 3
     for r in replayed:
-        assert not found(blob(r), [*SECRETS, pseudonym, *tokens])
+        assert not found(blob(r), [*SECRETS, e.pseudonym, *e.tokens])
         data = ev.parse_envelope(r.value).data
         assert data.linked_case_id is None
-        if str(data.case_id) in cases:
+        if str(data.case_id) in e.cases:
             assert data.child_ref == ERASED_CHILD_REF and data.sector is ev.Sector.construction
 
-    # 3. every topic of the running system: no identity anywhere, no pseudonym anywhere; the
-    # per-case tokens remain only where the README says (records already written to
-    # clms.case-events and a dead letter copied from one of them), until those topics' retention
+
+async def test_no_topic_holds_identity_or_pseudonym_after_erasure(erased: Erased):
+    """Every topic of the running system (case, referral, notification, dead-letter topics,
+    analytics' changelog): no identity anywhere, no pseudonym anywhere."""
+    e = erased
+    for topic, r in e.after_topics:
+        assert not found(blob(r), [*SECRETS, e.pseudonym]), f"{topic} still holds identity: {blob(r)[:300]!r}"
+
+
+async def test_tokens_remain_only_in_case_identified_records_already_written_and_their_dead_letter(
+        erased: Erased):
+    """The per-case tokens remain only where the README says (records already written to
+    clms.case-events and a dead letter copied from one of them), until those topics' retention."""
+    e = erased
+    topics, cases, tokens = e.topics, list(e.cases), list(e.tokens)
     remaining = []
-    for topic, r in await topic_records(settings):
-        hits = found(blob(r), [*SECRETS, pseudonym, *tokens])
-        assert not found(blob(r), [*SECRETS, pseudonym]), f"{topic} still holds identity: {blob(r)[:300]!r}"
-        if hits:
+    for topic, r in e.after_topics:
+        if hits := found(blob(r), [*SECRETS, e.pseudonym, *tokens]):
             remaining.append((topic, r, hits))
     assert {t for t, _, _ in remaining} == {topics.case_events, topics.dead_letters}
     for topic, r, hits in remaining:
         if topic == topics.dead_letters:
             letter = DeadLetter.from_headers(r.headers, key=r.key, value=r.value)
-            assert letter.topic == topics.case_events and r.key == first["case_id"].encode()
+            assert letter.topic == topics.case_events and r.key == e.first["case_id"].encode()
             assert hits == [tokens[0]]
         else:
             # the case.identified of each erased case (and the damaged copy of the first)
@@ -251,10 +334,13 @@ async def test_erase_leaves_no_identity_or_pseudonym_readable_in_the_database_or
     on_case_events = sorted(h[0] for t, _, h in remaining if t == topics.case_events)
     assert on_case_events == sorted([tokens[0], tokens[0], tokens[1]])
 
-    # 4. analytics' table changelog (compacted, so its latest record per case stays for good) was
-    # part of that scan and held none of them; it carries categories only, keyed by case id
-    states = [r for t, r in await topic_records(settings) if t == changelog and r.value]
-    assert {r.key.decode() for r in states} >= {*cases, other["case_id"]}  # the scan is not blind
+
+async def test_analytics_changelog_carries_categories_only_keyed_by_case_id(erased: Erased):
+    """Analytics' table changelog (compacted, so its latest record per case stays for good) was
+    part of the topic scan; it carries categories only, keyed by case id."""
+    e = erased
+    states = [r for t, r in e.after_topics if t == e.changelog and r.value]
+    assert {r.key.decode() for r in states} >= {*e.cases, e.other["case_id"]}  # the scan is not blind
     for r in states:
         state = orjson.loads(r.value)
         assert set(state) == {"mu", "mo", "fm", "id", "w", "e", "c", "r", "n", "s"}, state
