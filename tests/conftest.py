@@ -49,11 +49,24 @@ def infra(request):
     infra.close()
 
 
-@pytest.fixture
-async def env(infra: Infra):
-    """Settings for one test: unique topic prefix (topics declared), fresh database."""
+async def _fresh_settings(infra: Infra) -> tuple:
     db_url = await create_database(infra)
     settings = infra.settings(db_url=db_url, prefix=f"t{uuid.uuid4().hex[:10]}.")
     await ensure_topics(settings)
+    return settings, db_url
+
+
+@pytest.fixture
+async def env(infra: Infra):
+    """Settings for one test: unique topic prefix (topics declared), fresh database."""
+    settings, db_url = await _fresh_settings(infra)
+    yield settings
+    await drop_database(infra, db_url)
+
+
+@pytest.fixture(scope="module")
+async def module_env(infra: Infra):
+    """`env` for a whole module, for tests that read one scene set up once by a module fixture."""
+    settings, db_url = await _fresh_settings(infra)
     yield settings
     await drop_database(infra, db_url)

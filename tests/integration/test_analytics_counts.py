@@ -23,12 +23,11 @@ from fastapi import FastAPI
 
 from services.analytics.app import create_app
 from shared import events as ev
-from shared.kafka import ensure_topics
 from shared.settings import Settings
 from shared.topics import Topics
 from tests import builders
 from tests.apps import bearer, running, scrape
-from tests.infra import create_database, drop_database, wait_until
+from tests.infra import wait_until
 from tests.kafka_helpers import produce
 
 pytestmark = pytest.mark.integration
@@ -102,16 +101,6 @@ class Counted:
 
 def _duplicates(app: FastAPI) -> float:
     return app.state.deps.registry.get_sample_value("analytics_events_duplicate_total") or 0.0
-
-
-@pytest.fixture(scope="module")
-async def module_env(infra):
-    """Like `env`, for the whole module: its own topics and its own database."""
-    db_url = await create_database(infra)
-    settings = infra.settings(db_url=db_url, prefix=f"t{uuid.uuid4().hex[:10]}.")
-    await ensure_topics(settings)
-    yield settings
-    await drop_database(infra, db_url)
 
 
 @pytest.fixture(scope="module")

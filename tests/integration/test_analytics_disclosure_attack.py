@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -30,11 +29,11 @@ import pytest
 
 from services.analytics.app import create_app
 from shared import events as ev
-from shared.kafka import ensure_topics, make_producer, send_envelope
+from shared.kafka import make_producer, send_envelope
 from shared.topics import Topics
 from tests import builders
 from tests.apps import bearer, running
-from tests.infra import Infra, create_database, drop_database, wait_until
+from tests.infra import wait_until
 from tests.integration.test_analytics_live import _next_counts, served
 from tests.kafka_helpers import produce
 
@@ -139,16 +138,6 @@ class Attack:
 NEW_CASE = dict(sex=ev.Sex.female, community=ev.Community.egyptian, age=ev.AgeBand.from_15_to_17,
                 work=(ev.Sector.agriculture, "pesticide_handling"), agency=ev.AgencyType.labour_inspectorate,
                 hazardous=True)  # a girl, Egyptian, 15-17, hazardous agriculture, labour inspectorate
-
-
-@pytest.fixture(scope="module")
-async def module_env(infra: Infra):
-    """`env` for the whole module: its own topics and database."""
-    db_url = await create_database(infra)
-    settings = infra.settings(db_url=db_url, prefix=f"t{uuid.uuid4().hex[:10]}.")
-    await ensure_topics(settings)
-    yield settings
-    await drop_database(infra, db_url)
 
 
 @pytest.fixture(scope="module")

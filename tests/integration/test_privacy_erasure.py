@@ -38,7 +38,7 @@ from shared.kafka import DeadLetter, connection_kwargs, ensure_topics, make_prod
 from shared.outbox import replay
 from shared.topics import Topics
 from tests.apps import bearer, running
-from tests.infra import create_database, drop_database, wait_until
+from tests.infra import wait_until
 from tests.kafka_helpers import produce, read_all
 
 pytestmark = pytest.mark.integration
@@ -137,16 +137,9 @@ class Erased:
 
 
 @pytest.fixture(scope="module")
-async def erased(infra):
-    """Built once for the module (the tests below only read what it left): its own database and
-    topic prefix, as `env` gives a test."""
-    db_url = await create_database(infra)
-    env = infra.settings(db_url=db_url, prefix=f"t{uuid.uuid4().hex[:10]}.")
-    await ensure_topics(env)
-    try:
-        yield await _report_and_erase(env)
-    finally:
-        await drop_database(infra, db_url)
+async def erased(module_env):
+    """Built once for the module (the tests below only read what it left)."""
+    return await _report_and_erase(module_env)
 
 
 async def _report_and_erase(env) -> Erased:
