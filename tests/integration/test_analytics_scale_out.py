@@ -122,12 +122,21 @@ async def test_two_workers_split_the_partitions_and_answer_as_one(env, tmp_path)
                     return -1
                 return r.json()["stages"][0]["count"] if r.status_code == 200 else -1
 
+            why: list[str] = [""]  # what the last check saw, for the failure message
+
             async def same_as_one(expected_identified: int) -> bool:
-                if await identified(None) != expected_identified:
+                if (n := await identified(None)) != expected_identified:
+                    why[0] = f"the reference worker counts {n} identified"
                     return False
                 reference = await _answers(single, "", national)
                 for _, base, _ in workers:
-                    if await identified(base) != expected_identified or await _answers(http, base, national) != reference:
+                    if (n := await identified(base)) != expected_identified:
+                        why[0] = f"the worker at {base} counts {n} identified"
+                        return False
+                    answers = await _answers(http, base, national)
+                    if answers != reference:
+                        why[0] = f"the worker at {base} answers differently: " + ", ".join(
+                            k for k in reference if answers.get(k) != reference[k])
                         return False
                 return True
 
@@ -149,8 +158,11 @@ async def test_two_workers_split_the_partitions_and_answer_as_one(env, tmp_path)
             workers[0][0].wait(30)
             await _publish_cases(env, range(48, 60))
             workers = workers[1:]
-            await wait_until(lambda: same_as_one(60), timeout_s=120,
-                             what="the remaining worker to take over and answer as one worker", interval_s=0.5)
+            try:
+                await wait_until(lambda: same_as_one(60), timeout_s=120,
+                                 what="the remaining worker to take over and answer as one worker", interval_s=0.5)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; last seen: {why[0]}") from None
             await wait_until(lambda: split(60), timeout_s=60, interval_s=0.5,
                              what="the remaining worker to hold all 60 cases")
     finally:
