@@ -179,6 +179,15 @@ async def drop_database(infra: Infra, url: str) -> None:
         await conn.close()
 
 
+async def db_rows(settings, sql: str, *args) -> list:
+    """The rows of one query on the test's database (a connection of its own, closed after)."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
 async def wait_until(predicate, *, timeout_s: float, what: str, interval_s: float = 0.05):
     """Poll an async or sync predicate until it returns a truthy value; fail with `what`."""
     loop = asyncio.get_running_loop()

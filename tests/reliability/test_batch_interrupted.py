@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import pytest
 
 from services.referral import service
@@ -29,7 +28,7 @@ from shared.events import parse_envelope
 from shared.topics import Topics
 from tests import builders
 from tests.apps import running
-from tests.infra import wait_until
+from tests.infra import db_rows, wait_until
 from tests.kafka_helpers import produce, read_all
 
 pytestmark = pytest.mark.reliability
@@ -84,11 +83,11 @@ async def test_events_of_an_interrupted_batch_are_applied_exactly_once_after_a_r
         await wait_until(lambda: all_routed(env, cases), timeout_s=60,
                          what="every event of the interrupted batch to be applied after the restart")
 
-    rows = await db(env, "select case_id, count(*) as n from referral.referral group by case_id")
+    rows = await db_rows(env, "select case_id, count(*) as n from referral.referral group by case_id")
     assert {r["case_id"]: r["n"] for r in rows} == {c.data.case_id: PER_CASE for c in cases}
-    inbox = await db(env, "select event_id from referral.inbox")
+    inbox = await db_rows(env, "select event_id from referral.inbox")
     assert sorted(r["event_id"] for r in inbox) == sorted(c.id for c in cases), "each event applied once"
-    created = await db(env, "select count(*) as n from referral.outbox where event_type = 'referral.created'")
+    created = await db_rows(env, "select count(*) as n from referral.outbox where event_type = 'referral.created'")
     assert created[0]["n"] == EVENTS * PER_CASE, "one referral.created per referral, none twice"
     records = await read_all(env, topics.referral_events, min_count=EVENTS * PER_CASE)
     on_topic = [parse_envelope(r.value) for r in records]
@@ -97,16 +96,8 @@ async def test_events_of_an_interrupted_batch_are_applied_exactly_once_after_a_r
           f"{EVENTS} events applied once each, {EVENTS * PER_CASE} referrals")
 
 
-async def db(env, sql: str, *args):
-    conn = await asyncpg.connect(env.database_url)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
 async def cases_routed(env, cases) -> list[bool]:
-    rows = await db(env, "select distinct case_id from referral.referral")
+    rows = await db_rows(env, "select distinct case_id from referral.referral")
     routed = {r["case_id"] for r in rows}
     return [c.data.case_id in routed for c in cases]
 

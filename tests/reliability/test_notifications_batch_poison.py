@@ -24,7 +24,7 @@ from shared import events as ev
 from shared.kafka import DeadLetter
 from shared.topics import Topics
 from tests.apps import running
-from tests.infra import wait_until
+from tests.infra import db_rows, wait_until
 from tests.kafka_helpers import produce, read_all
 
 pytestmark = pytest.mark.reliability
@@ -72,32 +72,24 @@ async def test_a_poison_event_in_a_batch_is_dead_lettered_and_the_others_applied
         ("handler_error", poison_offset, env.group_id("notifications"))], letters
     assert ev.parse_envelope(letters[0].value).id == poison.id
 
-    rows = await db(env, "select event_id from notifications.inbox")
+    rows = await db_rows(env, "select event_id from notifications.inbox")
     assert sorted(r["event_id"] for r in rows) == sorted(e.id for e in good), "each good event applied once, not the poison"
-    alerts = await db(env, "select referral_id, recipient, count(*) as n from notifications.alerts "
+    alerts = await db_rows(env, "select referral_id, recipient, count(*) as n from notifications.alerts "
                            "group by referral_id, recipient")
     assert sorted((r["referral_id"], r["recipient"], r["n"]) for r in alerts) == sorted(
         (e.data.referral_id, "csw.prizren.duty", 1) for e in good), "one alert per duty officer and referral"
-    by_event = await db(env, "select event_id, count(*) as n from notifications.notifications group by event_id")
+    by_event = await db_rows(env, "select event_id, count(*) as n from notifications.notifications group by event_id")
     counts = {r["event_id"]: r["n"] for r in by_event}
     assert set(counts) == {e.id for e in good} and len(set(counts.values())) == 1, counts
-    sent = await db(env, "select count(*) as n from notifications.outbox where event_type = 'notification.sent'")
+    sent = await db_rows(env, "select count(*) as n from notifications.outbox where event_type = 'notification.sent'")
     assert sent[0]["n"] == len(good), "one notification.sent per in-app alert, none twice"
     print(f"\n[reliability] batch of {len(sequence)} with a poison at offset {poison_offset}: batches "
           f"{[len(b) for b in batches]}, poison dead-lettered, {len(good)} events applied once each")
 
 
-async def db(env, sql: str, *args):
-    conn = await asyncpg.connect(env.database_url)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
 async def inboxed(env, ids: list[uuid.UUID]) -> bool:
     try:
-        rows = await db(env, "select event_id from notifications.inbox")
+        rows = await db_rows(env, "select event_id from notifications.inbox")
     except asyncpg.UndefinedTableError:
         return False
     return {r["event_id"] for r in rows} >= set(ids)
