@@ -95,8 +95,6 @@ async def preload(settings: Settings, n: int) -> int:
 
 
 def applied(app) -> int:
-    from prometheus_client import REGISTRY  # noqa: F401 - the app has its own registry
-
     total = 0
     for metric in app.state.deps.registry.collect():
         if metric.name == "analytics_events_applied":

@@ -123,7 +123,7 @@ class Worker:
 
 
 def build_worker(deps: Deps, *, name: str = "analytics") -> Worker:
-    settings, registry = deps.settings, deps.registry
+    settings = deps.settings
     # On Tansu, one changelog record per batch (shared/tansu.py: faust's table recovery would
     # otherwise stop early and drop the rest of a multi-record batch). No standby replicas: a
     # standby's records would land in the same memory store; a new owner recovers from the

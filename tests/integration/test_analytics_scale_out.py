@@ -6,7 +6,6 @@ same, new events included."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess

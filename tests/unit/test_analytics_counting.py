@@ -7,8 +7,6 @@ import random
 import uuid
 from datetime import date, datetime, timedelta, timezone
 
-import pytest
-
 from services.analytics import rules as c
 from shared import events as ev
 from tests import builders
