@@ -85,6 +85,8 @@ def make_faust_app(settings: Settings, name: str, *, store: str = "memory://", *
     """A faust App for one service. `name` becomes the consumer group (with the topic prefix)."""
     tune_fetch_wait(settings.kafka_fetch_max_wait_ms)
     servers = settings.require_kafka().split(",")
+    datadir = settings.data_dir / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)
     conf: dict[str, Any] = dict(
         broker=";".join(f"kafka://{s.strip()}" for s in servers),
         broker_credentials=broker_credentials(settings),
@@ -103,6 +105,9 @@ def make_faust_app(settings: Settings, name: str, *, store: str = "memory://", *
         value_serializer="raw",
         table_cleanup_interval=30.0,
         stream_wait_empty=False,
+        # faust makes a folder per app even with the memory store; keep it in the data dir
+        # (default `.clms/`, ignored by git), not in the working directory
+        datadir=str(datadir / "{conf.name}-data"),
     )
     conf.update(overrides)
     return faust.App(settings.group_id(name), **conf)
