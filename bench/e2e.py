@@ -221,7 +221,9 @@ def _profile(system, seconds: float) -> list:  # noqa: ANN001
     if not out:
         return []
     Path(out).mkdir(parents=True, exist_ok=True)
-    spy = str(Path(sys.executable).parent / "py-spy")
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return [subprocess.Popen([spy, "record", "--nonblocking", "-r", "50", "-d", str(int(seconds)), "-f", "raw",
                               "-o", f"{out}/{c.name}.txt", "--pid", str(c.proc.pid)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

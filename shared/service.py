@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable
 
 import uvicorn
+import uvloop
 from fastapi import FastAPI
 
 from shared.logs import configure_logging
@@ -32,6 +33,11 @@ def serve(name: str, create_app: Callable[[Settings], FastAPI], settings: Settin
     monitoring = uvicorn.Server(uvicorn.Config(
         monitoring_app(app), host=settings.metrics_host or settings.host, port=mport, lifespan="off",
         **common)) if mport else None
+    # uvloop (libuv) instead of asyncio's selector loop: the same program, less CPU per socket
+    # read and write and per wake-up from another thread (intake spent a tenth of its time in
+    # the selector transport's write); uvicorn picks it the same way from its command line.
+    # The policy, not only this loop: faust's consumer thread makes its own loop from it.
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(_serve(api, monitoring))
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.charset import QP, Charset
+from email.header import Header
+from email.mime.text import MIMEText
 from email.utils import make_msgid
 from typing import Protocol
 
@@ -60,6 +62,25 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP  # readable in the raw message, unlike base64
+
+
+def render_email(message: OutgoingMessage, *, sender: str) -> MIMEText:
+    """The MIME message of one notification. `MIMEText` and the compat32 policy, not
+    `EmailMessage`: the modern policy parses every header it is given back through its header
+    registry, five times the CPU for the same bytes (it was a fifth of the delivery process)."""
+    mail = MIMEText(message.body, "plain", _UTF8_QP)
+    mail["From"] = sender
+    mail["To"] = message.address
+    mail["Subject"] = message.subject if message.subject.isascii() else Header(message.subject, "utf-8")
+    mail["Message-ID"] = make_msgid(idstring=message.notification_id, domain="clms.example.invalid")
+    mail["X-CLMS-Notification-Id"] = message.notification_id
+    mail["X-CLMS-Recipient"] = message.recipient
+    mail["Content-Language"] = message.language
+    return mail
+
+
 class EmailSender:
     """SMTP over one kept-open connection (opened on first use, reopened after any error).
 
@@ -97,15 +118,7 @@ class EmailSender:
         if not message.address:
             raise PermanentDeliveryError("officer has no e-mail address")
         s = self.settings
-        mail = EmailMessage()
-        mail["From"] = s.smtp_from
-        mail["To"] = message.address
-        mail["Subject"] = message.subject
-        mail["Message-ID"] = make_msgid(idstring=message.notification_id, domain="clms.example.invalid")
-        mail["X-CLMS-Notification-Id"] = message.notification_id
-        mail["X-CLMS-Recipient"] = message.recipient
-        mail.set_content(message.body)
-        mail["Content-Language"] = message.language  # after set_content, which resets Content-* headers
+        mail = render_email(message, sender=s.smtp_from)
         async with self._lock:
             try:
                 smtp = await self._connected()

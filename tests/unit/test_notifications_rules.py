@@ -297,3 +297,24 @@ async def test_an_alarm_rings_only_for_what_falls_due_before_its_sleep_ends():
     alarm.ring_if_due_before(5)
     await asyncio.wait_for(sleeper, 1)
     assert alarm.asleep_s == 0
+
+
+def test_an_email_reads_back_as_written_in_albanian_and_serbian():
+    """The e-mail an officer's client shows: the subject and body exactly as rendered (non-ASCII
+    letters included), the language tagged, addressed to the officer and nobody else."""
+    from email import message_from_bytes, policy
+
+    from services.notifications.channels import OutgoingMessage, render_email
+
+    for subject, body, lang in (("Referim i ri: afati për rastin – 24 orë", "Hapni rastin në CLMS.\nFaleminderit.\n", "sq"),
+                                ("Нова упута: рок 24 сата", "Отворите предмет у CLMS-у.\n", "sr")):
+        out = OutgoingMessage(notification_id="n-1", recipient="csw.prizren.duty", channel="email",
+                              address="duty@csw-prizren.example", language=lang, subject=subject, body=body, link=None)
+        raw = render_email(out, sender="CLMS <clms@example.org>").as_bytes()
+        assert raw.isascii()  # 7-bit safe on any relay
+        mail = message_from_bytes(raw, policy=policy.default)
+        assert mail["Subject"] == subject
+        assert mail.get_body().get_content() == body
+        assert mail["To"] == "duty@csw-prizren.example" and mail["Cc"] is None and mail["Bcc"] is None
+        assert mail["Content-Language"] == lang
+        assert mail["X-CLMS-Notification-Id"] == "n-1"
