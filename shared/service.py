@@ -61,6 +61,7 @@ class QuietServer(uvicorn.Server):
 
     def stop(self) -> None:
         self.should_exit = True
+        self._wake()
 
     def _wake(self) -> None:
         if self._loop is not None and self._woken is not None and not self._loop.is_closed():
