@@ -500,17 +500,29 @@ async def _record_outcome(deps: Deps, conn: asyncpg.Connection, *, actor: Actor,
 
 async def apply_referral_event(deps: Deps, *, envelope: Envelope) -> bool:
     """Learn which agency offices hold a referral for a case. Idempotent on the event id."""
+    return await apply_referral_events(deps, envelopes=[envelope]) == 1
+
+
+async def apply_referral_events(deps: Deps, *, envelopes: list[Envelope]) -> int:
+    """`apply_referral_event` for several events in one transaction (in order; each claimed by
+    its id, so a redelivered one changes nothing): all of them take effect or none. Returns how
+    many were new."""
+    applied = 0
     async with deps.pool.acquire() as conn, conn.transaction():
-        if not await outbox.claim(conn, schema=SCHEMA, consumer=REFERRAL_ACCESS_CONSUMER, envelope=envelope):
-            return False
-        data = envelope.data
-        if isinstance(data, ReferralCreated):
-            await store.add_referral_holder(conn, case_id=data.case_id, agency=data.agency.value,
-                                            municipality=data.municipality, referral_id=data.referral_id,
-                                            office_id=data.office_id)
-        elif isinstance(data, (ReferralCompleted, ReferralDeclined, ReferralClosed)):
-            await store.close_referral(conn, data.referral_id)
-    return True
+        for envelope in envelopes:
+            if await outbox.claim(conn, schema=SCHEMA, consumer=REFERRAL_ACCESS_CONSUMER, envelope=envelope):
+                await _apply_referral_data(conn, envelope.data)
+                applied += 1
+    return applied
+
+
+async def _apply_referral_data(conn: asyncpg.Connection, data: EventData) -> None:
+    if isinstance(data, ReferralCreated):
+        await store.add_referral_holder(conn, case_id=data.case_id, agency=data.agency.value,
+                                        municipality=data.municipality, referral_id=data.referral_id,
+                                        office_id=data.office_id)
+    elif isinstance(data, (ReferralCompleted, ReferralDeclined, ReferralClosed)):
+        await store.close_referral(conn, data.referral_id)
 
 
 # --- inbound CloudEvents (clms.agency-inbound) --------------------------------------------------------------
@@ -637,7 +649,7 @@ async def rotate_keys(pool: asyncpg.Pool, cipher: CaseCipher, *, batch: int = 20
 
 
 __all__ = [
-    "Actor", "Deps", "identify", "get_case", "record_case_event", "apply_referral_event",
+    "Actor", "Deps", "identify", "get_case", "record_case_event", "apply_referral_event", "apply_referral_events",
     "parse_inbound", "submit_inbound", "erase_case", "CaseNotFound", "IdempotencyKeyReused",
     "InboundRejected", "rotate_keys", "key_status", "Rotation",
 ]

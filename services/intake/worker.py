@@ -70,14 +70,7 @@ class IntakeConsumer:
                 while True:
                     batch = await consumer.getmany(timeout_ms=500, max_records=200)
                     for tp, records in batch.items():
-                        for record in records:
-                            started = time.perf_counter()
-                            await self.handle(record, producer)
-                            self.processed += 1
-                            etype = dict(record.headers or ()).get("ce_type", b"") or b"unknown"
-                            etype = etype.decode(errors="replace")[:64]
-                            CONSUMED.labels(self.group, record.topic, etype, "handled").inc()
-                            PROCESSING.labels(self.group, record.topic, etype).observe(time.perf_counter() - started)
+                        await self.handle_records(records, producer)
                         await consumer.commit({TopicPartition(tp.topic, tp.partition): records[-1].offset + 1})
             except asyncio.CancelledError:
                 raise
@@ -91,6 +84,59 @@ class IntakeConsumer:
                     await consumer.stop()
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await producer.stop()
+
+    async def handle_records(self, records: list[ConsumerRecord], producer: AIOKafkaProducer) -> None:
+        """One partition's records in order. A run of well-formed referral events is applied in
+        one transaction (one commit for many, not one each); if that transaction fails, the run
+        goes again one record at a time through `handle`, with its retry and dead-letter policy.
+        Anything else (inbound identifications, a malformed event) goes through `handle`."""
+        i = 0
+        while i < len(records):
+            run: list[tuple[ConsumerRecord, Any]] = []
+            while i < len(records) and (envelope := self._referral_envelope(records[i])) is not None:
+                run.append((records[i], envelope))
+                i += 1
+            if run:
+                started = time.perf_counter()
+                kept = [env for _, env in run if env.type in service.REFERRAL_EVENTS_KEPT]
+                try:
+                    if kept:
+                        await service.apply_referral_events(self.deps, envelopes=kept)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one at a time, with the policy, below
+                    log.info("a batch of %d referral events failed (%s); applying them one at a time",
+                             len(run), type(exc).__name__)
+                    for record, _ in run:
+                        await self._handle_counted(record, producer)
+                    continue
+                each = (time.perf_counter() - started) / len(run)
+                for record, _ in run:
+                    self._count(record, each)
+                continue
+            await self._handle_counted(records[i], producer)
+            i += 1
+
+    def _referral_envelope(self, record: ConsumerRecord) -> Any:
+        """The envelope of a well-formed referral event, else None (`handle` deals with it)."""
+        if record.topic != self.topics.referral_events or record.value is None:
+            return None
+        try:
+            return parse_envelope(record.value)
+        except EnvelopeError:
+            return None
+
+    async def _handle_counted(self, record: ConsumerRecord, producer: AIOKafkaProducer) -> None:
+        started = time.perf_counter()
+        await self.handle(record, producer)
+        self._count(record, time.perf_counter() - started)
+
+    def _count(self, record: ConsumerRecord, seconds: float) -> None:
+        self.processed += 1
+        etype = dict(record.headers or ()).get("ce_type", b"") or b"unknown"
+        etype = etype.decode(errors="replace")[:64]
+        CONSUMED.labels(self.group, record.topic, etype, "handled").inc()
+        PROCESSING.labels(self.group, record.topic, etype).observe(seconds)
 
     async def handle(self, record: ConsumerRecord, producer: AIOKafkaProducer) -> None:
         def letter(reason: str, error: str) -> DeadLetter:
