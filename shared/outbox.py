@@ -102,6 +102,7 @@ class OutboxRelay:
         self._holds_lock = False
         self._passing_on: asyncio.Task | None = None
         self.published_total = 0
+        self.failed_attempts = 0  # rounds that ended in an error (broker or database away)
 
     @property
     def channel(self) -> str:
@@ -162,6 +163,7 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - broker or database away: rows wait
+                self.failed_attempts += 1
                 log.warning("outbox relay for %s paused (%s: %s); retrying in %.1fs",
                             self.schema, type(exc).__name__, exc, backoff)
                 await asyncio.sleep(backoff)

@@ -20,7 +20,7 @@ from shared.topics import Topics
 from tests import builders
 from tests.apps import scrape, bearer, running, served
 from tests.infra import wait_until
-from tests.kafka_helpers import produce
+from tests.kafka_helpers import consumed_to_the_end, produce
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +135,9 @@ async def test_stream_pushes_a_change_within_a_second_and_dashboard_is_served(en
             n for k, n in app4.state.deps.aggregate.counts.items() if k[0] == "id" and k[3] == "total") == 7,
             timeout_s=45, what="the fast-rebuilt deployment to recover its table")
         assert (await client.get("/v1/funnel", headers=national)).json()["stages"] == totals
-        await asyncio.sleep(1.0)
+        async def consumed() -> bool:  # the agent is at the end of the topic: it had its chance to re-fold
+            return await consumed_to_the_end(fast_env, topics.case_events, "analytics")
+        await wait_until(consumed, timeout_s=30, what="the fast-rebuilt deployment's agent to reach the end")
         metrics = await scrape(app4)
         assert "analytics_events_applied_total{" not in metrics  # nothing re-folded by the agent
         assert "analytics_events_duplicate_total 0.0" in metrics

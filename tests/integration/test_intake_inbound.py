@@ -180,7 +180,8 @@ async def test_relay_delivers_after_a_broker_outage_and_a_deduping_consumer_sees
         broken = OutboxRelay(pool=pool, schema="intake", producer=dead, topics=topics, poll_interval_s=0.02,
                              send_timeout_s=0.5)
         task = asyncio.create_task(broken.run())
-        await asyncio.sleep(1.5)
+        await wait_until(lambda: broken.failed_attempts >= 2, timeout_s=30,
+                         what="the relay to try the unreachable broker twice")
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
