@@ -4,7 +4,7 @@ DATABASE_URL), each bare baseline from ../shared/baselines run in the same run b
 prints one table (figure, target, pass/miss, ratio to the baseline) and the CPU split per process,
 and writes bench/results/latest.json.
 
-    .venv/bin/python -m bench             # the full run (~20 minutes on 2 cores)
+    .venv/bin/python -m bench             # the full run (~8 minutes on a quiet 2-core machine)
     .venv/bin/python -m bench --quick     # small N, short durations (or BENCH_QUICK=1)
     .venv/bin/python -m bench --only intake,e2e
 
