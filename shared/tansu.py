@@ -32,6 +32,12 @@ def idempotence_supported(settings: "Settings") -> bool:
     return not on_tansu(settings)
 
 
+def compression_type(settings: "Settings", wanted: str = "gzip") -> str | None:
+    """Compressed record batches are not used with Tansu (not verified there; it serves
+    development only): the records go uncompressed."""
+    return None if on_tansu(settings) else wanted
+
+
 def clamp_lag(settings: "Settings", end: int, committed: int | None) -> int:
     """Tansu under-reports a log end offset after multi-record batches (the last batch's base
     offset + 1), so end - committed can go negative there; on Apache Kafka lag is exact."""

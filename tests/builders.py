@@ -89,3 +89,26 @@ def envelope(data: ev.EventData | None = None, **overrides: Any) -> ev.Envelope:
     data = data or case_identified()
     subject = getattr(data, "case_id", None) or uuid.uuid4()
     return ev.Envelope.wrap(data, source=overrides.pop("source", "police/prizren"), subject=subject, **overrides)
+
+
+def widest_partial(years: int = 10) -> Any:
+    """A partition's analytics partial at full breadth: cases of every municipality in every
+    month of `years` years, together taking every value of every breakdown and reaching every
+    funnel stage (services/analytics/partials.py sizes its records by this)."""
+    from services.analytics import rules
+    from shared.reference import municipality_slugs
+
+    dims = {"reporter_agency": list(ev.AgencyType), "sector": list(ev.Sector), "sex": list(ev.Sex),
+            "age_band": list(ev.AgeBand), "community": list(ev.Community)}
+    widest = max(len(v) for v in dims.values())
+    agg = rules.Aggregate()
+    for muni in municipality_slugs():
+        for month in (f"{y}-{m:02d}" for y in range(2026, 2026 + years) for m in range(1, 13)):
+            for i in range(widest):
+                ident = {d: vals[i % len(vals)].value for d, vals in dims.items()}
+                ident |= {"hazardous": "true" if i % 2 else "false", "worst_form": "true" if i % 2 else "false"}
+                ref = rules.ReferralState(agency="csw", municipality=muni, status="completed", ack_in_time=True,
+                                          accepted=True, completed=True)
+                agg.add(rules.CaseState(municipality=muni, month=month, identification=ident, withdrawn=True,
+                                        enrolled=True, referrals={"r": ref}))
+    return agg

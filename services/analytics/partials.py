@@ -35,9 +35,14 @@ from shared.topics import PARTITIONS
 log = logging.getLogger("clms.analytics.partials")
 
 PUBLISH_EVERY_S = 0.05  # coalesce a burst of events into one record per partition
-# A partial holds only non-zero counters: a few kB for a country's year. The broker's default
-# record limit (1 MB) bounds it; the clients allow more so that the broker's limit is the one.
+# A partial holds only non-zero counters. At full breadth (every municipality, month and
+# breakdown value) that is ~1.1 MB of JSON a year and ~11 MB a decade: more than the broker's
+# default record limit (1 MB) within a year. Compressed (gzip, COMPRESSION) a decade is ~0.65 MB
+# (tests/unit/test_analytics_counting.py); the clients allow more so that the broker's limit is
+# the one that applies.
 MAX_RECORD_BYTES = 16 * 1024 * 1024
+COMPRESSION = "gzip"  # JSON of repeated keys compresses ~17x; gzip needs no extra library
+BROKER_RECORD_LIMIT = 1_048_588  # Apache Kafka's default message.max.bytes
 
 
 def partials_topic(settings: Settings, app_id: str) -> str:

@@ -19,7 +19,8 @@ import faust
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Gauge
 
-from services.analytics.partials import MAX_RECORD_BYTES, PUBLISH_EVERY_S, partition_key, partials_topic
+from services.analytics.partials import (COMPRESSION, MAX_RECORD_BYTES, PUBLISH_EVERY_S, partition_key,
+                                         partials_topic)
 from services.analytics.rules import Aggregate, CaseState, apply_event
 from services.analytics.tables import declare_tables
 from shared import tansu
@@ -142,7 +143,8 @@ def build_worker(deps: Deps, *, name: str = "analytics") -> Worker:
 
     table = declare_tables(app, on_changelog_event=recovered_record)
     worker = Worker(app=app, table=table, source_topics=frozenset(topics.name(t) for t in SOURCE_TOPICS),
-                    producer=make_producer(settings, linger_ms=5, max_request_size=MAX_RECORD_BYTES),
+                    producer=make_producer(settings, linger_ms=5, max_request_size=MAX_RECORD_BYTES,
+                                           compression_type=tansu.compression_type(settings, COMPRESSION)),
                     partials_topic=partials_topic(settings, name))
     _fold_agent(worker, deps, topics, name)
 

@@ -302,3 +302,24 @@ async def test_redelivered_events_are_not_counted_again(counted):
     assert r.json()["identified"] == 6
     text = await scrape(app)
     assert "analytics_events_duplicate_total" in text
+
+
+async def test_a_partial_larger_than_a_broker_record_reaches_every_reader(env):
+    """Years of counters at full breadth make a partition's partial larger than the broker's
+    record limit: the worker's partials producer compresses it, the broker takes it and the API
+    sums it (uncompressed the broker would refuse it and the counts would stop moving)."""
+    from services.analytics.partials import BROKER_RECORD_LIMIT, partition_key
+
+    big = builders.widest_partial(years=2)
+    raw = big.to_bytes()
+    assert len(raw) > BROKER_RECORD_LIMIT
+    app = create_app(env)
+    async with running(app):
+        deps = app.state.deps
+        await wait_until(lambda: deps.running.worker and deps.running.worker.recovered and deps.running.reader
+                         and deps.running.reader.complete, timeout_s=45, what="the analytics worker and reader")
+        worker = deps.running.worker
+        await worker.producer.send_and_wait(worker.partials_topic, raw, key=partition_key(0))
+        key = ("id", "prizren", "2027-12", "total", "")
+        await wait_until(lambda: deps.aggregate.counts.get(key) == big.counts[key], timeout_s=30,
+                         what="the API to sum the large partial")

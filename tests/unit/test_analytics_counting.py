@@ -248,3 +248,20 @@ def test_partial_aggregates_round_trip_and_sum_to_the_whole():
     assert combined.ack.keys() == whole.ack.keys()
     for k, sk in whole.ack.items():
         assert combined.ack[k].buckets == sk.buckets and combined.ack[k].count == sk.count
+
+
+def test_a_decade_of_every_breakdown_in_every_municipality_fits_one_compressed_partial():
+    """A partition's partial at full breadth for ten years (`builders.widest_partial`). Its JSON
+    is over the broker's default record limit, so the worker sends it gzip-compressed
+    (services/analytics/partials.py); compressed it must fit, and decode to the same counts."""
+    from aiokafka.codec import gzip_decode, gzip_encode
+
+    from services.analytics.partials import BROKER_RECORD_LIMIT, COMPRESSION
+
+    assert COMPRESSION == "gzip"
+    agg = builders.widest_partial(years=10)
+    raw = agg.to_bytes()
+    assert len(raw) > BROKER_RECORD_LIMIT  # uncompressed it would not fit
+    packed = gzip_encode(raw)
+    assert len(packed) < 0.9 * BROKER_RECORD_LIMIT, len(packed)
+    assert c.Aggregate.from_bytes(gzip_decode(packed)).counts == agg.counts
