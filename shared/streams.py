@@ -108,6 +108,12 @@ def make_faust_app(settings: Settings, name: str, *, store: str = "memory://", *
         key_serializer="raw",
         value_serializer="raw",
         table_cleanup_interval=30.0,
+        # faust's default 2.8 s left a partition folded but never committed when its worker
+        # stopped soon after starting, and the worker taking it over then did not fold the
+        # partition's new events (tests/integration/test_analytics_scale_out.py, 1 run in 5 on
+        # a loaded machine at the 500 ms fetch wait, 3 in 5 at 1 s; 0 in 8 with 0.5 s).
+        # This narrows that window; it is not the root cause, which is not found yet.
+        broker_commit_interval=0.5,
         stream_wait_empty=False,
         # faust makes a folder per app even with the memory store; keep it in the data dir
         # (default `.clms/`, ignored by git), not in the working directory

@@ -135,7 +135,8 @@ async def test_two_workers_split_the_partitions_and_answer_as_one(env, tmp_path)
                     answers = await _answers(http, base, national)
                     if answers != reference:
                         why[0] = f"the worker at {base} answers differently: " + ", ".join(
-                            k for k in reference if answers.get(k) != reference[k])
+                            f"{k}: {answers.get(k)} (one worker: {reference[k]})"
+                            for k in reference if answers.get(k) != reference[k])
                         return False
                 return True
 
@@ -161,7 +162,10 @@ async def test_two_workers_split_the_partitions_and_answer_as_one(env, tmp_path)
                 await wait_until(lambda: same_as_one(60), timeout_s=120,
                                  what="the remaining worker to take over and answer as one worker", interval_s=0.5)
             except AssertionError as exc:
-                raise AssertionError(f"{exc}; last seen: {why[0]}") from None
+                from shared.kafka import group_lag
+                lag = [f"{r.topic.rsplit('.', 1)[-1]}[{r.partition}] {r.committed}/{r.end}"
+                       for r in await group_lag(env, {env.group_id("analytics-pair")}) if r.lag]
+                raise AssertionError(f"{exc}; last seen: {why[0]}; the pair's group behind on: {lag}") from None
             await wait_until(lambda: split(60), timeout_s=60, interval_s=0.5,
                              what="the remaining worker to hold all 60 cases")
     finally:
