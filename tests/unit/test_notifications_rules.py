@@ -318,3 +318,19 @@ def test_an_email_reads_back_as_written_in_albanian_and_serbian():
         assert mail["To"] == "duty@csw-prizren.example" and mail["Cc"] is None and mail["Bcc"] is None
         assert mail["Content-Language"] == lang
         assert mail["X-CLMS-Notification-Id"] == "n-1"
+
+
+def test_an_email_header_with_a_line_break_is_refused():
+    """A line break in a header value would let it add headers (a Bcc to an outsider)."""
+    import pytest
+
+    from services.notifications.channels import OutgoingMessage, render_email
+
+    for field, value in (("subject", "Referral\r\nBcc: outsider@example.org"),
+                         ("address", "duty@csw-prizren.example\nBcc: outsider@example.org")):
+        fields = dict(notification_id="n-1", recipient="csw.prizren.duty", channel="email",
+                      address="duty@csw-prizren.example", language="en", subject="Referral", body="Open it.\n",
+                      link=None)
+        fields[field] = value
+        with pytest.raises(ValueError, match="line break"):
+            render_email(OutgoingMessage(**fields), sender="CLMS <clms@example.org>")
