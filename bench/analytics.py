@@ -29,13 +29,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from bench.baseline import faust_rate as baseline_rate
 from services.analytics.app import create_app
 from services.analytics.rebuild import rebuild
+from services.analytics.rules import Aggregate
 from shared import events as ev
 from shared.embedded import free_port
 from shared.kafka import ensure_topics, make_producer
@@ -125,10 +125,9 @@ async def settled_counts(app, timeout: float = 120.0) -> dict:  # noqa: ANN001
     deps = app.state.deps
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
-        own: Counter = Counter()
-        for part in deps.running.worker.partials.values():
-            own.update(part.counts)
-        if dict(deps.aggregate.counts) == {k: v for k, v in own.items() if v}:
+        own = Aggregate()
+        own.load_sum(deps.running.worker.partials.values())
+        if deps.aggregate.counts == own.counts:
             return dict(deps.aggregate.counts)
         await asyncio.sleep(0.05)
     raise SystemExit(f"the API's counts did not reach the worker's own partials in {timeout:.0f}s")

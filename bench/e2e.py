@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 
@@ -221,8 +222,6 @@ def _profile(system, seconds: float) -> list:  # noqa: ANN001
     if not out:
         return []
     Path(out).mkdir(parents=True, exist_ok=True)
-    import shutil
-
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return [subprocess.Popen([spy, "record", "--nonblocking", "-r", "50", "-d", str(int(seconds)), "-f", "raw",
                               "-o", f"{out}/{c.name}.txt", "--pid", str(c.proc.pid)],

@@ -101,18 +101,19 @@ def make_faust_app(settings: Settings, name: str, *, store: str = "memory://", *
         broker_session_timeout=settings.kafka_session_timeout_s,
         broker_heartbeat_interval=max(0.1, settings.kafka_session_timeout_s / 10),
         producer_acks=-1,
-        # 5 ms to gather what the agents send (table changelogs, dead letters) into one produce
-        # request: with faust's default 0 every changelog record was a request of its own (a
-        # fifth of the analytics worker's CPU under load was spent writing them to the socket)
+        # 5 ms to gather what the agents send (table changelogs, dead letters) into fewer produce
+        # requests than faust's default 0 (a request per record). Measured: no change in the
+        # analytics worker's CPU at 100 identifications/s (bench/README.md); kept, as it adds
+        # nothing to the alert path, which publishes through the outbox relays.
         producer_linger=0.005,
         key_serializer="raw",
         value_serializer="raw",
         table_cleanup_interval=30.0,
         # faust's default 2.8 s left a partition folded but never committed when its worker
         # stopped soon after starting, and the worker taking it over then did not fold the
-        # partition's new events (tests/integration/test_analytics_scale_out.py, 1 run in 5 on
-        # a loaded machine at the 500 ms fetch wait, 3 in 5 at 1 s; 0 in 8 with 0.5 s).
-        # This narrows that window; it is not the root cause, which is not found yet.
+        # partition's new events (tests/integration/test_analytics_scale_out.py: once in a CI run
+        # at the 500 ms fetch wait, 3 runs in 5 at 1 s; not seen in 31 runs with 0.5 s). This
+        # narrows that window; it is not the root cause, which is not found yet.
         broker_commit_interval=0.5,
         stream_wait_empty=False,
         # faust makes a folder per app even with the memory store; keep it in the data dir

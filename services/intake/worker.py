@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from typing import Any
@@ -90,32 +91,30 @@ class IntakeConsumer:
         one transaction (one commit for many, not one each); if that transaction fails, the run
         goes again one record at a time through `handle`, with its retry and dead-letter policy.
         Anything else (inbound identifications, a malformed event) goes through `handle`."""
-        i = 0
-        while i < len(records):
-            run: list[tuple[ConsumerRecord, Any]] = []
-            while i < len(records) and (envelope := self._referral_envelope(records[i])) is not None:
-                run.append((records[i], envelope))
-                i += 1
-            if run:
-                started = time.perf_counter()
-                kept = [env for _, env in run if env.type in service.REFERRAL_EVENTS_KEPT]
-                try:
-                    if kept:
-                        await service.apply_referral_events(self.deps, envelopes=kept)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - one at a time, with the policy, below
-                    log.info("a batch of %d referral events failed (%s); applying them one at a time",
-                             len(run), type(exc).__name__)
-                    for record, _ in run:
-                        await self._handle_counted(record, producer)
-                    continue
-                each = (time.perf_counter() - started) / len(run)
+        parsed = [(record, self._referral_envelope(record)) for record in records]
+        for is_referral_run, group in itertools.groupby(parsed, key=lambda pair: pair[1] is not None):
+            run = list(group)
+            if not is_referral_run or not await self._apply_run(run):
                 for record, _ in run:
-                    self._count(record, each)
-                continue
-            await self._handle_counted(records[i], producer)
-            i += 1
+                    await self._handle_counted(record, producer)
+
+    async def _apply_run(self, run: list[tuple[ConsumerRecord, Any]]) -> bool:
+        """The kept events of a run of referral events in one transaction; False if it failed."""
+        started = time.perf_counter()
+        kept = [envelope for _, envelope in run if envelope.type in service.REFERRAL_EVENTS_KEPT]
+        try:
+            if kept:
+                await service.apply_referral_events(self.deps, envelopes=kept)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the caller goes one at a time, with the policy
+            log.info("a batch of %d referral events failed (%s); applying them one at a time",
+                     len(run), type(exc).__name__)
+            return False
+        each = (time.perf_counter() - started) / len(run)
+        for record, _ in run:
+            self._count(record, each)
+        return True
 
     def _referral_envelope(self, record: ConsumerRecord) -> Any:
         """The envelope of a well-formed referral event, else None (`handle` deals with it)."""
