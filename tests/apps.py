@@ -10,6 +10,7 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import httpx
 import uvicorn
@@ -20,6 +21,9 @@ from shared.embedded import free_port
 from shared.settings import Settings
 from shared.web import monitoring_app
 
+if TYPE_CHECKING:
+    import faust
+
 
 @contextlib.asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
@@ -27,6 +31,16 @@ async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
             yield client
+
+
+@contextlib.asynccontextmanager
+async def faust_running(app: "faust.App") -> AsyncIterator["faust.App"]:
+    """A bare faust app (no FastAPI around it) started in the test's event loop, stopped after."""
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
 
 
 @contextlib.asynccontextmanager

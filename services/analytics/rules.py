@@ -93,6 +93,7 @@ class ReferralState:
     status: str = ev.ReferralStatus.pending.value
     created_at: float | None = None  # epoch seconds of the referral.created envelope
     ack_seconds: float | None = None  # created -> acknowledged
+    acked_at: float | None = None  # epoch seconds of the first referral.acknowledged envelope
     ack_in_time: bool = False
     accepted: bool = False
     completed: bool = False
@@ -100,13 +101,14 @@ class ReferralState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.agency, "m": self.municipality, "s": self.status, "c": self.created_at,
-                "k": self.ack_seconds, "t": self.ack_in_time, "ac": self.accepted,
+                "k": self.ack_seconds, "ka": self.acked_at, "t": self.ack_in_time, "ac": self.accepted,
                 "cp": self.completed, "o": self.overdue}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ReferralState":
         return cls(agency=d["a"], municipality=d["m"], status=d["s"], created_at=d["c"],
-                   ack_seconds=d["k"], ack_in_time=d["t"], accepted=d["ac"], completed=d["cp"],
+                   ack_seconds=d["k"], acked_at=d.get("ka"), ack_in_time=d["t"], accepted=d["ac"],
+                   completed=d["cp"],
                    overdue=d["o"])
 
 
@@ -155,6 +157,13 @@ class CaseState:
 
 def _ts(t: datetime) -> float:
     return t.timestamp()
+
+
+def _time_to_acknowledge(ref: ReferralState) -> None:
+    """Seconds from creation to the first acknowledgement, once both are known, whichever of the
+    two events was folded first (a redelivery after a rebalance can bring them in either order)."""
+    if ref.ack_seconds is None and ref.created_at is not None and ref.acked_at is not None:
+        ref.ack_seconds = max(0.0, ref.acked_at - ref.created_at)
 
 
 def apply_event(state: CaseState, envelope: ev.Envelope) -> tuple[CaseState, bool]:
@@ -208,6 +217,7 @@ def apply_event(state: CaseState, envelope: ev.Envelope) -> tuple[CaseState, boo
                                                      municipality=data.municipality)
         if isinstance(data, ev.ReferralCreated):
             ref.created_at = _ts(envelope.time)
+            _time_to_acknowledge(ref)  # the acknowledgement may have come first
             if new.closed and ref.status not in TERMINAL:
                 ref.status = ev.ReferralStatus.closed.value
         elif isinstance(data, ev.ReferralActed):
@@ -215,8 +225,9 @@ def apply_event(state: CaseState, envelope: ev.Envelope) -> tuple[CaseState, boo
             ref.overdue = False  # answered: the next deadline, if any, comes as a new referral.overdue
             if isinstance(data, ev.ReferralAcknowledged):
                 ref.ack_in_time = ref.ack_in_time or data.within_deadline
-                if ref.created_at is not None and ref.ack_seconds is None:
-                    ref.ack_seconds = max(0.0, _ts(envelope.time) - ref.created_at)
+                if ref.acked_at is None:
+                    ref.acked_at = _ts(envelope.time)
+                _time_to_acknowledge(ref)
             if isinstance(data, ev.ReferralAccepted) or data.to_status is ev.ReferralStatus.accepted:
                 ref.accepted = True
             if isinstance(data, ev.ReferralCompleted) or data.to_status is ev.ReferralStatus.completed:

@@ -4,7 +4,6 @@ keys and per-key order preserved; poison messages dead-lettered while the stream
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
 import pytest
@@ -14,19 +13,11 @@ from shared.kafka import DeadLetter, make_producer, send_envelope
 from shared.streams import StreamProcessor, envelope_topic, make_faust_app
 from shared.topics import Topic, Topics
 from tests import builders
+from tests.apps import faust_running
 from tests.infra import wait_until
 from tests.kafka_helpers import produce, read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.smoke]
-
-
-@contextlib.asynccontextmanager
-async def running(app):
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop()
 
 
 def _case_stream(n_cases: int, per_case: int):
@@ -72,7 +63,7 @@ async def test_envelopes_reach_a_faust_agent_and_a_plain_consumer_in_order_per_k
             seen.setdefault(event.value.subject, []).append(str(event.value.id))
             assert event.message.key == event.value.key
 
-    async with running(app):
+    async with faust_running(app):
         await wait_until(lambda: sum(map(len, seen.values())) >= len(sent), timeout_s=60,
                          what="the faust agent to see every envelope")
     for subject, ids in seen.items():
@@ -109,7 +100,7 @@ async def test_poison_messages_are_dead_lettered_and_the_partition_keeps_moving(
     async def work(stream):
         await proc.run(stream, handler)
 
-    async with running(app):
+    async with faust_running(app):
         await wait_until(lambda: str(good_after.id) in processed, timeout_s=60,
                          what="the event behind the poison messages to be processed")
     assert processed == [str(good_before.id), str(good_after.id)]

@@ -340,7 +340,7 @@ async def test_analytics_changelog_carries_categories_only_keyed_by_case_id(eras
         # a case's referral events can reach analytics before its case.identified (another
         # topic): such a state has no identification categories yet
         assert state["id"] is None or (state["mu"] == "prizren" and set(state["id"]) == set(BREAKDOWNS))
-        assert all(set(ref) == {"a", "m", "s", "c", "k", "t", "ac", "cp", "o"} for ref in state["r"].values())
+        assert all(set(ref) == {"a", "m", "s", "c", "k", "ka", "t", "ac", "cp", "o"} for ref in state["r"].values())
 
 
 async def test_erase_relinks_later_cases_and_unnames_the_case_in_older_outbox_rows(env):

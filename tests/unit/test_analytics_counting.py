@@ -117,6 +117,27 @@ def test_funnel_counts_each_case_once_per_stage_and_referrals_open_and_close():
     assert not [k for k in c.contributions(s3) if k[0] == "ref"]
 
 
+def test_time_to_acknowledge_is_the_same_whichever_of_creation_and_acknowledgement_comes_first():
+    """After a rebalance a partition can be read again from an earlier offset while a later
+    record was already folded: the acknowledgement then precedes its referral's creation."""
+    cid, rid = uuid.uuid4(), uuid.uuid4()
+    P, A = ev.ReferralStatus.pending, ev.ReferralStatus.acknowledged
+    t0 = datetime(2026, 1, 10, 8, 0, tzinfo=timezone.utc)
+    created = _wrap(_created(cid, rid), time=t0)
+    acked = _wrap(_acted(ev.ReferralAcknowledged, cid, rid, P, A, within_deadline=True),
+                  time=t0 + timedelta(minutes=45))
+    in_order, reversed_ = fold([created, acked]), fold([acked, created])
+    assert c.ack_samples(in_order) == c.ack_samples(reversed_) == [("prizren", "csw", 2700.0)]
+    assert c.contributions(in_order) == c.contributions(reversed_)
+    # a second acknowledgement (redelivered under a new id) does not move the first one
+    later = _wrap(_acted(ev.ReferralAcknowledged, cid, rid, P, A, within_deadline=True),
+                  time=t0 + timedelta(hours=5))
+    assert c.ack_samples(fold([acked, created, later])) == [("prizren", "csw", 2700.0)]
+    # a state written before acknowledgement times were kept (no "ka" field) still loads
+    raw = in_order.to_bytes().replace(b'"ka":', b'"old":')
+    assert c.ack_samples(c.CaseState.from_bytes(raw)) == [("prizren", "csw", 2700.0)]
+
+
 def test_declined_referral_leaves_open_and_late_acknowledgement_is_not_in_time():
     cid, rid = uuid.uuid4(), uuid.uuid4()
     P, A = ev.ReferralStatus.pending, ev.ReferralStatus.acknowledged
