@@ -96,6 +96,7 @@ def fix_rebalance_seek() -> None:
     global _rebalance_fixed
     if _rebalance_fixed:
         return
+    from aiokafka import TopicPartition
     from aiokafka.errors import IllegalStateError
     from faust.transport.consumer import Consumer, ensure_TP
 
@@ -134,25 +135,22 @@ def fix_rebalance_seek() -> None:
         original_resume_flow(self)  # faust resumes its streams' queues (emptying them) just before
         release_held(self)
 
+    original_perform_seek = Consumer.perform_seek
+
     async def perform_seek(self: Any) -> None:
         active = self._get_active_partitions()
         held = {tp for tp in active if not self._is_changelog_tp(tp)}
         active.difference_update(held)
         self._clms_held = getattr(self, "_clms_held", set()) | held  # fetched again once the flow resumes
         try:
-            committed = await self.seek_to_committed()  # seeks the partitions that have an offset
-            never = [tp for tp, offset in committed.items()
-                     if not offset and self.app.topics.acks_enabled_for(tp.topic)]
+            await original_perform_seek(self)  # to the committed offsets, where the group has one
+            never = [TopicPartition(tp.topic, tp.partition) for tp in self.assignment()
+                     if self._committed_offset.get(tp) is None and self.app.topics.acks_enabled_for(tp.topic)]
             if never:
                 try:
                     await self._thread.seek_to_beginning(*never)
                 except IllegalStateError:  # a new rebalance took one away: it seeks again
                     log.info("a partition was revoked while seeking it; the next rebalance seeks again")
-            # faust's own bookkeeping, as its perform_seek keeps it
-            self._read_offset.update({tp: offset if offset is not None and offset >= 0 else None
-                                      for tp, offset in committed.items()})
-            self._committed_offset.update({ensure_TP(tp): offset if offset else None
-                                           for tp, offset in committed.items() if offset is not None})
         except BaseException:
             release_held(self)
             raise

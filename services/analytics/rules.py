@@ -108,8 +108,7 @@ class ReferralState:
     def from_dict(cls, d: Mapping[str, Any]) -> "ReferralState":
         return cls(agency=d["a"], municipality=d["m"], status=d["s"], created_at=d["c"],
                    ack_seconds=d["k"], acked_at=d.get("ka"), ack_in_time=d["t"], accepted=d["ac"],
-                   completed=d["cp"],
-                   overdue=d["o"])
+                   completed=d["cp"], overdue=d["o"])
 
 
 @dataclass

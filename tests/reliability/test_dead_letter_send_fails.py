@@ -24,7 +24,7 @@ from shared.kafka import DeadLetter
 from shared.streams import StreamProcessor, envelope_topic, make_faust_app
 from shared.topics import Topic, Topics
 from tests import builders
-from tests.apps import running
+from tests.apps import faust_running, running
 from tests.infra import wait_until
 from tests.kafka_helpers import produce, read_all
 
@@ -104,12 +104,9 @@ async def test_a_dead_letter_that_cannot_be_sent_holds_the_partition_until_it_is
     async def work(stream):
         await proc.run(stream, handler)
 
-    await app.start()
-    try:
+    async with faust_running(app):
         await wait_until(lambda: f"applied {good.id}" in order, timeout_s=60,
                          what="the event behind the poison to be applied")
-    finally:
-        await app.stop()
 
     assert order == ["failed"] * FAILURES + ["sent", f"applied {good.id}"], (
         "the poison is dead-lettered once the broker takes it, and the next event waits for it")
