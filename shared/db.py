@@ -10,6 +10,7 @@ lock (so replicas starting together do not race), and records it in
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from dataclasses import dataclass
@@ -18,6 +19,23 @@ from pathlib import Path
 import asyncpg
 
 from shared.settings import Settings
+
+# Errors meaning "the database is away for now" (stopped, restarting, unreachable, a pooled
+# connection cut mid-operation): the HTTP services answer 503 with Retry-After, the workers retry
+# with backoff while the partition waits. `InternalClientError` is asyncpg's "cannot switch to
+# state N; another operation is in progress" on a connection the server dropped mid-query; the
+# pool terminates that connection on release (its reset fails), so a retry gets a fresh one.
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown, cannot connect now
+    asyncpg.exceptions.InternalClientError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 _MIGRATION = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
 

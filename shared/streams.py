@@ -261,22 +261,14 @@ def raw_topic(app: faust.App, topics: Topics, topic: Topic) -> faust.TopicT:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors that a retry fixes (database or broker briefly away) as opposed to a bad event."""
+    """Errors that a retry fixes (database or broker briefly away, a conflict between
+    transactions) as opposed to a bad event, which is dead-lettered."""
     import asyncpg
 
-    transient = (
-        OSError,
-        ConnectionError,
-        asyncio.TimeoutError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.TooManyConnectionsError,
-        asyncpg.InterfaceError,
-        asyncpg.exceptions.AdminShutdownError,
-        asyncpg.exceptions.SerializationError,
-        asyncpg.exceptions.DeadlockDetectedError,
-    )
-    return isinstance(exc, transient)
+    from shared.db import DATABASE_UNAVAILABLE
+
+    retry_fixes = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
+    return isinstance(exc, DATABASE_UNAVAILABLE + retry_fixes)
 
 
 Handler = Callable[[Envelope], Awaitable[None]]

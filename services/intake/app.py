@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from shared import access
-from shared.db import create_pool, migrate_service
+from shared.db import DATABASE_UNAVAILABLE, create_pool, migrate_service
 from shared.guard import harden
 from shared.kafka import make_producer
 from shared.metrics import lag_sampler, outbox_sampler
@@ -37,18 +37,6 @@ log = logging.getLogger("clms.intake")
 MIGRATIONS = Path(__file__).parent / "migrations"
 WAKE_EVERY_S = 0.01  # wake the relay at most this often (see Running.wake_relay)
 
-DB_UNAVAILABLE = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InternalClientError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-)
 DB_DOWN = ("The case database is unavailable at the moment; nothing was recorded. "
            "Retry in a few seconds (with the same Idempotency-Key).")
 
@@ -281,7 +269,7 @@ def add_error_handlers(app: FastAPI, running: Running) -> None:
                                        "(`clms keys status` lists the key ids in use)."},
                             status_code=503)
 
-    for exc_type in DB_UNAVAILABLE:
+    for exc_type in DATABASE_UNAVAILABLE:
         app.add_exception_handler(exc_type, db_down)
     app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(asyncpg.PostgresError, postgres)  # type: ignore[arg-type]
