@@ -57,6 +57,19 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**kwargs)
 
 
+# aiokafka's fetcher loop wakes on every fetch answer, seek, resume, consumed batch and
+# assignment change, and in any case after `consumer_timeout_ms` (200 ms by default: 5 wake-ups a
+# second per consumer with nothing to do, a quarter of an idle faust worker's CPU). Each of those
+# events completes a future the loop waits on, so the timeout is only a safety net: 1 s.
+FETCHER_TIMEOUT_MS = 1000
+
+# A consumer that reads a topic to its end and stops (tools, scans, tests) waits this long at the
+# broker, not the services' long poll (KAFKA_FETCH_MAX_WAIT_MS, 5 s on Apache Kafka): the broker
+# answers one request per connection at a time, so its end-offset and seek requests would
+# queue behind a fetch waiting at the end of the topic.
+READ_TO_END_FETCH_WAIT_MS = 100
+
+
 def make_consumer(settings: Settings, *topics: str, group: str | None, **overrides: Any) -> AIOKafkaConsumer:
     """A consumer that commits only what was processed (auto-commit off)."""
     kwargs: dict[str, Any] = {
@@ -65,6 +78,7 @@ def make_consumer(settings: Settings, *topics: str, group: str | None, **overrid
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+        "consumer_timeout_ms": FETCHER_TIMEOUT_MS,
         "rebalance_timeout_ms": int(settings.kafka_rebalance_timeout_s * 1000),
         "session_timeout_ms": int(settings.kafka_session_timeout_s * 1000),
         "heartbeat_interval_ms": max(100, int(settings.kafka_session_timeout_s * 1000 / 10)),
@@ -121,7 +135,7 @@ async def read_topic(settings: Settings, topic: str, *, min_count: int = 0, idle
 
     `min_count`: wait for at least that many records (TimeoutError after `timeout_s`, naming
     the topic and the count). `idle_s`: then read on until no record came for that long."""
-    consumer = make_consumer(settings, group=None)
+    consumer = make_consumer(settings, group=None, fetch_max_wait_ms=READ_TO_END_FETCH_WAIT_MS)
     await consumer.start()
     try:
         tps = await topic_partitions(consumer, topic)

@@ -31,7 +31,7 @@ import faust
 from faust.serializers.schemas import Schema
 
 from shared.events import Envelope, EnvelopeError, parse_envelope
-from shared.kafka import DeadLetter, classify_error
+from shared.kafka import FETCHER_TIMEOUT_MS, DeadLetter, classify_error
 from shared.logs import bound_to_envelope
 from shared.metrics import CONSUMED, DEAD_LETTER_SEND_FAILURES, DEAD_LETTERS, PROCESSING, STREAM_BLOCKED
 from shared.settings import Settings
@@ -43,7 +43,8 @@ _fetch_wait_patched: int | None = None
 
 
 def tune_fetch_wait(ms: int) -> None:
-    """Make faust's worker consumer honour KAFKA_FETCH_MAX_WAIT_MS.
+    """Make faust's worker consumer honour KAFKA_FETCH_MAX_WAIT_MS, and wake its fetcher only
+    when something happens (`shared.kafka.FETCHER_TIMEOUT_MS`).
 
     faust hard-codes fetch_max_wait_ms=1500 in its aiokafka driver. On a broker that does not
     wake a waiting fetch (Tansu 0.6.0) every hop then costs up to 1.5 s; on Apache Kafka the
@@ -58,6 +59,7 @@ def tune_fetch_wait(ms: int) -> None:
         def _create_worker_consumer(self: Any, transport: Any) -> Any:
             consumer = original(self, transport)
             consumer._fetch_max_wait_ms = _fetch_wait_patched
+            consumer._consumer_timeout = FETCHER_TIMEOUT_MS / 1000  # read when it starts its fetcher
             return consumer
 
         driver.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer

@@ -39,7 +39,7 @@ def test_tansu_workarounds_apply_only_on_tansu():
     kafka = Settings(_env_file=None, CLMS_BROKER_KIND="kafka")  # type: ignore[call-arg]
     fallback = Settings(_env_file=None, CLMS_BROKER_KIND="tansu")  # type: ignore[call-arg]
     assert kafka.kafka_enable_idempotence and not fallback.kafka_enable_idempotence
-    assert kafka.kafka_fetch_max_wait_ms == 500 and fallback.kafka_fetch_max_wait_ms == 20
+    assert kafka.kafka_fetch_max_wait_ms == 5000 and fallback.kafka_fetch_max_wait_ms == 20
     assert tansu.clamp_lag(kafka, 5, 6) == -1 and tansu.clamp_lag(fallback, 5, 6) == 0
     assert tansu.changelog_batch_size(kafka) is None and tansu.changelog_batch_size(fallback) == 1
 
