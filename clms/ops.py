@@ -21,7 +21,7 @@ from aiokafka.structs import ConsumerRecord
 
 from shared.db import migrate
 from shared.events import EnvelopeError, parse_envelope
-from shared.kafka import (READ_TO_END_FETCH_WAIT_MS, DeadLetter, PartitionLag, group_lag, make_admin, make_consumer, make_producer,
+from shared.kafka import (SHORT_FETCH_WAIT_MS, DeadLetter, PartitionLag, group_lag, make_admin, make_consumer, make_producer,
                           read_topic, stop_quietly, topic_partitions)
 from shared.settings import Settings
 from shared.topics import Topic, Topics, consumed_by
@@ -118,7 +118,7 @@ def consumer_groups(settings: Settings, topic: Topic) -> set[str]:
 
 async def read_record(settings: Settings, topic: str, partition: int, offset: int) -> ConsumerRecord | None:
     """The record at topic/partition/offset, or None when the broker no longer (or never) had it."""
-    consumer = make_consumer(settings, group=None, fetch_max_wait_ms=READ_TO_END_FETCH_WAIT_MS)
+    consumer = make_consumer(settings, group=None, fetch_max_wait_ms=SHORT_FETCH_WAIT_MS)
     await consumer.start()
     try:
         tp = TopicPartition(topic, partition)

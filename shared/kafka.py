@@ -63,11 +63,12 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
 # events completes a future the loop waits on, so the timeout is only a safety net: 1 s.
 FETCHER_TIMEOUT_MS = 1000
 
-# A consumer that reads a topic to its end and stops (tools, scans, tests) waits this long at the
-# broker, not the services' long poll (KAFKA_FETCH_MAX_WAIT_MS, 5 s on Apache Kafka): the broker
-# answers one request per connection at a time, so its end-offset and seek requests would
-# queue behind a fetch waiting at the end of the topic.
-READ_TO_END_FETCH_WAIT_MS = 100
+# The broker answers one request per connection at a time, and a consumer's end-offset, seek and
+# fetch requests share a connection: behind a fetch waiting at the end of a topic they wait as
+# well, up to the long poll (KAFKA_FETCH_MAX_WAIT_MS, 5 s on Apache Kafka). So a consumer that
+# reads a topic to its end and stops (tools, scans, tests), and a faust worker while it
+# rebalances or recovers its tables (`shared.streams.tune_fetch_wait`), poll this briefly.
+SHORT_FETCH_WAIT_MS = 100
 
 
 def make_consumer(settings: Settings, *topics: str, group: str | None, **overrides: Any) -> AIOKafkaConsumer:
@@ -135,7 +136,7 @@ async def read_topic(settings: Settings, topic: str, *, min_count: int = 0, idle
 
     `min_count`: wait for at least that many records (TimeoutError after `timeout_s`, naming
     the topic and the count). `idle_s`: then read on until no record came for that long."""
-    consumer = make_consumer(settings, group=None, fetch_max_wait_ms=READ_TO_END_FETCH_WAIT_MS)
+    consumer = make_consumer(settings, group=None, fetch_max_wait_ms=SHORT_FETCH_WAIT_MS)
     await consumer.start()
     try:
         tps = await topic_partitions(consumer, topic)

@@ -25,11 +25,13 @@ def fetch_max_wait_ms(settings: "Settings") -> int:
     soon as data arrives, so the wait costs no latency there; it only sets how often an idle
     consumer asks again. 5 s instead of Kafka's 500 ms default: the idle stack's CPU fell from
     0.059-0.065 core to 0.033 (the broker's from 0.037-0.040 to 0.018; bench/README.md), and
-    the alert latency at 10 and 100 identifications/s did not change. What it costs: a request
-    on the consumer's fetch connection (a seek to the beginning, a partition resumed after a
-    rebalance) can queue behind a waiting fetch, so a takeover can take up to the wait longer.
-    (faust losing records around a rebalance, seen at 1 s before, is fixed by
-    `shared.streams.fix_rebalance_seek`.)"""
+    the alert latency at 10 and 100 identifications/s did not change. What it costs: the broker
+    answers one request per connection at a time, so an offset request on the fetch connection
+    queues behind a waiting fetch. Hence faust workers poll briefly while they rebalance or
+    recover tables (`shared.streams.tune_fetch_wait`), and tools reading a topic to its end
+    always do (`shared.kafka.SHORT_FETCH_WAIT_MS`); intake's plain consumer may resume up to
+    the wait later after a rebalance. (faust losing records around a rebalance, seen at 1 s
+    before, is fixed by `shared.streams.fix_rebalance_seek`.)"""
     return 20 if on_tansu(settings) else 5000
 
 
