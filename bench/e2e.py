@@ -14,6 +14,7 @@ rate and the peak RSS (VmHWM) of every service process afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -185,10 +186,11 @@ async def _phase(system, stack, database_url: str, token: str, *, rate: float, s
 
 async def quiesce(system, database_url: str, *, timeout_s: float = 120, log=print) -> bool:  # noqa: ANN001
     """Wait until nothing is left to do: every outbox published, no e-mail or SMS pending, every
-    consumer group caught up, and no PostgreSQL autovacuum worker running (after the earlier
-    parts' bulk loads it vacuums their databases for a minute or more, 0.025 core in the
-    2026-11-30 run: work left over from the bench, not the idle system's). False when still
-    busy after timeout_s."""
+    consumer group caught up, and PostgreSQL done with what the earlier parts' bulk loads left:
+    a CHECKPOINT writes their dirty buffers now (else the background writer trickles them out
+    during the idle window: 0.004 core of it seen), and no autovacuum worker runs (it vacuums
+    their databases for a minute or more: 0.025 core in a run of 2026-11-30). That is the
+    bench's leftover work, not the idle system's. False when still busy after timeout_s."""
     from shared.kafka import group_lag
     from shared.topics import consumed_by
 
@@ -208,6 +210,8 @@ async def quiesce(system, database_url: str, *, timeout_s: float = 120, log=prin
                 busy = await conn.fetchval(
                     "select count(*) from pg_stat_activity where backend_type = 'autovacuum worker'")
             if not busy:
+                with contextlib.suppress(asyncpg.PostgresError):  # not a superuser: skip it
+                    await conn.execute("checkpoint")
                 return True
             if time.time() > deadline:
                 log(f"e2e: still {busy} rows, events or autovacuum workers after {timeout_s:.0f} s; "
