@@ -29,8 +29,10 @@ def fetch_max_wait_ms(settings: "Settings") -> int:
     answers one request per connection at a time, so an offset request on the fetch connection
     queues behind a waiting fetch. Hence faust workers poll briefly while they rebalance or
     recover tables (`shared.streams.tune_fetch_wait`), and tools reading a topic to its end
-    always do (`shared.kafka.SHORT_FETCH_WAIT_MS`); intake's plain consumer may resume up to
-    the wait later after a rebalance. (faust losing records around a rebalance, seen at 1 s
+    always do (`shared.kafka.SHORT_FETCH_WAIT_MS`). A long poll already in flight when a
+    rebalance begins still delays the first offset request after it: a takeover can take up to
+    the wait longer (seen: a worker's recovery ending 4.7 s after the rebalance), and so can
+    intake's plain consumer resuming. (faust losing records around a rebalance, seen at 1 s
     before, is fixed by `shared.streams.fix_rebalance_seek`.)"""
     return 20 if on_tansu(settings) else 5000
 

@@ -74,6 +74,7 @@ async def running_system(data_dir: Path | None = None, *, services: tuple[str, .
         "INTAKE_METRICS_PORT": free_port(), "REFERRAL_METRICS_PORT": free_port(),
         "NOTIFICATIONS_METRICS_PORT": free_port(), "ANALYTICS_METRICS_PORT": free_port(),
         "NOTIFICATIONS_DELIVERY_PORT": free_port(), "NOTIFICATIONS_DELIVERY_METRICS_PORT": free_port(),
+        "WORKSPACE_METRICS_PORT": free_port(),  # else WORKSPACE_PORT + 1000: the ephemeral range
     }
     env = {k: str(v) for k, v in ports.items()}
     env.update({"CLMS_DATA_DIR": str(data_dir), "CLMS_TOPIC_PREFIX": "", "CLMS_ENV": "test",
