@@ -21,8 +21,8 @@ from aiokafka.structs import ConsumerRecord
 
 from shared.db import migrate
 from shared.events import EnvelopeError, parse_envelope
-from shared.kafka import (SHORT_FETCH_WAIT_MS, DeadLetter, PartitionLag, group_lag, make_admin, make_consumer, make_producer,
-                          read_topic, stop_quietly, topic_partitions)
+from shared.kafka import (SHORT_FETCH_WAIT_MS, DeadLetter, PartitionLag, group_lag, make_admin, make_consumer,
+                          make_producer, read_topic, stop_quietly, topic_partitions)
 from shared.settings import Settings
 from shared.topics import Topic, Topics, consumed_by
 

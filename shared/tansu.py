@@ -23,9 +23,10 @@ def fetch_max_wait_ms(settings: "Settings") -> int:
     Tansu does not wake a waiting fetch when data arrives: a consumer waits its whole
     fetch_max_wait_ms, so keep it short there (20 ms). Apache Kafka answers a waiting fetch as
     soon as data arrives, so the wait costs no latency there; it only sets how often an idle
-    consumer asks again. 5 s instead of Kafka's 500 ms default: the idle stack's CPU fell from
-    0.059-0.065 core to 0.033 (the broker's from 0.037-0.040 to 0.018; bench/README.md), and
-    the alert latency at 10 and 100 identifications/s did not change. What it costs: the broker
+    consumer asks again. 5 s instead of Kafka's 500 ms default: on a fresh stack the idle CPU
+    was 0.059-0.065 core at 500 ms and 0.049-0.056 in five runs of the final tree (0.033 in one
+    earlier run; the broker's share fell most; bench/README.md), and the alert latency at 10 and
+    100 identifications/s did not change. What it costs: the broker
     answers one request per connection at a time, so an offset request on the fetch connection
     queues behind a waiting fetch. Hence faust workers poll briefly while they rebalance or
     recover tables (`shared.streams.tune_fetch_wait`), and tools reading a topic to its end
