@@ -29,6 +29,7 @@ from aiosmtpd.smtp import SMTP
 from services.notifications.signing import ReplayGuard
 
 log = logging.getLogger("clms.sink")
+HTTP_IDLE_S = 60.0  # a kept-alive HTTP connection with no request for this long is closed
 
 
 class _Handler:
@@ -84,6 +85,8 @@ class Sink:
         self._smtp: asyncio.base_events.Server | None = None
         self._sessions: weakref.WeakSet = weakref.WeakSet()
         self._http: asyncio.base_events.Server | None = None
+        self._clients: set[asyncio.StreamWriter] = set()  # open HTTP connections (keep-alive)
+        self.http_connections = 0  # HTTP connections accepted so far
 
     async def start(self) -> "Sink":
         await self.start_smtp()
@@ -117,31 +120,46 @@ class Sink:
         await self.stop_smtp()
         if self._http is not None:
             self._http.close()
+            for writer in list(self._clients):  # kept-alive connections end with the sink
+                writer.close()
             await self._http.wait_closed()
             self._http = None
 
     # --- HTTP ----------------------------------------------------------------------------------
     async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """HTTP/1.1 with keep-alive, as an SMS gateway's API would answer: requests on one
+        connection until the client closes it, asks `Connection: close`, or stays silent for
+        HTTP_IDLE_S (the SMS sender keeps its connection between messages; a connection per SMS
+        cost the delivery process a TCP connect and teardown each: bench/README.md)."""
+        self._clients.add(writer)
+        self.http_connections += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            lines = head.decode("latin-1").split("\r\n")
-            method, target, _ = (lines[0].split(" ") + ["", ""])[:3]
-            headers = {}
-            for line in lines[1:]:
-                if ":" in line:
-                    k, v = line.split(":", 1)
-                    headers[k.strip()] = v.strip()
-            length = int({k.lower(): v for k, v in headers.items()}.get("content-length", "0") or 0)
-            body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
-            status, ctype, payload = self.route(method, target.split("?")[0], headers, body)
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n"
-                "Connection: close\r\n\r\n".encode() + payload
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError):
+            while True:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_IDLE_S)
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = (lines[0].split(" ") + ["", ""])[:3]
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        k, v = line.split(":", 1)
+                        headers[k.strip()] = v.strip()
+                lowered = {k.lower(): v for k, v in headers.items()}
+                length = int(lowered.get("content-length", "0") or 0)
+                body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
+                status, ctype, payload = self.route(method, target.split("?")[0], headers, body)
+                close = lowered.get("connection", "").lower() == "close"
+                writer.write(
+                    f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n"
+                    f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode() + payload
+                )
+                await writer.drain()
+                if close:
+                    return
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError,
+                ValueError):
             pass
         finally:
+            self._clients.discard(writer)
             writer.close()
 
     def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[str, str, bytes]:

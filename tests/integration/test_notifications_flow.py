@@ -15,9 +15,11 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from pydantic import SecretStr
 
 from services.notifications import rules, store
 from services.notifications.app import create_app
+from services.notifications.channels import OutgoingMessage, SmsWebhookSender
 from services.notifications.directory import seed_officers
 from services.notifications.service import MIGRATIONS, SCHEMA, seed_if_empty
 from services.notifications.sink import Sink
@@ -321,6 +323,26 @@ async def test_sink_rejects_a_replayed_signed_webhook_and_a_stale_one(env):
             assert refused.status_code == 401 and "timestamp" in refused.json()["detail"]
             assert [s["text"] for s in (await http.get("/sms")).json()] == ["[CLMS] once"]
     finally:
+        await sink.stop()
+
+
+async def test_sms_to_the_sink_go_over_one_kept_alive_connection(env):
+    """The delivery process's SMS sender keeps its HTTP connection between messages, and the
+    development sink (standing in for an SMS gateway) keeps it open: three SMS, one TCP
+    connection (issue 18: a connect and teardown per SMS was CPU on the alert path)."""
+    sink = await Sink(smtp_port=free_port(), http_port=free_port(), webhook_secret="s3cret").start()
+    settings = env.model_copy(update={"sms_webhook_url_override": f"http://127.0.0.1:{sink.http_port}/sms",
+                                      "webhook_secret": SecretStr("s3cret")})
+    sender = SmsWebhookSender(settings)
+    try:
+        for i in range(3):
+            await sender.send(OutgoingMessage(notification_id=f"n{i}", recipient="csw.prizren.duty", channel="sms",
+                                              address="+38300000001", language="sq", subject=f"[CLMS] {i}",
+                                              body="", link=None))
+        assert [s["text"] for s in sink.sms] == ["[CLMS] 0", "[CLMS] 1", "[CLMS] 2"]
+        assert sink.http_connections == 1
+    finally:
+        await sender.aclose()
         await sink.stop()
 
 
