@@ -40,11 +40,17 @@ from shared.wakeup import Wakeup
 log = logging.getLogger("clms.outbox")
 
 
+def row(topic: Topic, envelope: Envelope) -> tuple[Any, str, str, str, str]:
+    """The outbox row of `envelope` (event_id, topic, key, event_type, envelope as JSON text):
+    what `append` inserts, for a store function writing several in one statement."""
+    return envelope.id, topic.value, envelope.subject, envelope.type, envelope.to_json_bytes().decode()
+
+
 async def append(conn: asyncpg.Connection, *, schema: str, topic: Topic, envelope: Envelope) -> None:
     await conn.execute(
         f"insert into {schema}.outbox(event_id, topic, key, event_type, envelope) "
         "values($1, $2, $3, $4, $5::jsonb)",  # jsonb is passed and read as text (no codec)
-        envelope.id, topic.value, envelope.subject, envelope.type, envelope.to_json_bytes().decode(),
+        *row(topic, envelope),
     )
 
 

@@ -263,6 +263,35 @@ async def mark_sent(conn: asyncpg.Connection, notification_id: uuid.UUID, *, att
         notification_id, attempt)
 
 
+# Sent notifications, a batch in ONE statement (so one round trip and one commit): an attempt row
+# each, the `pending` ones marked sent, and the outbox row of each one marked. $1 ids, $2 attempt
+# numbers; $3-$6 the outbox rows (columns of shared.outbox.append), in the order of $1.
+_RECORD_SENT = f"""
+    with v as (select * from unnest($1::uuid[], $2::int[]) with ordinality as v(notification_id, attempt, ord)),
+    a as (insert into {S}.delivery_attempts(notification_id, attempt, ok)
+          select notification_id, attempt, true from v on conflict do nothing),
+    u as (update {S}.notifications n set status = 'sent', attempts = v.attempt, sent_at = now(), last_error = null
+          from v where n.notification_id = v.notification_id and n.status = 'pending'
+          returning n.notification_id),
+    o as (insert into {S}.outbox(event_id, topic, key, event_type, envelope)
+          select e.event_id, e.topic, e.key, e.event_type, e.envelope::jsonb
+          from unnest($3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[]) with ordinality
+               as e(event_id, topic, key, event_type, envelope, ord)
+          join v using (ord) join u using (notification_id)
+          order by e.ord)
+    select notification_id from u"""
+
+
+async def record_sent(conn: asyncpg.Connection, sent: list[tuple[uuid.UUID, int]],
+                      outbox_rows: list[tuple[uuid.UUID, str, str, str, str]]) -> set[uuid.UUID]:
+    """Record notifications as sent: `sent` is (id, attempt) and `outbox_rows` the outbox row of
+    each, in the same order. Only a row still `pending` is marked (and gets its outbox row); the
+    ids marked are returned."""
+    rows = await conn.fetch(_RECORD_SENT, [n for n, _ in sent], [a for _, a in sent],
+                            *(list(col) for col in zip(*outbox_rows)))
+    return {r["notification_id"] for r in rows}
+
+
 async def mark_failed(conn: asyncpg.Connection, notification_id: uuid.UUID, *, attempt: int,
                       error: str) -> asyncpg.Record | None:
     return await conn.fetchrow(

@@ -76,3 +76,103 @@ async def _notifications(settings, event_id: uuid.UUID) -> list:
         return await conn.fetch(f"select * from {SCHEMA}.notifications where event_id = $1", event_id)
     finally:
         await conn.close()
+
+
+async def test_sent_notifications_are_recorded_a_batch_in_one_statement(env):
+    """`store.record_sent`, the delivery loop's record of what it sent (issue 18: one statement per
+    batch instead of a transaction of four per message): each row still pending becomes `sent`
+    with its attempt and exactly one `notification.sent` outbox row, in the order given; a row
+    another replica recorded meanwhile keeps its state and gets no second event."""
+    from services.notifications import service, store
+    from services.notifications.service import notification_envelope
+    from shared import outbox
+    from shared.db import create_pool, migrate
+    from shared.topics import Topic
+    from tests.reliability.test_email_lease import created
+
+    pool = await create_pool(env)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, schema=SCHEMA, folder=service.MIGRATIONS)
+            await service.seed_if_empty(conn)
+            async with conn.transaction():
+                await service.record_events(conn, items=[(created("csw", m), None) for m in
+                                                         ("prizren", "peje", "gjakove", "ferizaj")], settings=env)
+            rows = await store.claim_due_deliveries(conn, limit=100, lease_s=30, token=uuid.uuid4())
+            rows = [r for r in rows if r["channel"] == "email"]
+            assert len(rows) == 4
+            other = rows[1]["notification_id"]  # recorded as sent by another replica meanwhile
+            await conn.execute(f"update {SCHEMA}.notifications set status = 'sent', attempts = 1 "
+                               "where notification_id = $1", other)
+            before = await conn.fetchval(f"select coalesce(max(seq), 0) from {SCHEMA}.outbox")
+            sent = [(r["notification_id"], r["attempts"] + 1) for r in rows]
+            envelopes = [notification_envelope(ev.NotificationSent, r, attempt=r["attempts"] + 1) for r in rows]
+            marked = await store.record_sent(conn, sent, [outbox.row(Topic.notification_events, e) for e in envelopes])
+
+            assert marked == {r["notification_id"] for r in rows} - {other}
+            states = dict(await conn.fetch(f"select notification_id, status from {SCHEMA}.notifications "
+                                           "where notification_id = any($1)", [n for n, _ in sent]))
+            assert set(states.values()) == {"sent"}
+            assert await conn.fetchval(f"select count(*) from {SCHEMA}.notifications where notification_id = any($1) "
+                                       "and (attempts <> 1 or sent_at is null)", list(marked)) == 0
+            events = await conn.fetch(f"select event_id, event_type, key from {SCHEMA}.outbox where seq > $1 "
+                                      "order by seq", before)
+            assert [e["event_id"] for e in events] == [e.id for r, e in zip(rows, envelopes)
+                                                       if r["notification_id"] != other], "one event each, in order"
+            assert {e["event_type"] for e in events} == {"notification.sent"}
+            attempts = await conn.fetch(f"select notification_id, attempt, ok from {SCHEMA}.delivery_attempts "
+                                        "where notification_id = any($1) and attempt = 1", list(marked))
+            assert sorted((a["notification_id"], a["ok"]) for a in attempts) == sorted((n, True) for n in marked)
+            assert await store.record_sent(conn, sent, [outbox.row(Topic.notification_events, e) for e in envelopes]) \
+                == set(), "recording again marks nothing and publishes nothing"
+            assert await conn.fetchval(f"select count(*) from {SCHEMA}.outbox where seq > $1", before) == 3
+    finally:
+        await pool.close()
+
+
+async def test_the_sends_of_one_claim_are_recorded_together(env, monkeypatch):
+    """The delivery loop records what one claim sent in one statement, not a transaction per
+    message (issue 18): the rows share one `sent_at`, PostgreSQL's transaction time. The linger
+    is raised so that a slow machine cannot split the batch."""
+    import contextlib
+
+    from services.notifications import delivery, service
+    from services.notifications.channels import EmailSender, SmsWebhookSender
+    from services.notifications.sink import Sink
+    from shared.db import create_pool, migrate
+    from shared.embedded import free_port
+    from shared.kafka import make_producer
+    from shared.topics import Topics
+    from tests.reliability.test_email_lease import created
+
+    monkeypatch.setattr(delivery, "RECORD_LINGER_S", 30.0)
+    sink = await Sink(smtp_port=free_port(), http_port=free_port(),
+                      webhook_secret=env.webhook_secret.get_secret_value()).start()
+    settings = env.model_copy(update={"smtp_port_override": sink.smtp_port,
+                                      "sms_webhook_url_override": f"http://127.0.0.1:{sink.http_port}/sms"})
+    pool = await create_pool(settings)
+    producer = make_producer(settings)
+    await producer.start()
+    senders = {"email": EmailSender(settings), "sms": SmsWebhookSender(settings)}
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, schema=SCHEMA, folder=service.MIGRATIONS)
+            await service.seed_if_empty(conn)
+            async with conn.transaction():
+                await service.record_events(conn, items=[(created("csw", m), None) for m in
+                                                         ("prizren", "peje", "gjakove", "ferizaj", "gjilan")],
+                                            settings=settings)
+        loop = delivery.DeliveryLoop(pool=pool, settings=settings, senders=senders, producer=producer,
+                                     topics=Topics(settings.topic_prefix))
+        assert await loop.run_once() >= 5
+        rows = await pool.fetch(f"select status, sent_at from {SCHEMA}.notifications where channel = 'email'")
+        assert len(rows) == 5 and {r["status"] for r in rows} == {"sent"}
+        assert len(sink.messages) == 5
+        assert len({r["sent_at"] for r in rows}) == 1, "recorded in one statement"
+    finally:
+        for s in senders.values():
+            with contextlib.suppress(Exception):
+                await s.aclose()
+        await producer.stop()
+        await pool.close()
+        await sink.stop()
