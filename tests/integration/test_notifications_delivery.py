@@ -78,26 +78,34 @@ async def _notifications(settings, event_id: uuid.UUID) -> list:
         await conn.close()
 
 
+async def _referred_to_csw(conn, settings, municipalities: list[str]) -> None:
+    """The notifications schema with its seeded directory, and the notifications of a referral to
+    the CSW of each municipality recorded (e-mails and SMS pending)."""
+    from services.notifications import service
+    from shared.db import migrate
+    from tests.reliability.test_email_lease import created
+
+    await migrate(conn, schema=SCHEMA, folder=service.MIGRATIONS)
+    await service.seed_if_empty(conn)
+    async with conn.transaction():
+        await service.record_events(conn, items=[(created("csw", m), None) for m in municipalities], settings=settings)
+
+
 async def test_sent_notifications_are_recorded_a_batch_in_one_statement(env):
     """`store.record_sent`, the delivery loop's record of what it sent (issue 18: one statement per
     batch instead of a transaction of four per message): each row still pending becomes `sent`
     with its attempt and exactly one `notification.sent` outbox row, in the order given; a row
     another replica recorded meanwhile keeps its state and gets no second event."""
-    from services.notifications import service, store
+    from services.notifications import store
     from services.notifications.service import notification_envelope
     from shared import outbox
-    from shared.db import create_pool, migrate
+    from shared.db import create_pool
     from shared.topics import Topic
-    from tests.reliability.test_email_lease import created
 
     pool = await create_pool(env)
     try:
         async with pool.acquire() as conn:
-            await migrate(conn, schema=SCHEMA, folder=service.MIGRATIONS)
-            await service.seed_if_empty(conn)
-            async with conn.transaction():
-                await service.record_events(conn, items=[(created("csw", m), None) for m in
-                                                         ("prizren", "peje", "gjakove", "ferizaj")], settings=env)
+            await _referred_to_csw(conn, env, ["prizren", "peje", "gjakove", "ferizaj"])
             rows = await store.claim_due_deliveries(conn, limit=100, lease_s=30, token=uuid.uuid4())
             rows = [r for r in rows if r["channel"] == "email"]
             assert len(rows) == 4
@@ -136,14 +144,13 @@ async def test_the_sends_of_one_claim_are_recorded_together(env, monkeypatch):
     is raised so that a slow machine cannot split the batch."""
     import contextlib
 
-    from services.notifications import delivery, service
+    from services.notifications import delivery
     from services.notifications.channels import EmailSender, SmsWebhookSender
     from services.notifications.sink import Sink
-    from shared.db import create_pool, migrate
+    from shared.db import create_pool
     from shared.embedded import free_port
     from shared.kafka import make_producer
     from shared.topics import Topics
-    from tests.reliability.test_email_lease import created
 
     monkeypatch.setattr(delivery, "RECORD_LINGER_S", 30.0)
     sink = await Sink(smtp_port=free_port(), http_port=free_port(),
@@ -156,12 +163,7 @@ async def test_the_sends_of_one_claim_are_recorded_together(env, monkeypatch):
     senders = {"email": EmailSender(settings), "sms": SmsWebhookSender(settings)}
     try:
         async with pool.acquire() as conn:
-            await migrate(conn, schema=SCHEMA, folder=service.MIGRATIONS)
-            await service.seed_if_empty(conn)
-            async with conn.transaction():
-                await service.record_events(conn, items=[(created("csw", m), None) for m in
-                                                         ("prizren", "peje", "gjakove", "ferizaj", "gjilan")],
-                                            settings=settings)
+            await _referred_to_csw(conn, settings, ["prizren", "peje", "gjakove", "ferizaj", "gjilan"])
         loop = delivery.DeliveryLoop(pool=pool, settings=settings, senders=senders, producer=producer,
                                      topics=Topics(settings.topic_prefix))
         assert await loop.run_once() >= 5
