@@ -19,8 +19,8 @@ from email.mime.text import MIMEText
 from email.utils import make_msgid
 from typing import Protocol
 
+import aiohttp
 import aiosmtplib
-import httpx
 import orjson
 
 from services.notifications import signing
@@ -150,11 +150,20 @@ class EmailSender:
 
 
 class SmsWebhookSender:
+    """A signed JSON POST per SMS to the gateway, over aiohttp's kept-alive connections (opened
+    on first use). aiohttp, not httpx: the same POST cost the delivery process 575 us of CPU with
+    httpx against 122 with aiohttp, sink included (bench/README.md)."""
+
     name = "sms"
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient | None = None):
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession | None = None):
         self.settings = settings
-        self.client = client or httpx.AsyncClient(timeout=settings.smtp_timeout_s)
+        self._session = session
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.smtp_timeout_s))
+        return self._session
 
     async def send(self, message: OutgoingMessage) -> None:
         if not message.address:
@@ -168,16 +177,19 @@ class SmsWebhookSender:
         headers = {"Content-Type": "application/json",
                    **signing.sign(body, self.settings.webhook_secret.get_secret_value())}
         try:
-            resp = await self.client.post(self.settings.sms_webhook_url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
+            async with self._client().post(self.settings.sms_webhook_url, data=body, headers=headers) as resp:
+                status = resp.status
+                await resp.read()  # the whole answer, so the connection can carry the next SMS
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: a malformed URL
             raise DeliveryError(_describe(exc)) from None
-        if resp.status_code >= 500 or resp.status_code in (408, 429):
-            raise DeliveryError(f"SMS gateway answered HTTP {resp.status_code}")
-        if resp.status_code >= 400:
-            raise PermanentDeliveryError(f"SMS gateway refused the message: HTTP {resp.status_code}")
+        if status >= 500 or status in (408, 429):
+            raise DeliveryError(f"SMS gateway answered HTTP {status}")
+        if status >= 400:
+            raise PermanentDeliveryError(f"SMS gateway refused the message: HTTP {status}")
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 def open_senders(settings: Settings) -> dict[str, ChannelSender]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -343,6 +344,47 @@ async def test_sms_to_the_sink_go_over_one_kept_alive_connection(env):
         assert sink.http_connections == 1
     finally:
         await sender.aclose()
+        await sink.stop()
+
+
+async def test_sms_gateway_answers_map_to_retry_or_give_up(env):
+    """What the SMS sender makes of the gateway's answer: unreachable or 5xx/429 -> retry later
+    (DeliveryError); a refusal (4xx: here a wrong signature) -> give up (PermanentDeliveryError);
+    no phone number -> give up without a request."""
+    from services.notifications.channels import DeliveryError, PermanentDeliveryError
+
+    async def answer(status: str):
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0)
+            await reader.readexactly(length)
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n".encode())
+            await writer.drain()
+            writer.close()
+        return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+    message = OutgoingMessage(notification_id="n1", recipient="csw.prizren.duty", channel="sms", address="+38300000001",
+                              language="sq", subject="[CLMS] x", body="", link=None)
+    sink = await Sink(smtp_port=free_port(), http_port=free_port(), webhook_secret="s3cret").start()
+    busy, closed_port = await answer("503 Service Unavailable"), free_port()
+    cases = [(f"http://127.0.0.1:{closed_port}/sms", "s3cret", DeliveryError),
+             (f"http://127.0.0.1:{busy.sockets[0].getsockname()[1]}/sms", "s3cret", DeliveryError),
+             (f"http://127.0.0.1:{sink.http_port}/sms", "not-the-secret", PermanentDeliveryError)]
+    try:
+        for url, secret, expected in cases:
+            sender = SmsWebhookSender(env.model_copy(update={"sms_webhook_url_override": url,
+                                                             "webhook_secret": SecretStr(secret)}))
+            try:
+                with pytest.raises(DeliveryError) as raised:
+                    await sender.send(message)
+                assert type(raised.value) is expected, (url, raised.value)
+                with pytest.raises(PermanentDeliveryError, match="no phone number"):
+                    await sender.send(dataclasses.replace(message, address=None))
+            finally:
+                await sender.aclose()
+        assert not sink.sms and sink.rejected_sms == 1
+    finally:
+        busy.close()
         await sink.stop()
 
 
