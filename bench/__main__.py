@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -224,6 +225,8 @@ async def run_all(cfg: dict, parts: tuple[str, ...]) -> tuple[list[dict], dict]:
                 raw.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
                 rows.append(row(f"{name}: not measured ({type(exc).__name__}; see the log)", None, None, None,
                                 "a figure", False))
+            with contextlib.suppress(Exception):  # best effort: a part's databases are its scratch space
+                await stack.drop_bench_databases()
     finally:
         stack.close()
     return rows, raw
