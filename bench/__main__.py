@@ -98,6 +98,8 @@ def e2e_rows(r: dict, prefix: str, *, main_only: bool = False) -> list[dict]:
                 "< 1000 ms" if main_phase else "report", ph["p99_ms"] < 1000 if main_phase else None),
             row(f"{prefix}e2e alerts missing after the drain ({tag})", ph["missing_alerts"], None, None,
                 "0" if main_phase else "report", complete if main_phase else None),
+            row(f"{prefix}e2e s from the last inbox alert until every e-mail/SMS is sent and every consumer "
+                f"has caught up ({tag})", ph.get("caught_up_s_after_last_alert"), None, None, "report"),
             row(f"{prefix}e2e CPU ms per identification, all but the mail sink ({tag})",
                 ph["cpu_ms_per_identification_total"], None, None, "<= 15 ms" if main_phase else "report",
                 ph["cpu_ms_per_identification_total"] <= 15 if main_phase else None),
@@ -225,11 +227,8 @@ async def run_all(cfg: dict, parts: tuple[str, ...]) -> tuple[list[dict], dict]:
                 raw.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
                 rows.append(row(f"{name}: not measured ({type(exc).__name__}; see the log)", None, None, None,
                                 "a figure", False))
-            # best effort: a part's databases and topics are its scratch space, not the next part's load
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # best effort: a part's databases are its scratch space
                 await stack.drop_bench_databases()
-            with contextlib.suppress(Exception):
-                await stack.delete_bench_topics()
     finally:
         stack.close()
     return rows, raw
