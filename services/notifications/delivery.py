@@ -53,6 +53,7 @@ log = logging.getLogger("clms.notifications.delivery")
 # identifications/s: bench/README.md). It delays only the `sent` status and its event: the
 # message is out already.
 RECORD_LINGER_S = 0.05
+RECORD_ON_STOP_S = 2.0  # stopping mid-claim: how long the record of what was sent may take
 
 
 @dataclass
@@ -149,9 +150,11 @@ class DeliveryLoop:
                 await recorder
             finally:
                 keeper.cancel()
-                for t in (recorder, *tasks.values()):
+                for t in tasks.values():
                     t.cancel()  # only when run_once itself is cancelled: they are done otherwise
-                await asyncio.gather(keeper, recorder, *tasks.values(), return_exceptions=True)
+                await asyncio.gather(keeper, *tasks.values(), return_exceptions=True)
+                if not recorder.done():
+                    await self._record_before_stopping(recorder, sent, all_sent)
             if self.relay:
                 self.relay.wake()
         return len(rows)
@@ -225,6 +228,21 @@ class DeliveryLoop:
                 await self._record_sent_batch(rows)
             if len(rows) < len(batch):
                 return
+
+    async def _record_before_stopping(self, recorder: asyncio.Task, sent: "asyncio.Queue[asyncpg.Record | None]",
+                                      all_sent: asyncio.Event) -> None:
+        """The loop is stopping mid-claim (a deploy's SIGTERM): record what was sent already, at
+        once and for RECORD_ON_STOP_S at most, rather than leave it to be sent again after the
+        lease."""
+        all_sent.set()
+        sent.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(recorder), RECORD_ON_STOP_S)
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - stopping anyway
+            log.warning("sent notifications not all recorded before stopping (%s); they are sent again after "
+                        "their lease", type(exc).__name__)
+        finally:
+            recorder.cancel()
 
     async def _record_sent_batch(self, rows: list[asyncpg.Record]) -> None:
         ids = [(r["notification_id"], r["attempts"] + 1) for r in rows]

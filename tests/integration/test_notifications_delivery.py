@@ -5,6 +5,8 @@ commit (LISTEN), not by its poll."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections import Counter
 
@@ -80,15 +82,22 @@ async def _notifications(settings, event_id: uuid.UUID) -> list:
 
 async def _referred_to_csw(conn, settings, municipalities: list[str]) -> None:
     """The notifications schema with its seeded directory, and the notifications of a referral to
-    the CSW of each municipality recorded (e-mails and SMS pending)."""
+    the CSW of each municipality recorded (e-mails pending)."""
+    from tests.reliability.test_email_lease import created as created_normal
+
+    await _recorded(conn, settings, [created_normal("csw", m) for m in municipalities])
+
+
+async def _recorded(conn, settings, envelopes: list[ev.Envelope]) -> None:
+    """The notifications schema with its seeded directory, and the notifications `envelopes` cause
+    recorded (e-mail and SMS rows pending)."""
     from services.notifications import service
     from shared.db import migrate
-    from tests.reliability.test_email_lease import created
 
     await migrate(conn, schema=SCHEMA, folder=service.MIGRATIONS)
     await service.seed_if_empty(conn)
     async with conn.transaction():
-        await service.record_events(conn, items=[(created("csw", m), None) for m in municipalities], settings=settings)
+        await service.record_events(conn, items=[(e, None) for e in envelopes], settings=settings)
 
 
 async def test_sent_notifications_are_recorded_a_batch_in_one_statement(env):
@@ -178,3 +187,49 @@ async def test_the_sends_of_one_claim_are_recorded_together(env, monkeypatch):
         await producer.stop()
         await pool.close()
         await sink.stop()
+
+
+async def test_a_loop_stopped_mid_claim_records_what_it_had_sent(env, monkeypatch):
+    """Stopped while its record waits for the claim's other sends (a deploy's SIGTERM while one
+    SMS hangs), the delivery loop records the e-mails already sent before it stops, so they are
+    not sent a second time after their lease. The channels here are stand-ins: e-mail accepted at
+    once, an SMS gateway that never answers."""
+    from services.notifications import delivery
+    from shared.db import create_pool
+    from shared.kafka import make_producer
+    from shared.topics import Topics
+
+    class Accepting:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        async def send(self, message) -> None:  # noqa: ANN001
+            self.sent.append(message.notification_id)
+
+    class Hanging:
+        async def send(self, message) -> None:  # noqa: ANN001
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(delivery, "RECORD_LINGER_S", 60.0)  # the record would wait for the SMS
+    pool = await create_pool(env)
+    producer = make_producer(env)
+    await producer.start()
+    email = Accepting()
+    try:
+        async with pool.acquire() as conn:
+            await _recorded(conn, env, [created(municipality=m, priority="urgent") for m in ("prizren", "peje", "gjakove")])
+        loop = delivery.DeliveryLoop(pool=pool, settings=env, senders={"email": email, "sms": Hanging()},
+                                     producer=producer, topics=Topics(env.topic_prefix))
+        running = asyncio.create_task(loop.run_once())
+        await wait_until(lambda: len(email.sent) == 3, timeout_s=30, what="the three e-mails to be sent")
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        states = dict(await pool.fetch(f"select channel || ':' || notification_id::text, status "
+                                       f"from {SCHEMA}.notifications where channel in ('email', 'sms')"))
+        assert sorted(k for k, v in states.items() if v == "sent") == sorted(f"email:{n}" for n in email.sent)
+        assert [v for k, v in states.items() if k.startswith("sms:")] == ["pending"] * 3
+    finally:
+        await producer.stop()
+        await pool.close()
+
