@@ -265,7 +265,7 @@ async def mark_sent(conn: asyncpg.Connection, notification_id: uuid.UUID, *, att
 
 # Sent notifications, a batch in ONE statement (so one round trip and one commit): an attempt row
 # each, the `pending` ones marked sent, and the outbox row of each one marked. $1 ids, $2 attempt
-# numbers; $3-$6 the outbox rows (columns of shared.outbox.append), in the order of $1.
+# numbers; $3-$7 the outbox rows (columns of shared.outbox.append), in the order of $1.
 _RECORD_SENT = f"""
     with v as (select * from unnest($1::uuid[], $2::int[]) with ordinality as v(notification_id, attempt, ord)),
     a as (insert into {S}.delivery_attempts(notification_id, attempt, ok)

@@ -151,8 +151,6 @@ async def test_the_sends_of_one_claim_are_recorded_together(env, monkeypatch):
     """The delivery loop records what one claim sent in one statement, not a transaction per
     message (issue 18): the rows share one `sent_at`, PostgreSQL's transaction time. The linger
     is raised so that a slow machine cannot split the batch."""
-    import contextlib
-
     from services.notifications import delivery
     from services.notifications.channels import EmailSender, SmsWebhookSender
     from services.notifications.sink import Sink
