@@ -8,6 +8,7 @@ outbox relay, its consumers). Nothing does I/O at import.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from types import FrameType
 
@@ -25,21 +26,47 @@ def serve(name: str, create_app: Callable[[Settings], FastAPI], settings: Settin
     monitoring port (`Settings.metrics_port_for`) in the same process and event loop."""
     settings = settings or Settings()
     configure_logging(name, level=settings.log_level, json=settings.log_json)
-    app = create_app(settings)
-    common = dict(log_config=None,  # structlog owns logging (no personal data, JSON lines)
-                  access_log=False)  # paths carry case ids only, but one log format is easier to scan
-    api = QuietServer(uvicorn.Config(app, host=settings.host, port=getattr(settings, f"{name}_port"),
-                                     timeout_graceful_shutdown=10, **common))
-    mport = settings.metrics_port_for(name)
-    monitoring = QuietServer(uvicorn.Config(
-        monitoring_app(app), host=settings.metrics_host or settings.host, port=mport, lifespan="off",
-        **common)) if mport else None
+    api, monitoring = servers(name, create_app(settings), settings)
     # uvloop (libuv) instead of asyncio's selector loop: the same program, less CPU per socket
     # read and write and per wake-up from another thread (intake spent a tenth of its time in
     # the selector transport's write); uvicorn picks it the same way from its command line.
     # The policy, not only this loop: faust's consumer thread makes its own loop from it.
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(_serve(api, monitoring))
+
+
+def servers(name: str, app: FastAPI, settings: Settings) -> tuple[QuietServer, QuietServer | None]:
+    """The API server (its heap settled once started: `settle_heap`) and the monitoring port's."""
+    common = dict(log_config=None,  # structlog owns logging (no personal data, JSON lines)
+                  access_log=False)  # paths carry case ids only, but one log format is easier to scan
+    api = QuietServer(uvicorn.Config(app, host=settings.host, port=getattr(settings, f"{name}_port"),
+                                     timeout_graceful_shutdown=10, **common), after_startup=settle_heap)
+    mport = settings.metrics_port_for(name)
+    monitoring = QuietServer(uvicorn.Config(
+        monitoring_app(app), host=settings.metrics_host or settings.host, port=mport, lifespan="off",
+        **common)) if mport else None
+    return api, monitoring
+
+
+# Young objects the cyclic garbage collector lets pile up before a pass (Python's default: 700).
+GC_GEN0_THRESHOLD = 10_000
+
+
+def settle_heap() -> None:
+    """Once a service has started: collect, then freeze what is alive (modules, classes, the
+    app, its pools and schemas: ~125,000 objects in intake) out of the cyclic collector's reach,
+    and let 10,000 young objects gather before a pass instead of 700. A request's garbage is
+    acyclic and freed on the spot either way; what changes is that a full pass (about one a
+    second under load, ~37 ms each, every request in flight waiting) no longer walks the whole
+    startup heap, and young passes come 14 times less often. Measured in intake at 32 clients
+    (`bench.intake`, 15 s): the collector's time over the process's life 1.28 -> 0.12 s; the
+    bench's three rounds, back to back on one host: p99 85 -> 56 ms, 1,008 -> 1,144 requests/s,
+    server CPU 0.95 -> 0.82 ms per request (bench/README.md). The cost: a cycle among the frozen
+    objects is never collected (they live as long as the process anyway)."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 class QuietServer(uvicorn.Server):
@@ -50,8 +77,9 @@ class QuietServer(uvicorn.Server):
 
     TICK_S = 1.0
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(self, config: uvicorn.Config, *, after_startup: Callable[[], None] | None = None) -> None:
         super().__init__(config)
+        self.after_startup = after_startup  # called once the server has started (its lifespan ran)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._woken: asyncio.Event | None = None
 
@@ -69,6 +97,8 @@ class QuietServer(uvicorn.Server):
 
     async def main_loop(self) -> None:
         self._loop, self._woken = asyncio.get_running_loop(), asyncio.Event()
+        if self.after_startup is not None:
+            self.after_startup()
         counter = 0
         should_exit = await self.on_tick(counter)
         while not should_exit:
