@@ -42,10 +42,10 @@ console = Console(width=None if sys.stdout.isatty() else 130)
 
 FULL = dict(intake_rounds=3, intake_duration=8.0, referral_n=3000, referral_baseline_n=10000, notifications_n=4000,
             analytics_n=20000, analytics_baseline_n=10000, e2e_rate=100.0, e2e_seconds=60.0,
-            e2e_low_rate=10.0, e2e_low_seconds=20.0, e2e_drain_s=180.0, idle_s=30.0, rebuild_n=1_000_000)
+            e2e_low_rate=10.0, e2e_low_seconds=20.0, e2e_drain_s=180.0, e2e_warm_s=20.0, idle_s=30.0, rebuild_n=1_000_000)
 QUICK = dict(intake_rounds=1, intake_duration=4.0, referral_n=1000, referral_baseline_n=3000, notifications_n=1000,
              analytics_n=4000, analytics_baseline_n=3000, e2e_rate=100.0, e2e_seconds=15.0,
-             e2e_low_rate=10.0, e2e_low_seconds=10.0, e2e_drain_s=60.0, idle_s=10.0, rebuild_n=100_000)
+             e2e_low_rate=10.0, e2e_low_seconds=10.0, e2e_drain_s=60.0, e2e_warm_s=5.0, idle_s=10.0, rebuild_n=100_000)
 
 
 def machine() -> dict:
@@ -78,7 +78,8 @@ def log(msg: str) -> None:
 async def _e2e(stack, cfg: dict, name: str, *, low: bool = True) -> dict:  # noqa: ANN001
     phases = ([(cfg["e2e_low_rate"], cfg["e2e_low_seconds"])] if low else []) + [(cfg["e2e_rate"], cfg["e2e_seconds"])]
     log(f"{name}: whole system, " + ", then ".join(f"{r:.0f} identifications/s for {s:.0f} s" for r, s in phases))
-    return await e2e.run(stack, phases=phases, drain_s=cfg["e2e_drain_s"], idle_s=cfg["idle_s"], log=log)
+    return await e2e.run(stack, phases=phases, drain_s=cfg["e2e_drain_s"], idle_s=cfg["idle_s"],
+                         warm_s=cfg["e2e_warm_s"], log=log)
 
 
 def e2e_rows(r: dict, prefix: str, *, main_only: bool = False) -> list[dict]:

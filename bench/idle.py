@@ -1,6 +1,6 @@
 """Benchmark: what the whole system burns when nothing happens. The system as `make run` starts
 it (every service its own process, the development mail sink, the embedded broker and
-PostgreSQL), a few identifications through every hop to warm it, then IDLE_S seconds (default
+PostgreSQL), warmed by 20 s at 100 identifications/s (`bench.e2e.WARM_S`), then IDLE_S seconds (default
 30) with no request at all: CPU cores per process (utime+stime from /proc). Target < 0.05 core
 for the whole stack, the development mail sink included (issue 18).
 
