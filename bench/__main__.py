@@ -173,6 +173,8 @@ async def part_e2e(stack, cfg: dict, raw: dict) -> list[dict]:  # noqa: ANN001
     return [*e2e_rows(r, ""),
             row(f"idle CPU cores, whole stack ({cfg['idle_s']:.0f} s, nothing to do)", idle, None, None,
                 "< 0.05 core", idle < 0.05),
+            row("host probe after the idle window: a bare asyncio loop waking 10 times a second, cores",
+                r.get("host_wakeup_probe_cores"), None, None, "report"),
             *(row(f"peak RSS {name} MB (after e2e)", round(mb) if mb else None, None, None, "report")
               for name, mb in r["peak_rss_mb"].items())]
 

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 
@@ -203,9 +204,10 @@ async def quiesce(system, database_url: str, *, timeout_s: float = 120, log=prin
     consumer group caught up, and (settle_postgres) PostgreSQL done with what the earlier parts'
     bulk loads left: a CHECKPOINT writes their dirty buffers now (else the background writer
     trickles them out during the idle window: 0.004 core of it seen), and no autovacuum worker
-    runs (it vacuums their databases for a minute or more: 0.025 core in a run of 2026-11-30).
-    That is the bench's leftover work, not the idle system's. False when still busy after
-    timeout_s."""
+    runs (it vacuums their databases for a minute or more: 0.025 core in a run of 2026-11-30),
+    and this database is vacuumed now rather than by autovacuum a minute later (the warm-up's
+    thousands of rows: PostgreSQL idled at 0.024 core after it). That is the bench's leftover
+    work, not the idle system's. False when still busy after timeout_s."""
     from shared.kafka import group_lag
     from shared.topics import consumed_by
 
@@ -226,6 +228,7 @@ async def quiesce(system, database_url: str, *, timeout_s: float = 120, log=prin
                     "select count(*) from pg_stat_activity where backend_type = 'autovacuum worker'")
             if not busy:
                 if settle_postgres:
+                    await conn.execute("vacuum analyze")  # what this user owns in this database
                     with contextlib.suppress(asyncpg.PostgresError):  # not a superuser: skip it
                         await conn.execute("checkpoint")
                 return True
@@ -253,6 +256,33 @@ def _profile(system, seconds: float) -> list:  # noqa: ANN001
                               "-o", f"{out}/{c.name}.txt", "--pid", str(c.proc.pid)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for c in system.sup.children if c.name != "mail-sink"]
+
+
+# A bare asyncio loop waking 10 times a second for 5 s, its own CPU from /proc/self/schedstat
+# (nanoseconds; utime/stime tick at 10 ms). What one wake-up costs differs from host to host
+# (this 2-core VM: 0.0085 core for this probe on 2026-11-30 around noon, when the stack idled at
+# 0.11-0.13 core), and an idle stack is mostly wake-ups: the probe says which host a figure is from.
+_HOST_PROBE = """
+import asyncio
+def ran(): return int(open("/proc/self/schedstat").read().split()[0])
+async def main():
+    t = ran()
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+    print((ran() - t) / 5e9)
+asyncio.run(main())
+"""
+
+
+async def host_wakeup_probe() -> float | None:
+    """Cores a bare asyncio loop burns waking 10 times a second (None when /proc has no schedstat)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _HOST_PROBE, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    try:
+        return round(float(out), 4)
+    except ValueError:
+        return None
 
 
 async def idle_cpu(system, stack, *, seconds: float) -> dict[str, float]:  # noqa: ANN001
@@ -302,13 +332,15 @@ async def run(stack, *, phases: list[tuple[float, float]] = ((10, 20), (100, 60)
             spy.wait(30)
         log(f"e2e: idle CPU (cores) by process with no load for {idle_s:.0f} s: {idle} "
             f"(total {sum(idle.values()):.2f})")
+        probe = await host_wakeup_probe()
+        log(f"e2e: host probe, a bare asyncio loop waking 10 times a second: {probe} core")
         results = [await _phase(system, stack, database_url, token, rate=rate, seconds=seconds, drain_s=drain_s, log=log)
                    for rate, seconds in phases]
         handlers = await handler_times(system)
         log(f"e2e: mean handler ms per event (whole run): {handlers}")
         rss = {c.name: peak_rss_mb(c.proc.pid) for c in system.sup.children if c.name != "mail-sink"}
     return {"phases": results, "warm_up": warm_up, "handler_ms": handlers, "peak_rss_mb": rss, "idle_cpu_cores": idle,
-            "idle_cpu_cores_total": round(sum(idle.values()), 3)}
+            "idle_cpu_cores_total": round(sum(idle.values()), 3), "host_wakeup_probe_cores": probe}
 
 
 async def main() -> None:
