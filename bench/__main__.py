@@ -230,8 +230,11 @@ async def run_all(cfg: dict, parts: tuple[str, ...]) -> tuple[list[dict], dict]:
                 raw.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
                 rows.append(row(f"{name}: not measured ({type(exc).__name__}; see the log)", None, None, None,
                                 "a figure", False))
-            with contextlib.suppress(Exception):  # best effort: a part's databases are its scratch space
+            # best effort: a part's databases and topics are its scratch space, not the next part's load
+            with contextlib.suppress(Exception):
                 await stack.drop_bench_databases()
+            with contextlib.suppress(Exception):
+                await stack.delete_bench_topics()
     finally:
         stack.close()
     return rows, raw

@@ -77,6 +77,27 @@ class Stack:
             await conn.close()
         return names
 
+    async def delete_bench_topics(self) -> list[str]:
+        """Delete every topic but the broker's own (__consumer_offsets, ...): each part uses
+        topics of its own prefix, and partitions left over keep the broker's periodic work
+        (high-watermark checkpoints every 5 s, the log cleaner's passes over compacted changelogs)
+        larger in the next part's idle window. Only on the broker this stack started: an external
+        one (KAFKA_BOOTSTRAP_SERVERS) may hold topics that are not the bench's."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        if not self.embedded_broker:
+            return []
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=15000)
+        await admin.start()
+        try:
+            names = [t for t in await admin.list_topics() if not t.startswith("__")]
+            if names:
+                await admin.delete_topics(names)
+        finally:
+            await admin.close()
+        return names
+
     def close(self) -> None:
         for stop in reversed(self._stops):
             try:

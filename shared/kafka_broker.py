@@ -165,6 +165,9 @@ class EmbeddedKafka:
             "delete.topic.enable=true",
             "log.segment.bytes=16777216",
             "log.retention.check.interval.ms=60000",
+            # a deleted topic's files go after 1 s instead of a minute (the bench deletes each
+            # part's topics; their deletion then no longer lands in the next part's idle window)
+            "log.segment.delete.delay.ms=1000",
             "num.network.threads=2",
             "num.io.threads=4",
             "background.threads=4",
