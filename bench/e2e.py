@@ -244,7 +244,6 @@ def _profile(system, seconds: float) -> list:  # noqa: ANN001
     """With PROFILE_DIR set: `py-spy record` of every service during the idle window (raw
     collapsed stacks, non-blocking, 50 Hz), for finding what polls."""
     import subprocess
-    import sys
     from pathlib import Path
 
     out = os.environ.get("PROFILE_DIR")
@@ -313,16 +312,18 @@ async def run(stack, *, phases: list[tuple[float, float]] = ((10, 20), (100, 60)
         token = mint_token(system.settings, sub="police.prizren.duty", agency="police", municipality="prizren",
                            roles=["reporter"])
         # Warm-up: first-use costs out of the figures. A few identifications through every hop,
-        # then `warm_s` seconds at the highest phase rate (100/s without phases): a freshly started Apache Kafka JVM
-        # spends its first minute under load compiling (the C2 JIT thread was half of the broker's
-        # CPU, 0.16 core, in a 100/s run; 0.04 a minute later), a cost a running broker has paid.
-        # Its CPU is reported beside the phases (`warm_up`), not hidden.
+        # then `warm_s` seconds at the highest phase rate (100/s without phases): a freshly
+        # started Apache Kafka JVM spends its first minute under load compiling (the C2 JIT
+        # thread was half of the broker's CPU, 0.16 core, in a 100/s run; 0.04 a minute later),
+        # a cost a running broker has paid. Its CPU is reported beside the phases (`warm_up`),
+        # not hidden.
         warm = await steady_load(system.settings.intake_port, token, rate=10, seconds=2)
         await alert_latencies(database_url, warm["answered"], timeout_s=60)
         warm_up = None
         if warm_s > 0:
-            warm_up = await _phase(system, stack, database_url, token, rate=max((r for r, _ in phases), default=100),
-                                   seconds=warm_s, drain_s=drain_s, log=lambda m: log(f"(warm-up) {m}"))
+            warm_rate = max((rate for rate, _ in phases), default=100)
+            warm_up = await _phase(system, stack, database_url, token, rate=warm_rate, seconds=warm_s,
+                                   drain_s=drain_s, log=lambda m: log(f"(warm-up) {m}"))
         started = time.time()
         await quiesce(system, database_url, log=log)
         log(f"e2e: quiet after {time.time() - started:.0f} s (outboxes, deliveries, consumer lag, autovacuum)")
