@@ -40,11 +40,26 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
 _MIGRATION = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset when a connection comes back: nothing to send.
+
+    asyncpg has already rolled back a transaction left open (and forgotten its client-side
+    listeners) before it calls this. Its default reset would add a round trip per release
+    (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`), paid by the service and by
+    PostgreSQL on every acquire of every loop (bench/README.md, Performance). The services keep no
+    other session state on pooled connections: no SET outside a transaction (`set local` only), no
+    cursor outside a transaction, no LISTEN (the listeners connect on their own: notifications'
+    `listen`), and the two session locks are released by their holders or their connection closed:
+    the migration runner's (`migrate_service` closes the connection when a migration fails) and the
+    outbox relay's (it closes the connection when it cannot unlock and unlisten: shared.outbox)."""
+
+
 async def create_pool(settings: Settings, **overrides) -> asyncpg.Pool:
     kwargs = dict(
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         command_timeout=30,
+        reset=keep_session,
     )
     kwargs.update(overrides)
     return await asyncpg.create_pool(settings.require_database(), **kwargs)
@@ -151,4 +166,8 @@ async def migrate_service(settings: Settings, pool: asyncpg.Pool, *, schema: str
     if settings.database_migration_url:
         return await migrate_url(settings.database_migration_url, schema=schema, folder=folder)
     async with pool.acquire() as conn:
-        return await migrate(conn, schema=schema, folder=folder)
+        try:
+            return await migrate(conn, schema=schema, folder=folder)
+        except BaseException:
+            conn.terminate()  # it may still hold the migration lock: the pool skips the reset query
+            raise

@@ -80,17 +80,8 @@ class Running:
 # --- the steps -----------------------------------------------------------------------------------------
 
 
-async def keep_session(conn: asyncpg.Connection) -> None:
-    """The pool's reset when a connection comes back: nothing to send. asyncpg has already rolled
-    back a transaction left open; intake keeps no other session state (no SET outside a
-    transaction, no LISTEN, no cursor), and its session locks are released by their holders: the
-    migration runner's (shared.db; a failed unlock fails the start) and the outbox relay's (the
-    relay closes its connection when it cannot unlock: shared.outbox). asyncpg's default reset would cost a
-    round trip to PostgreSQL per request (bench/README.md, Performance)."""
-
-
 async def open_pool(running: Running) -> asyncpg.Pool:
-    running.pool = await create_pool(running.settings, reset=keep_session)
+    running.pool = await create_pool(running.settings)
     return running.pool
 
 

@@ -8,7 +8,7 @@ import contextlib
 import asyncpg
 import pytest
 
-from shared.db import MigrationChecksumError, create_pool, migrate
+from shared.db import MigrationChecksumError, create_pool, migrate, migrate_service
 from shared.events import parse_envelope
 from shared.kafka import make_producer
 from shared.outbox import OutboxRelay, append, backlog, claim, replay
@@ -60,6 +60,46 @@ async def test_concurrent_migrations_do_not_race(env, tmp_path):
 
     results = await asyncio.gather(one(), one(), one())
     assert sorted(len(r) for r in results) == [0, 0, 3]
+
+
+async def test_a_pooled_connection_comes_back_in_one_round_trip_less_and_with_nothing_left_open(env):
+    """The pools skip asyncpg's reset query (shared.db.keep_session): a release sends nothing to
+    PostgreSQL. What a reset would have cleared cannot leak: a transaction left open is rolled
+    back, and `set local` ends with its transaction."""
+    pool = await create_pool(env, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            raw = conn._con  # the connection behind the pool's proxy, to read its query count
+            before = raw._protocol.queries_count
+            await conn.execute("select 1")
+        async with pool.acquire() as conn:
+            assert conn._con is raw
+            # one query, not two: asyncpg's default reset would have been the second
+            assert raw._protocol.queries_count == before + 1
+            tx = conn.transaction()
+            await tx.start()
+            await conn.execute("set local application_name = 'left over'")
+            await conn.execute("create temporary table leftover(x int) on commit drop")
+        async with pool.acquire() as conn:  # released mid-transaction: rolled back, nothing kept
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("select current_setting('application_name')") != "left over"
+            assert await conn.fetchval("select to_regclass('pg_temp.leftover')") is None
+    finally:
+        await pool.close()
+
+
+async def test_a_failed_migration_does_not_leave_its_lock_on_a_pooled_connection(env, tmp_path):
+    _write(tmp_path, "001_bad.sql", "create table t(id int primary key); select no_such_function();")
+    pool = await create_pool(env, min_size=1, max_size=1)
+    try:
+        with pytest.raises(asyncpg.UndefinedFunctionError):
+            await migrate_service(env, pool, schema="failed_mig", folder=tmp_path)
+        _write(tmp_path, "001_bad.sql", "create table t(id int primary key);")
+        # the next start (here: the same pool) takes the lock and applies the fixed file
+        applied = await asyncio.wait_for(migrate_service(env, pool, schema="failed_mig", folder=tmp_path), 10)
+        assert applied == ["service:001"]
+    finally:
+        await pool.close()
 
 
 async def test_outbox_relay_publishes_in_order_marks_rows_and_replays(env, tmp_path):
