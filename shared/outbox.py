@@ -163,8 +163,9 @@ class OutboxRelay:
                             released = True
                     finally:
                         if not released:
-                            # the session may still hold the relay lock: close it rather than hand it
-                            # back to the pool (a pool may skip asyncpg's reset query: services/intake)
+                            # the session may still hold the relay lock: close it rather than
+                            # hand it back to the pool (the pools skip asyncpg's reset query:
+                            # shared.db.keep_session)
                             lock_conn.terminate()
             except asyncio.CancelledError:
                 raise
